@@ -1,0 +1,336 @@
+//! The artifact store.
+//!
+//! ```text
+//! cache/
+//!   objects/ab/<hash>         outputs, content-addressed (file or folder, read-only files)
+//!   records/ab/<key>.json     one record per stage key: params, input and output hashes, timings
+//!   refs/<pipeline>/<id>.json which key each instance of a pipeline had at its last run
+//!   logs/ab/<key>.log         per-stage log
+//!   locks/<key>.lock          held while a key is being computed
+//!   tmp/                      work in progress; never trusted
+//!   lock                      shared by runs, exclusive for gc
+//! ```
+//!
+//! Crash safety: a stage writes into `tmp/`; its outputs are hashed and
+//! renamed into `objects/`, and only then is its record written (temp file,
+//! fsync, rename). A kill at any point leaves at worst an orphan in `tmp/` or
+//! `objects/`, never a record that points at something incomplete. Objects are
+//! hashed again before a stage reads them.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::hashing::hash_path;
+
+#[derive(Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// What the cache knows about one computed stage key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub key: String,
+    pub instance: String,
+    pub kind: String,
+    pub version: u32,
+    pub params: serde_json::Value,
+    /// slot -> artifacts read (producer instance and content hash).
+    pub inputs: BTreeMap<String, Vec<InputRecord>>,
+    /// output name -> object hash.
+    pub outputs: BTreeMap<String, String>,
+    /// Unix time the stage started, seconds.
+    pub started: f64,
+    pub seconds: f64,
+    pub xlpipe_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InputRecord {
+    pub producer: String,
+    pub hash: String,
+}
+
+/// The key an instance of a pipeline had at its last run; lets `plan` say
+/// what changed and lets `gc` know what is still in use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceRef {
+    pub instance: String,
+    pub key: String,
+}
+
+impl Cache {
+    pub fn open(root: &Path) -> anyhow::Result<Cache> {
+        for dir in ["objects", "records", "refs", "logs", "locks", "tmp"] {
+            fs::create_dir_all(root.join(dir))
+                .with_context(|| format!("creating cache folder {}", root.join(dir).display()))?;
+        }
+        Ok(Cache {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Shared by every run; gc takes it exclusively, so it never deletes
+    /// what a live run may still use.
+    pub fn lock_shared(&self) -> anyhow::Result<File> {
+        let file = self.open_lock_file(&self.root.join("lock"))?;
+        if file.try_lock_shared().is_err() {
+            tracing::warn!("waiting for `xlpipe gc` to finish with the cache");
+            file.lock_shared()?;
+        }
+        Ok(file)
+    }
+
+    pub fn lock_exclusive(&self) -> anyhow::Result<File> {
+        let file = self.open_lock_file(&self.root.join("lock"))?;
+        file.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "the cache {} is in use by a running pipeline; try again when it has finished",
+                self.root.display()
+            )
+        })?;
+        Ok(file)
+    }
+
+    /// Held while `key` is computed, so two runs sharing the cache never
+    /// compute the same key at once: the second waits, then finds the record.
+    pub fn lock_key(&self, key: &str, instance: &str) -> anyhow::Result<File> {
+        let file = self.open_lock_file(&self.root.join("locks").join(format!("{key}.lock")))?;
+        if file.try_lock().is_err() {
+            tracing::info!("{instance}: another run is computing it; waiting");
+            file.lock()?;
+        }
+        Ok(file)
+    }
+
+    fn open_lock_file(&self, path: &Path) -> anyhow::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening lock file {}", path.display()))
+    }
+
+    fn sharded(&self, dir: &str, name: &str, ext: &str) -> PathBuf {
+        self.root
+            .join(dir)
+            .join(&name[..2])
+            .join(format!("{name}{ext}"))
+    }
+
+    pub fn object_path(&self, hash: &str) -> PathBuf {
+        self.sharded("objects", hash, "")
+    }
+
+    pub fn record_path(&self, key: &str) -> PathBuf {
+        self.sharded("records", key, ".json")
+    }
+
+    pub fn log_path(&self, key: &str) -> PathBuf {
+        self.sharded("logs", key, ".log")
+    }
+
+    /// The record for `key`, if it exists, parses, and all its outputs are
+    /// present. A damaged record counts as absent (and is reported).
+    pub fn record(&self, key: &str) -> Option<Record> {
+        let path = self.record_path(key);
+        let bytes = fs::read(&path).ok()?;
+        match serde_json::from_slice::<Record>(&bytes) {
+            Ok(record) if record.key == key => {
+                let complete = record
+                    .outputs
+                    .values()
+                    .all(|hash| self.object_path(hash).exists());
+                complete.then_some(record)
+            }
+            _ => {
+                tracing::warn!("ignoring damaged cache record {}", path.display());
+                None
+            }
+        }
+    }
+
+    pub fn write_record(&self, record: &Record) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(record)?;
+        write_atomic(&self.record_path(&record.key), &bytes)
+    }
+
+    pub fn remove_record(&self, key: &str) {
+        let _ = fs::remove_file(self.record_path(key));
+    }
+
+    /// A fresh folder under `tmp/` for one attempt at `key`.
+    pub fn temp_dir(&self, key: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.root.join("tmp").join(unique_name(&key[..16]));
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Move a finished output into the object store and return its hash.
+    pub fn store(&self, path: &Path) -> anyhow::Result<String> {
+        let hash = hash_path(path).with_context(|| format!("hashing {}", path.display()))?;
+        let dest = self.object_path(&hash);
+        if dest.exists() {
+            remove_path(path)?;
+            return Ok(hash);
+        }
+        make_read_only(path)?;
+        fs::create_dir_all(dest.parent().expect("sharded path has a parent"))?;
+        if let Err(err) = fs::rename(path, &dest) {
+            // Another run stored the same content first.
+            if dest.exists() {
+                remove_path(path)?;
+            } else {
+                return Err(err).with_context(|| format!("storing {}", dest.display()));
+            }
+        }
+        Ok(hash)
+    }
+
+    /// Re-hash an object before a stage reads it. A damaged object is moved
+    /// out of the way so the next run rebuilds it instead of trusting it.
+    pub fn verify(&self, hash: &str) -> anyhow::Result<PathBuf> {
+        let path = self.object_path(hash);
+        let actual = hash_path(&path)
+            .with_context(|| format!("reading cached object {}", path.display()))?;
+        if actual != hash {
+            let quarantine = self.root.join("tmp").join(unique_name("damaged"));
+            let _ = fs::rename(&path, &quarantine);
+            anyhow::bail!(
+                "cached object {} is damaged (content hash {actual}); it was moved to {}; \
+                 run again to rebuild it",
+                path.display(),
+                quarantine.display()
+            );
+        }
+        Ok(path)
+    }
+
+    pub fn refs_dir(&self, pipeline: &str) -> PathBuf {
+        self.root.join("refs").join(pipeline)
+    }
+
+    fn ref_path(&self, pipeline: &str, instance: &str) -> PathBuf {
+        let id = blake3::hash(instance.as_bytes()).to_hex();
+        self.refs_dir(pipeline).join(format!("{}.json", &id[..24]))
+    }
+
+    pub fn instance_ref(&self, pipeline: &str, instance: &str) -> Option<InstanceRef> {
+        let bytes = fs::read(self.ref_path(pipeline, instance)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn write_ref(&self, pipeline: &str, r: &InstanceRef) -> anyhow::Result<()> {
+        let path = self.ref_path(pipeline, &r.instance);
+        fs::create_dir_all(path.parent().expect("ref path has a parent"))?;
+        write_atomic(&path, &serde_json::to_vec(r)?)
+    }
+
+    /// Every ref of a pipeline (instances of its last runs).
+    pub fn refs(&self, pipeline: &str) -> Vec<InstanceRef> {
+        let Ok(entries) = fs::read_dir(self.refs_dir(pipeline)) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| fs::read(e.ok()?.path()).ok())
+            .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+            .collect()
+    }
+
+    /// Drop refs of instances that are no longer in the pipeline.
+    pub fn retain_refs(&self, pipeline: &str, keep: &dyn Fn(&str) -> bool) {
+        for r in self.refs(pipeline) {
+            if !keep(&r.instance) {
+                let _ = fs::remove_file(self.ref_path(pipeline, &r.instance));
+            }
+        }
+    }
+
+    pub fn pipelines(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.root.join("refs"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some(e.ok()?.file_name().to_str()?.to_string()))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// Write `bytes` to `path` so that readers see either the old file or the
+/// whole new one, even after a crash.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().expect("atomic write target has a parent");
+    fs::create_dir_all(dir)?;
+    let temp = dir.join(format!(".{}", unique_name("partial")));
+    let mut file = File::create(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&temp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A name no other process or thread will pick.
+fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn remove_path(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// Files in the store are read-only so a stage cannot alter its inputs in
+/// place; folders stay writable so gc can delete them.
+fn make_read_only(path: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            make_read_only(&entry?.path())?;
+        }
+    } else {
+        let mut perms = meta.permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(path, perms)?;
+    }
+    Ok(())
+}
+
+/// Total size of the files under `path`, in bytes.
+pub fn disk_usage(path: &Path) -> u64 {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| disk_usage(&e.path()))
+            .sum(),
+        Ok(meta) => meta.len(),
+        Err(_) => 0,
+    }
+}

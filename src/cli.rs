@@ -1,0 +1,285 @@
+//! The `xlpipe` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use indicatif::MultiProgress;
+use xlpipe_stages::Stage;
+
+use crate::cache::Cache;
+use crate::diag::Diagnostics;
+use crate::pipeline::{self, Pipeline};
+use crate::plan::{plan, Status};
+use crate::run::{run, select, RunOptions};
+use crate::{bench, dag, maintenance};
+
+#[derive(Parser)]
+#[command(
+    name = "xlpipe",
+    version,
+    about = "Declarative, cached pipelines for multilingual retrieval research"
+)]
+struct Cli {
+    /// Artifact store.
+    #[arg(long, global = true, env = "XLPIPE_CACHE", default_value = "cache")]
+    cache: PathBuf,
+    /// More log output (RUST_LOG overrides).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline; only instances whose key is not cached execute.
+    Run {
+        file: PathBuf,
+        /// Instances run at once.
+        #[arg(short, long, default_value_t = default_jobs())]
+        jobs: usize,
+        /// GPUs available to stages that declare `resources = { gpu = N }`.
+        #[arg(long, default_value_t = default_gpus())]
+        gpus: u32,
+        /// Run only this stage or instance (its inputs must be cached). Repeatable.
+        #[arg(long)]
+        only: Vec<String>,
+        /// Run this stage or instance and what it depends on, nothing after. Repeatable.
+        #[arg(long, conflicts_with = "only")]
+        until: Vec<String>,
+        /// Run this stage or instance even if cached. Repeatable.
+        #[arg(long)]
+        force: Vec<String>,
+    },
+    /// Show what a run would do, instance by instance, and why.
+    Plan {
+        file: PathBuf,
+        /// Plan as if this stage or instance were forced. Repeatable.
+        #[arg(long)]
+        force: Vec<String>,
+    },
+    /// Print the stage graph.
+    Dag {
+        file: PathBuf,
+        /// Graphviz output (`xlpipe dag FILE --dot | dot -Tsvg > dag.svg`).
+        #[arg(long)]
+        dot: bool,
+        /// One node per grid instance instead of per stage.
+        #[arg(long)]
+        instances: bool,
+    },
+    /// Print a stage instance's artifact paths, params and timings.
+    Show {
+        /// A stage name (all its instances) or an instance name like `train[alpha=0.5]`.
+        stage: String,
+        /// Pipeline name, if several pipelines in the cache have this stage.
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
+    /// List the pipelines in the cache and its size.
+    Status,
+    /// Delete cached results that no pipeline's last run uses.
+    Gc {
+        /// Keep only these pipelines' results (forget the others). Repeatable.
+        #[arg(long)]
+        keep: Vec<String>,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List the stage kinds this build knows.
+    Kinds,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// No-op rerun and plan time of a large grid of trivial stages.
+    Engine {
+        /// Instances in the generated grid.
+        #[arg(long, default_value_t = 1000)]
+        instances: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
+}
+
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One per device listed in CUDA_VISIBLE_DEVICES, else one.
+fn default_gpus() -> u32 {
+    std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .map(|v| v.split(',').filter(|s| !s.trim().is_empty()).count() as u32)
+        .unwrap_or(1)
+}
+
+pub fn kinds() -> Vec<Arc<dyn Stage>> {
+    xlpipe_stages::registry()
+        .into_iter()
+        .map(Arc::from)
+        .collect()
+}
+
+/// Exit status: 0 success, 1 a stage or the tool failed, 2 invalid pipeline.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let progress = MultiProgress::new();
+    crate::logging::init(&progress, cli.verbose);
+    match dispatch(cli, &progress) {
+        Ok(code) => code,
+        Err(err) => {
+            if let Some(diagnostics) = err.downcast_ref::<Diagnostics>() {
+                eprintln!("{diagnostics}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn open_pipeline(file: &Path) -> anyhow::Result<Pipeline> {
+    Ok(pipeline::open(file, &kinds())?)
+}
+
+fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            file,
+            jobs,
+            gpus,
+            only,
+            until,
+            force,
+        } => {
+            let pipeline = open_pipeline(&file)?;
+            let cache = Cache::open(&cli.cache)?;
+            let options = RunOptions {
+                jobs,
+                gpus,
+                only,
+                until,
+                force,
+            };
+            let clock = std::time::Instant::now();
+            let summary = run(&pipeline, &cache, &options, progress)?;
+            println!(
+                "{}: ran {}, cached {}, failed {}, skipped {} ({:.2}s)",
+                pipeline.name,
+                summary.executed.len(),
+                summary.cached,
+                summary.failed.len(),
+                summary.skipped.len(),
+                clock.elapsed().as_secs_f64()
+            );
+            for failure in &summary.failed {
+                eprintln!("error: {} failed: {}", failure.instance, failure.error);
+                if let Some(log) = &failure.log {
+                    eprintln!("  log: {}", log.display());
+                }
+            }
+            if !summary.skipped.is_empty() {
+                eprintln!(
+                    "not run because an input failed: {}",
+                    summary.skipped.join(", ")
+                );
+            }
+            Ok(if summary.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Plan { file, force } => {
+            let pipeline = open_pipeline(&file)?;
+            let cache = Cache::open(&cli.cache)?;
+            let forced = select(&pipeline, &force)?;
+            print!(
+                "{}",
+                render_plan(&pipeline, &plan(&pipeline, &cache, &forced))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag {
+            file,
+            dot,
+            instances,
+        } => {
+            let pipeline = open_pipeline(&file)?;
+            print!("{}", dag::render(&pipeline, dot, instances));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { stage, pipeline } => {
+            let cache = Cache::open(&cli.cache)?;
+            print!(
+                "{}",
+                maintenance::show(&cache, &stage, pipeline.as_deref())?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let cache = Cache::open(&cli.cache)?;
+            print!("{}", maintenance::status(&cache));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { keep, dry_run } => {
+            let cache = Cache::open(&cli.cache)?;
+            print!("{}", maintenance::gc(&cache, &keep, dry_run)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kinds => {
+            for kind in kinds() {
+                println!(
+                    "{:<16} v{:<3} {}",
+                    kind.kind(),
+                    kind.version(),
+                    kind.summary()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which: BenchCommand::Engine { instances, repeat },
+        } => {
+            print!("{}", bench::engine(instances, repeat)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn render_plan(pipeline: &Pipeline, statuses: &[Status]) -> String {
+    let count = |f: fn(&Status) -> bool| statuses.iter().filter(|s| f(s)).count();
+    let mut out = format!(
+        "{}: {} instances: {} cached, {} to run, {} pending\n",
+        pipeline.name,
+        statuses.len(),
+        count(|s| matches!(s, Status::Cached { .. })),
+        count(|s| matches!(s, Status::Run { .. })),
+        count(|s| matches!(s, Status::Pending { .. })),
+    );
+    let width = pipeline
+        .instances
+        .iter()
+        .map(|i| i.name.len())
+        .max()
+        .unwrap_or(0);
+    for (instance, status) in pipeline.instances.iter().zip(statuses) {
+        let (label, detail) = match status {
+            Status::Cached { key } => ("cached ", format!("key {}", &key[..12])),
+            Status::Run { reasons, .. } => ("to-run ", reasons.join("; ")),
+            Status::Pending { after } => ("pending", format!("after {after} runs")),
+        };
+        out.push_str(&format!("  {label}  {:<width$}  {detail}\n", instance.name));
+    }
+    out
+}

@@ -1,0 +1,186 @@
+//! Errors in pipeline files, pointing at file, line, column and field.
+//!
+//! Loading keeps the text of every file it read (a [`Sources`]) and a byte
+//! span ([`Loc`]) for every key and value, so any check done later, even one
+//! on a grid instance's substituted params, can still point at the line the
+//! user has to edit.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// Text of every pipeline file read, indexed by [`Loc::file`].
+#[derive(Debug, Default)]
+pub struct Sources {
+    files: Vec<(PathBuf, String)>,
+}
+
+impl Sources {
+    pub fn add(&mut self, path: PathBuf, text: String) -> u32 {
+        self.files.push((path, text));
+        (self.files.len() - 1) as u32
+    }
+
+    pub fn text(&self, file: u32) -> &str {
+        &self.files[file as usize].1
+    }
+
+    pub fn path(&self, file: u32) -> &Path {
+        &self.files[file as usize].0
+    }
+
+    /// Build a diagnostic at `loc`.
+    pub fn error(&self, loc: Loc, field: &str, message: impl Into<String>) -> Diagnostic {
+        let text = self.text(loc.file);
+        let start = (loc.start as usize).min(text.len());
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        Diagnostic {
+            file: self.path(loc.file).to_path_buf(),
+            line: text[..start].matches('\n').count() + 1,
+            column: text[line_start..start].chars().count() + 1,
+            field: field.to_string(),
+            message: message.into(),
+            source_line: text[line_start..line_end].to_string(),
+        }
+    }
+}
+
+/// A byte span inside one of the [`Sources`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loc {
+    pub file: u32,
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Loc {
+    pub fn new(file: u32, span: Range<usize>) -> Self {
+        Loc {
+            file,
+            start: span.start as u32,
+            end: span.end as u32,
+        }
+    }
+}
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the offending field, e.g. `stages.train.lr`.
+    pub field: String,
+    pub message: String,
+    source_line: String,
+}
+
+impl Diagnostic {
+    /// A problem with a file as a whole (cannot be read, include cycle, ...).
+    pub fn file(path: &Path, message: impl Into<String>) -> Self {
+        Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: message.into(),
+            source_line: String::new(),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)?;
+        if self.line > 0 {
+            let gutter = self.line.to_string().len();
+            write!(
+                f,
+                "\n{:gutter$} |\n{} | {}\n{:gutter$} | {:>col$}",
+                "",
+                self.line,
+                self.source_line,
+                "",
+                "^",
+                col = self.column
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found while validating a pipeline; nothing runs while there is one.
+#[derive(Debug)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "error: {d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// The candidate closest to `word`, if it is close enough to be a likely typo.
+pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(nearest("comand", ["command", "train"]), Some("command"));
+        assert_eq!(nearest("zzzzzz", ["command", "train"]), None);
+    }
+
+    #[test]
+    fn points_at_line_and_column() {
+        let mut sources = Sources::default();
+        let f = sources.add("p.toml".into(), "a = 1\nbb = 2\n".into());
+        let d = sources.error(Loc::new(f, 6..8), "bb", "bad");
+        assert_eq!((d.line, d.column), (2, 1));
+        assert!(d.to_string().starts_with("p.toml:2:1: bb: bad"));
+    }
+}

@@ -1,0 +1,683 @@
+//! From a loaded [`PipelineSpec`] to runnable stage instances.
+//!
+//! A stage varies over the grid variables its params use (`"${alpha}"`) and
+//! over those of its (non-collecting) inputs; it gets one instance per
+//! combination of those variables' values, so a stage that uses none is
+//! instantiated once and shared by the whole grid. A collecting input
+//! (`stage[*]`) receives every instance of that stage that agrees with the
+//! collector's own grid values.
+//!
+//! Everything is validated here, before anything runs; all problems are
+//! reported together, each pointing at its file, line and field.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+use xlpipe_stages::{Interface, ParamError, ParamsEnv, Stage};
+
+use super::load::{GridVar, OutputRef, PipelineSpec, StageSpec};
+use crate::diag::{nearest, Diagnostic, Diagnostics, Loc, Sources};
+
+/// A validated pipeline, expanded over its grid.
+pub struct Pipeline {
+    pub name: String,
+    pub description: String,
+    pub file: PathBuf,
+    pub grid: Vec<GridVar>,
+    /// Stages in dependency order.
+    pub stages: Vec<StageDef>,
+    /// Instances in dependency order (every input's producer comes first).
+    pub instances: Vec<Instance>,
+}
+
+pub struct StageDef {
+    pub name: String,
+    pub kind: Arc<dyn Stage>,
+    /// Grid variables this stage varies over, in grid order.
+    pub vars: Vec<String>,
+    /// Stages it reads from, with whether the input collects all instances.
+    pub upstream: Vec<(usize, bool)>,
+    pub instances: Vec<usize>,
+    pub base_dir: PathBuf,
+}
+
+pub struct Instance {
+    pub stage: usize,
+    /// `stage` or `stage[alpha=0.5,seed=1]`.
+    pub name: String,
+    pub grid: Vec<(String, toml::Value)>,
+    /// Canonical params (what the cache key hashes).
+    pub params: serde_json::Value,
+    pub inputs: Vec<ResolvedInput>,
+    pub outputs: Vec<String>,
+    pub resources: BTreeMap<String, u32>,
+}
+
+pub struct ResolvedInput {
+    pub slot: String,
+    /// (producing instance, output name), in grid order.
+    pub sources: Vec<(usize, String)>,
+}
+
+impl Instance {
+    /// Instances this one reads from.
+    pub fn dependencies(&self) -> impl Iterator<Item = usize> + '_ {
+        self.inputs
+            .iter()
+            .flat_map(|i| i.sources.iter().map(|(producer, _)| *producer))
+    }
+}
+
+impl Pipeline {
+    pub fn stage_of(&self, instance: usize) -> &StageDef {
+        &self.stages[self.instances[instance].stage]
+    }
+}
+
+/// Validate `spec` against the stage kinds and expand its grid.
+pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, Diagnostics> {
+    let sources = &spec.sources;
+    let mut errors = Vec::new();
+
+    // Kinds and references first: nothing else makes sense without them.
+    let mut stage_kinds = Vec::new();
+    for stage in &spec.stages {
+        let found = kinds.iter().find(|k| k.kind() == stage.kind).cloned();
+        if found.is_none() {
+            let field = format!("stages.{}.kind", stage.name);
+            let message = if stage.kind.is_empty() {
+                "missing `kind = \"...\"`".to_string()
+            } else {
+                let mut m = format!("unknown stage kind `{}`", stage.kind);
+                match nearest(&stage.kind, kinds.iter().map(|k| k.kind())) {
+                    Some(near) => m.push_str(&format!("; did you mean `{near}`?")),
+                    None => m.push_str(&format!(
+                        "; known kinds: {}",
+                        kinds
+                            .iter()
+                            .map(|k| k.kind())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                }
+                m
+            };
+            errors.push(sources.error(stage.kind_loc, &field, message));
+        }
+        stage_kinds.push(found);
+        for input in &stage.inputs {
+            for r in &input.refs {
+                if !spec.stages.iter().any(|s| s.name == r.stage) {
+                    let mut message = format!("no stage named `{}`", r.stage);
+                    if let Some(near) =
+                        nearest(&r.stage, spec.stages.iter().map(|s| s.name.as_str()))
+                    {
+                        message.push_str(&format!("; did you mean `{near}`?"));
+                    }
+                    errors.push(sources.error(
+                        r.loc,
+                        &format!("stages.{}.inputs.{}", stage.name, input.slot),
+                        message,
+                    ));
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics(errors));
+    }
+
+    let order = stage_order(&spec).map_err(Diagnostics)?;
+    let grid_index: HashMap<&str, usize> = spec
+        .grid
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.as_str(), i))
+        .collect();
+
+    // Grid variables each stage varies over.
+    let mut vars: Vec<Vec<usize>> = vec![Vec::new(); spec.stages.len()];
+    for &s in &order {
+        let stage = &spec.stages[s];
+        let mut own = Vec::new();
+        for (var, path) in scan_vars(&stage.params) {
+            match grid_index.get(var.as_str()) {
+                Some(&i) => own.push(i),
+                None => errors.push(sources.error(
+                    param_loc(stage, &path),
+                    &format!("stages.{}.{path}", stage.name),
+                    format!(
+                        "grid variable `{var}` is not defined in [grid]{}",
+                        match nearest(&var, spec.grid.iter().map(|g| g.name.as_str())) {
+                            Some(near) => format!("; did you mean `{near}`?"),
+                            None => String::new(),
+                        }
+                    ),
+                )),
+            }
+        }
+        for input in &stage.inputs {
+            for r in input.refs.iter().filter(|r| !r.all) {
+                own.extend(vars[stage_index(&spec, &r.stage)].iter().copied());
+            }
+        }
+        own.sort_unstable();
+        own.dedup();
+        vars[s] = own;
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics(errors));
+    }
+
+    let mut built = Built {
+        stages: Vec::new(),
+        position: vec![usize::MAX; spec.stages.len()],
+        instances: Vec::new(),
+    };
+    for &s in &order {
+        let stage = &spec.stages[s];
+        let kind = stage_kinds[s].clone().expect("kinds checked above");
+        let def_index = built.stages.len();
+        built.position[s] = def_index;
+        let env = ParamsEnv {
+            base_dir: stage.base_dir.clone(),
+        };
+        let mut def = StageDef {
+            name: stage.name.clone(),
+            kind: kind.clone(),
+            vars: vars[s].iter().map(|&i| spec.grid[i].name.clone()).collect(),
+            upstream: Vec::new(),
+            instances: Vec::new(),
+            base_dir: stage.base_dir.clone(),
+        };
+        for input in &stage.inputs {
+            for r in &input.refs {
+                let up = built.position[stage_index(&spec, &r.stage)];
+                if !def.upstream.contains(&(up, r.all)) {
+                    def.upstream.push((up, r.all));
+                }
+            }
+        }
+        let input_names: Vec<String> = stage.inputs.iter().map(|i| i.slot.clone()).collect();
+        for binding in cartesian(&spec.grid, &vars[s]) {
+            let name = instance_name(&stage.name, &binding);
+            let context = if binding.is_empty() {
+                String::new()
+            } else {
+                format!(" (in instance {name})")
+            };
+            let values: HashMap<&str, &toml::Value> =
+                binding.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            let params = substitute_table(&stage.params, &values);
+            let canonical = match kind.canonical_params(&params, &env) {
+                Ok(p) => p,
+                Err(err) => {
+                    errors.push(param_error(sources, stage, &err, &context));
+                    break;
+                }
+            };
+            let interface = match kind.interface(&canonical, &input_names) {
+                Ok(i) => i,
+                Err(err) => {
+                    errors.push(param_error(sources, stage, &err, &context));
+                    break;
+                }
+            };
+            match resolve_inputs(sources, &spec, stage, &interface, &binding, &built) {
+                Ok(inputs) => {
+                    def.instances.push(built.instances.len());
+                    built.instances.push(Instance {
+                        stage: def_index,
+                        name,
+                        grid: binding,
+                        params: canonical,
+                        inputs,
+                        outputs: interface.outputs,
+                        resources: interface.resources,
+                    });
+                }
+                Err(mut e) => {
+                    errors.append(&mut e);
+                    break;
+                }
+            }
+        }
+        built.stages.push(def);
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics(errors));
+    }
+    Ok(Pipeline {
+        name: spec.name,
+        description: spec.description,
+        file: spec.file,
+        grid: spec.grid,
+        stages: built.stages,
+        instances: built.instances,
+    })
+}
+
+/// Stages and instances expanded so far (producers before consumers).
+struct Built {
+    stages: Vec<StageDef>,
+    /// Spec stage index -> index in `stages`.
+    position: Vec<usize>,
+    instances: Vec<Instance>,
+}
+
+fn stage_index(spec: &PipelineSpec, name: &str) -> usize {
+    spec.stages
+        .iter()
+        .position(|s| s.name == name)
+        .expect("references checked")
+}
+
+/// Stages in dependency order, or the dependency cycles, each printed in full.
+fn stage_order(spec: &PipelineSpec) -> Result<Vec<usize>, Vec<Diagnostic>> {
+    let mut graph: DiGraph<usize, ()> = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..spec.stages.len()).map(|i| graph.add_node(i)).collect();
+    for (s, stage) in spec.stages.iter().enumerate() {
+        for input in &stage.inputs {
+            for r in &input.refs {
+                graph.update_edge(nodes[stage_index(spec, &r.stage)], nodes[s], ());
+            }
+        }
+    }
+    if let Ok(order) = toposort(&graph, None) {
+        return Ok(order.into_iter().map(|n| graph[n]).collect());
+    }
+    let mut errors = Vec::new();
+    for component in tarjan_scc(&graph) {
+        let cyclic = component.len() > 1 || graph.contains_edge(component[0], component[0]);
+        if !cyclic {
+            continue;
+        }
+        // Walk edges inside the component, from the stage declared first,
+        // until a stage repeats.
+        let start = *component
+            .iter()
+            .min_by_key(|&&n| graph[n])
+            .expect("components are non-empty");
+        let mut path = vec![start];
+        loop {
+            let last = *path.last().expect("non-empty");
+            let next = graph
+                .neighbors(last)
+                .find(|n| component.contains(n))
+                .expect("a cyclic component has an edge inside it");
+            if let Some(start) = path.iter().position(|&n| n == next) {
+                path.drain(..start);
+                path.push(next);
+                break;
+            }
+            path.push(next);
+        }
+        let names: Vec<&str> = path
+            .iter()
+            .map(|&n| spec.stages[graph[n]].name.as_str())
+            .collect();
+        let first = &spec.stages[graph[path[0]]];
+        errors.push(spec.sources.error(
+            first.loc,
+            &format!("stages.{}.inputs", first.name),
+            format!("dependency cycle: {}", names.join(" -> ")),
+        ));
+    }
+    Err(errors)
+}
+
+/// Every combination of the given grid variables' values, last varying fastest.
+fn cartesian(grid: &[GridVar], vars: &[usize]) -> Vec<Vec<(String, toml::Value)>> {
+    let mut combos = vec![Vec::new()];
+    for &v in vars {
+        let var = &grid[v];
+        combos = combos
+            .into_iter()
+            .flat_map(|combo| {
+                var.values.iter().map(move |value| {
+                    let mut next = combo.clone();
+                    next.push((var.name.clone(), value.clone()));
+                    next
+                })
+            })
+            .collect();
+    }
+    combos
+}
+
+pub fn instance_name(stage: &str, binding: &[(String, toml::Value)]) -> String {
+    if binding.is_empty() {
+        return stage.to_string();
+    }
+    let parts: Vec<String> = binding
+        .iter()
+        .map(|(k, v)| format!("{k}={}", display_value(v)))
+        .collect();
+    format!("{stage}[{}]", parts.join(","))
+}
+
+/// A grid value as it appears in instance names and tables.
+pub fn display_value(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) if super::load::is_identifier(s) || s.parse::<f64>().is_ok() => {
+            s.clone()
+        }
+        other => other.to_string(),
+    }
+}
+
+fn resolve_inputs(
+    sources: &Sources,
+    spec: &PipelineSpec,
+    stage: &StageSpec,
+    interface: &Interface,
+    binding: &[(String, toml::Value)],
+    built: &Built,
+) -> Result<Vec<ResolvedInput>, Vec<Diagnostic>> {
+    let mut errors = Vec::new();
+    let mut resolved = Vec::new();
+    let field = |slot: &str| format!("stages.{}.inputs.{slot}", stage.name);
+    for slot in &interface.inputs {
+        if !slot.optional && !stage.inputs.iter().any(|i| i.slot == slot.name) {
+            errors.push(sources.error(
+                stage.loc,
+                &field(&slot.name),
+                format!(
+                    "stage kind `{}` needs input `{}`: add inputs.{} = \"STAGE\"",
+                    stage.kind, slot.name, slot.name
+                ),
+            ));
+        }
+    }
+    for input in &stage.inputs {
+        let Some(slot) = interface.inputs.iter().find(|s| s.name == input.slot) else {
+            let known: Vec<&str> = interface.inputs.iter().map(|s| s.name.as_str()).collect();
+            errors.push(sources.error(
+                input.loc,
+                &field(&input.slot),
+                format!(
+                    "stage kind `{}` has no input `{}`; its inputs: {}",
+                    stage.kind,
+                    input.slot,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+            continue;
+        };
+        let mut artifacts = Vec::new();
+        for r in &input.refs {
+            match resolve_ref(r, binding, built, spec) {
+                Ok(mut found) => artifacts.append(&mut found),
+                Err(message) => errors.push(sources.error(r.loc, &field(&input.slot), message)),
+            }
+        }
+        if !slot.many && artifacts.len() != 1 {
+            errors.push(sources.error(
+                input.loc,
+                &field(&input.slot),
+                format!(
+                    "input `{}` takes exactly one artifact, but this resolves to {}",
+                    input.slot,
+                    artifacts.len()
+                ),
+            ));
+        }
+        resolved.push(ResolvedInput {
+            slot: input.slot.clone(),
+            sources: artifacts,
+        });
+    }
+    if errors.is_empty() {
+        Ok(resolved)
+    } else {
+        Err(errors)
+    }
+}
+
+fn resolve_ref(
+    r: &OutputRef,
+    binding: &[(String, toml::Value)],
+    built: &Built,
+    spec: &PipelineSpec,
+) -> Result<Vec<(usize, String)>, String> {
+    let (stages, instances) = (&built.stages, &built.instances);
+    let upstream = &stages[built.position[stage_index(spec, &r.stage)]];
+    // Upstream instances that agree with this instance on shared variables.
+    let matching: Vec<usize> = upstream
+        .instances
+        .iter()
+        .copied()
+        .filter(|&i| {
+            instances[i]
+                .grid
+                .iter()
+                .all(|(k, v)| binding.iter().all(|(bk, bv)| bk != k || bv == v))
+        })
+        .collect();
+    let Some(&first) = matching.first() else {
+        return Err(format!("stage `{}` has no matching instance", r.stage));
+    };
+    let outputs = &instances[first].outputs;
+    let output = match &r.output {
+        Some(name) if outputs.contains(name) => name.clone(),
+        Some(name) => {
+            return Err(format!(
+                "stage `{}` has no output `{name}`; its outputs: {}",
+                r.stage,
+                if outputs.is_empty() {
+                    "none".to_string()
+                } else {
+                    outputs.join(", ")
+                }
+            ))
+        }
+        None if outputs.len() == 1 => outputs[0].clone(),
+        None if outputs.is_empty() => return Err(format!("stage `{}` has no outputs", r.stage)),
+        None => {
+            return Err(format!(
+                "stage `{}` has several outputs ({}); name one, e.g. \"{}.{}\"",
+                r.stage,
+                outputs.join(", "),
+                r.stage,
+                outputs[0]
+            ))
+        }
+    };
+    if !r.all && matching.len() != 1 {
+        return Err(format!(
+            "`{}` has {} instances here; use \"{}[*]\" to collect them all",
+            r.stage,
+            matching.len(),
+            r
+        ));
+    }
+    Ok(matching.into_iter().map(|i| (i, output.clone())).collect())
+}
+
+fn param_error(
+    sources: &Sources,
+    stage: &StageSpec,
+    err: &ParamError,
+    context: &str,
+) -> Diagnostic {
+    let field = if err.path.is_empty() {
+        format!("stages.{}", stage.name)
+    } else {
+        format!("stages.{}.{}", stage.name, err.path)
+    };
+    // serde adds "in `path`" lines of its own; the field is already named.
+    let message = err.message.lines().next().unwrap_or_default();
+    sources.error(
+        param_loc(stage, &err.path),
+        &field,
+        format!("{message}{context}"),
+    )
+}
+
+/// Where a param path was written: the path itself, else its closest parent,
+/// else the stage header.
+fn param_loc(stage: &StageSpec, path: &str) -> Loc {
+    let mut path = path;
+    loop {
+        if let Some(loc) = stage.param_locs.get(path) {
+            return *loc;
+        }
+        match path.rfind(['.', '[']) {
+            Some(cut) => path = &path[..cut],
+            None => return stage.loc,
+        }
+    }
+}
+
+/// `${var}` uses in params, with the dotted path where each appears.
+fn scan_vars(params: &toml::Table) -> Vec<(String, String)> {
+    fn walk(value: &toml::Value, path: String, out: &mut Vec<(String, String)>) {
+        match value {
+            toml::Value::String(s) => {
+                for var in template_vars(s) {
+                    out.push((var.to_string(), path.clone()));
+                }
+            }
+            toml::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, format!("{path}[{i}]"), out);
+                }
+            }
+            toml::Value::Table(table) => {
+                for (k, v) in table {
+                    walk(v, format!("{path}.{k}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (k, v) in params {
+        walk(v, k.clone(), &mut out);
+    }
+    out
+}
+
+/// Pieces of a `${var}` template: literal text and variable names.
+enum Piece<'a> {
+    Text(&'a str),
+    Var(&'a str),
+}
+
+fn template_pieces(s: &str) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        let after = &rest[i + 1..];
+        if let Some(escaped) = after.strip_prefix("${") {
+            // `$${` is an escaped literal `${`.
+            pieces.push(Piece::Text(&rest[..i]));
+            pieces.push(Piece::Text("${"));
+            rest = escaped;
+            continue;
+        }
+        if let Some(body) = after.strip_prefix('{') {
+            if let Some(end) = body.find('}') {
+                pieces.push(Piece::Text(&rest[..i]));
+                pieces.push(Piece::Var(&body[..end]));
+                rest = &body[end + 1..];
+                continue;
+            }
+        }
+        pieces.push(Piece::Text(&rest[..=i]));
+        rest = after;
+    }
+    pieces.push(Piece::Text(rest));
+    pieces
+}
+
+fn template_vars(s: &str) -> Vec<&str> {
+    template_pieces(s)
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Var(v) => Some(v),
+            Piece::Text(_) => None,
+        })
+        .collect()
+}
+
+fn substitute_table(table: &toml::Table, values: &HashMap<&str, &toml::Value>) -> toml::Table {
+    table
+        .iter()
+        .map(|(k, v)| (k.clone(), substitute(v, values)))
+        .collect()
+}
+
+/// Replace `${var}`: a string that is exactly one variable takes the value's
+/// own type (so `lr = "${lr}"` stays a float); otherwise text is interpolated.
+fn substitute(value: &toml::Value, values: &HashMap<&str, &toml::Value>) -> toml::Value {
+    match value {
+        toml::Value::String(s) => {
+            let pieces = template_pieces(s);
+            let non_empty: Vec<&Piece> = pieces
+                .iter()
+                .filter(|p| !matches!(p, Piece::Text("")))
+                .collect();
+            if let [Piece::Var(var)] = non_empty.as_slice() {
+                return (*values.get(var).expect("variables checked")).clone();
+            }
+            let mut out = String::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Text(t) => out.push_str(t),
+                    Piece::Var(v) => out.push_str(&display_value(values[v])),
+                }
+            }
+            toml::Value::String(out)
+        }
+        toml::Value::Array(items) => {
+            toml::Value::Array(items.iter().map(|i| substitute(i, values)).collect())
+        }
+        toml::Value::Table(table) => toml::Value::Table(substitute_table(table, values)),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_substitute_typed_and_interpolated() {
+        let alpha = toml::Value::Float(0.5);
+        let values: HashMap<&str, &toml::Value> = [("alpha", &alpha)].into_iter().collect();
+        assert_eq!(
+            substitute(&toml::Value::String("${alpha}".into()), &values),
+            alpha
+        );
+        assert_eq!(
+            substitute(
+                &toml::Value::String("a=${alpha}, $${x} $HOME".into()),
+                &values
+            ),
+            toml::Value::String("a=0.5, ${x} $HOME".into())
+        );
+        assert_eq!(template_vars("$${x} ${y}"), vec!["y"]);
+    }
+
+    #[test]
+    fn cartesian_product_in_grid_order() {
+        let var = |name: &str, n: i64| GridVar {
+            name: name.into(),
+            values: (0..n).map(toml::Value::Integer).collect(),
+            loc: Loc::new(0, 0..0),
+        };
+        let grid = vec![var("a", 2), var("b", 3)];
+        let combos = cartesian(&grid, &[0, 1]);
+        assert_eq!(combos.len(), 6);
+        assert_eq!(instance_name("s", &combos[1]), "s[a=0,b=1]");
+        assert_eq!(cartesian(&grid, &[]).len(), 1);
+    }
+}

@@ -1,0 +1,633 @@
+//! Reading pipeline files: TOML syntax, `extends` / `include`, and the
+//! location of every key so later checks can point at it.
+//!
+//! `extends = "base.toml"` takes the base file as the starting point and lets
+//! this file override it: grid variables are replaced, stages with the same
+//! name are merged key by key (sub-tables deeply), so an experiment file can
+//! be a small diff. `include = ["a.toml", ...]` adds the stages and grid
+//! variables of other files; a stage name defined twice that way is an error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use crate::diag::{Diagnostic, Loc, Sources};
+
+/// A pipeline file with its includes and bases resolved; not yet validated
+/// against stage kinds.
+#[derive(Debug)]
+pub struct PipelineSpec {
+    pub name: String,
+    pub description: String,
+    /// The file named on the command line.
+    pub file: PathBuf,
+    pub grid: Vec<GridVar>,
+    pub stages: Vec<StageSpec>,
+    pub sources: Sources,
+}
+
+#[derive(Debug, Clone)]
+pub struct GridVar {
+    pub name: String,
+    pub values: Vec<toml::Value>,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: String,
+    /// The `[stages.NAME]` header (or inline table) that declares the stage.
+    pub loc: Loc,
+    pub kind: String,
+    pub kind_loc: Loc,
+    pub inputs: Vec<InputSpec>,
+    /// Every key but `kind` and `inputs`.
+    pub params: toml::Table,
+    /// Location of each param by dotted path (`opt.lr`, `layers[1]`): the
+    /// key's for tables, the value's for array items.
+    pub param_locs: BTreeMap<String, Loc>,
+    /// Folder of the file that declared the stage; relative paths resolve here.
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub slot: String,
+    pub loc: Loc,
+    pub refs: Vec<OutputRef>,
+}
+
+/// `stage`, `stage.output`, `stage[*]` or `stage.output[*]`.
+#[derive(Debug, Clone)]
+pub struct OutputRef {
+    pub stage: String,
+    pub output: Option<String>,
+    /// Every grid instance of `stage` (a collecting input).
+    pub all: bool,
+    pub loc: Loc,
+}
+
+impl std::fmt::Display for OutputRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.stage)?;
+        if let Some(output) = &self.output {
+            write!(f, ".{output}")?;
+        }
+        if self.all {
+            f.write_str("[*]")?;
+        }
+        Ok(())
+    }
+}
+
+/// Read `path` and everything it extends or includes.
+pub fn load(path: &Path) -> Result<PipelineSpec, Vec<Diagnostic>> {
+    let mut sources = Sources::default();
+    let mut chain = Vec::new();
+    let file = read_file(path, &mut sources, &mut chain)?;
+    let name = file.name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pipeline".into())
+    });
+    Ok(PipelineSpec {
+        name,
+        description: file.description.unwrap_or_default(),
+        file: path.to_path_buf(),
+        grid: file.grid,
+        stages: file.stages,
+        sources,
+    })
+}
+
+/// One file after merging what it extends and includes.
+struct FileSpec {
+    name: Option<String>,
+    description: Option<String>,
+    grid: Vec<GridVar>,
+    stages: Vec<StageSpec>,
+}
+
+fn read_file(
+    path: &Path,
+    sources: &mut Sources,
+    chain: &mut Vec<PathBuf>,
+) -> Result<FileSpec, Vec<Diagnostic>> {
+    let canonical = path.canonicalize().map_err(|err| {
+        vec![Diagnostic::file(
+            path,
+            format!("cannot read pipeline file: {err}"),
+        )]
+    })?;
+    if let Some(first) = chain.iter().position(|p| *p == canonical) {
+        let cycle: Vec<String> = chain[first..]
+            .iter()
+            .chain([&canonical])
+            .map(|p| p.display().to_string())
+            .collect();
+        return Err(vec![Diagnostic::file(
+            path,
+            format!("extends/include cycle: {}", cycle.join(" -> ")),
+        )]);
+    }
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        vec![Diagnostic::file(
+            path,
+            format!("cannot read pipeline file: {err}"),
+        )]
+    })?;
+    let file_id = sources.add(path.to_path_buf(), text);
+    let base_dir = canonical
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    chain.push(canonical);
+    let result = parse_file(file_id, &base_dir, sources, chain);
+    chain.pop();
+    result
+}
+
+fn parse_file(
+    file: u32,
+    base_dir: &Path,
+    sources: &mut Sources,
+    chain: &mut Vec<PathBuf>,
+) -> Result<FileSpec, Vec<Diagnostic>> {
+    // Parse from a copy: `sources` must stay mutable for included files.
+    let text = sources.text(file).to_string();
+    let root = DeTable::parse(&text).map_err(|err| {
+        let loc = Loc::new(file, err.span().unwrap_or(0..0));
+        vec![sources.error(loc, "", format!("TOML syntax: {}", err.message()))]
+    })?;
+    let mut errors = Vec::new();
+    let mut header = PipelineHeader::default();
+    let mut own_grid = Vec::new();
+    let mut own_stages = Vec::new();
+    for (key, value) in root.get_ref() {
+        let loc = Loc::new(file, key.span());
+        match key.get_ref().as_ref() {
+            "pipeline" => match parse_header(file, value, sources) {
+                Ok(h) => header = h,
+                Err(mut e) => errors.append(&mut e),
+            },
+            "grid" => match parse_grid(file, value, sources) {
+                Ok(g) => own_grid = g,
+                Err(mut e) => errors.append(&mut e),
+            },
+            "stages" => match value.get_ref().as_table() {
+                Some(table) => {
+                    for (name, stage) in table {
+                        match parse_stage(file, base_dir, name, stage, sources) {
+                            Ok(s) => own_stages.push(s),
+                            Err(mut e) => errors.append(&mut e),
+                        }
+                    }
+                }
+                None => errors.push(sources.error(
+                    Loc::new(file, value.span()),
+                    "stages",
+                    "expected a table of stages, e.g. [stages.train]",
+                )),
+            },
+            other => errors.push(sources.error(
+                loc,
+                other,
+                "unknown top-level table; expected [pipeline], [grid] or [stages.NAME]",
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    // Start from the base, add includes, then apply this file on top.
+    let mut merged = match &header.extends {
+        Some(base) => read_file(&base_dir.join(base), sources, chain)?,
+        None => FileSpec {
+            name: None,
+            description: None,
+            grid: Vec::new(),
+            stages: Vec::new(),
+        },
+    };
+    // Only stages inherited through `extends` may be overridden below; one
+    // that came from an `include` is a duplicate.
+    let inherited: Vec<String> = merged.stages.iter().map(|s| s.name.clone()).collect();
+    for include in &header.include {
+        let included = read_file(&base_dir.join(include), sources, chain)?;
+        for var in included.grid {
+            set_grid_var(&mut merged.grid, var);
+        }
+        for stage in included.stages {
+            if let Some(existing) = merged.stages.iter().find(|s| s.name == stage.name) {
+                errors.push(duplicate_stage(sources, &stage, existing));
+            } else {
+                merged.stages.push(stage);
+            }
+        }
+    }
+    for var in own_grid {
+        set_grid_var(&mut merged.grid, var);
+    }
+    for stage in own_stages {
+        match merged.stages.iter_mut().find(|s| s.name == stage.name) {
+            Some(existing) if inherited.contains(&stage.name) => override_stage(existing, stage),
+            Some(existing) => errors.push(duplicate_stage(sources, &stage, existing)),
+            None => merged.stages.push(stage),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if header.name.is_some() {
+        merged.name = header.name;
+    }
+    if header.description.is_some() {
+        merged.description = header.description;
+    }
+    Ok(merged)
+}
+
+fn duplicate_stage(sources: &Sources, stage: &StageSpec, existing: &StageSpec) -> Diagnostic {
+    let first = sources.error(existing.loc, "", "");
+    sources.error(
+        stage.loc,
+        &format!("stages.{}", stage.name),
+        format!(
+            "stage `{}` is defined twice (also at {}:{})",
+            stage.name,
+            first.file.display(),
+            first.line
+        ),
+    )
+}
+
+fn set_grid_var(grid: &mut Vec<GridVar>, var: GridVar) {
+    match grid.iter_mut().find(|v| v.name == var.name) {
+        Some(existing) => *existing = var,
+        None => grid.push(var),
+    }
+}
+
+fn override_stage(base: &mut StageSpec, child: StageSpec) {
+    if !child.kind.is_empty() {
+        base.kind = child.kind;
+        base.kind_loc = child.kind_loc;
+    }
+    for input in child.inputs {
+        match base.inputs.iter_mut().find(|i| i.slot == input.slot) {
+            Some(existing) => *existing = input,
+            None => base.inputs.push(input),
+        }
+    }
+    deep_merge(&mut base.params, child.params);
+    base.param_locs.extend(child.param_locs);
+    base.loc = child.loc;
+    base.base_dir = child.base_dir;
+}
+
+fn deep_merge(base: &mut toml::Table, child: toml::Table) {
+    for (key, value) in child {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(c)) => deep_merge(b, c),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct PipelineHeader {
+    name: Option<String>,
+    description: Option<String>,
+    extends: Option<String>,
+    include: Vec<String>,
+}
+
+fn parse_header(
+    file: u32,
+    value: &Spanned<DeValue>,
+    sources: &Sources,
+) -> Result<PipelineHeader, Vec<Diagnostic>> {
+    let Some(table) = value.get_ref().as_table() else {
+        return Err(vec![sources.error(
+            Loc::new(file, value.span()),
+            "pipeline",
+            "expected a table",
+        )]);
+    };
+    let mut header = PipelineHeader::default();
+    let mut errors = Vec::new();
+    for (key, value) in table {
+        let field = format!("pipeline.{}", key.get_ref());
+        let loc = Loc::new(file, value.span());
+        let string = || {
+            value
+                .get_ref()
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| sources.error(loc, &field, "expected a string"))
+        };
+        match key.get_ref().as_ref() {
+            "name" => match string() {
+                Ok(s) if is_identifier(&s) => header.name = Some(s),
+                Ok(_) => {
+                    errors.push(sources.error(loc, &field, "use letters, digits, `_` and `-` only"))
+                }
+                Err(e) => errors.push(e),
+            },
+            "description" => match string() {
+                Ok(s) => header.description = Some(s),
+                Err(e) => errors.push(e),
+            },
+            "extends" => match string() {
+                Ok(s) => header.extends = Some(s),
+                Err(e) => errors.push(e),
+            },
+            "include" => match value.get_ref().as_array() {
+                Some(items) => {
+                    for item in items.iter() {
+                        let loc = Loc::new(file, item.span());
+                        match item.get_ref().as_str() {
+                            Some(s) => header.include.push(s.to_string()),
+                            None => errors.push(sources.error(loc, &field, "expected a file path")),
+                        }
+                    }
+                }
+                None => errors.push(sources.error(loc, &field, "expected a list of file paths")),
+            },
+            other => errors.push(sources.error(
+                Loc::new(file, key.span()),
+                &field,
+                format!("unknown key `{other}`; expected name, description, extends or include"),
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(header)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_grid(
+    file: u32,
+    value: &Spanned<DeValue>,
+    sources: &Sources,
+) -> Result<Vec<GridVar>, Vec<Diagnostic>> {
+    let Some(table) = value.get_ref().as_table() else {
+        return Err(vec![sources.error(
+            Loc::new(file, value.span()),
+            "grid",
+            "expected a table of value lists",
+        )]);
+    };
+    let mut grid = Vec::new();
+    let mut errors = Vec::new();
+    for (key, value) in table {
+        let name = key.get_ref().to_string();
+        let field = format!("grid.{name}");
+        let loc = Loc::new(file, key.span());
+        if !is_identifier(&name) {
+            errors.push(sources.error(loc, &field, "use letters, digits, `_` and `-` only"));
+            continue;
+        }
+        let Some(items) = value.get_ref().as_array() else {
+            errors.push(sources.error(
+                Loc::new(file, value.span()),
+                &field,
+                "expected a list of values, e.g. [0.0, 0.5, 1.0]",
+            ));
+            continue;
+        };
+        if items.is_empty() {
+            errors.push(sources.error(
+                Loc::new(file, value.span()),
+                &field,
+                format!("grid variable `{name}` has no values"),
+            ));
+            continue;
+        }
+        let mut values = Vec::new();
+        for item in items.iter() {
+            let value = to_value(item);
+            if matches!(value, toml::Value::Array(_) | toml::Value::Table(_)) {
+                errors.push(sources.error(
+                    Loc::new(file, item.span()),
+                    &field,
+                    "grid values must be strings, numbers or booleans",
+                ));
+            } else if values.contains(&value) {
+                errors.push(sources.error(
+                    Loc::new(file, item.span()),
+                    &field,
+                    format!("value {value} is listed twice"),
+                ));
+            } else {
+                values.push(value);
+            }
+        }
+        grid.push(GridVar { name, values, loc });
+    }
+    if errors.is_empty() {
+        Ok(grid)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_stage(
+    file: u32,
+    base_dir: &Path,
+    name: &Spanned<std::borrow::Cow<str>>,
+    value: &Spanned<DeValue>,
+    sources: &Sources,
+) -> Result<StageSpec, Vec<Diagnostic>> {
+    let stage_name = name.get_ref().to_string();
+    let field = format!("stages.{stage_name}");
+    let name_loc = Loc::new(file, name.span());
+    if !is_identifier(&stage_name) {
+        return Err(vec![sources.error(
+            name_loc,
+            &field,
+            "stage names use letters, digits, `_` and `-` only",
+        )]);
+    }
+    let Some(table) = value.get_ref().as_table() else {
+        return Err(vec![sources.error(
+            Loc::new(file, value.span()),
+            &field,
+            "expected a table with at least `kind = \"...\"`",
+        )]);
+    };
+    let mut stage = StageSpec {
+        name: stage_name,
+        loc: Loc::new(file, value.span()),
+        kind: String::new(),
+        kind_loc: name_loc,
+        inputs: Vec::new(),
+        params: toml::Table::new(),
+        param_locs: BTreeMap::new(),
+        base_dir: base_dir.to_path_buf(),
+    };
+    let mut errors = Vec::new();
+    for (key, value) in table {
+        let key_name = key.get_ref().to_string();
+        let key_loc = Loc::new(file, key.span());
+        match key_name.as_str() {
+            "kind" => match value.get_ref().as_str() {
+                Some(kind) => {
+                    stage.kind = kind.to_string();
+                    stage.kind_loc = Loc::new(file, value.span());
+                }
+                None => errors.push(sources.error(
+                    Loc::new(file, value.span()),
+                    &format!("{field}.kind"),
+                    "expected a string naming a stage kind",
+                )),
+            },
+            "inputs" => match parse_inputs(file, &field, value, sources) {
+                Ok(inputs) => stage.inputs = inputs,
+                Err(mut e) => errors.append(&mut e),
+            },
+            _ => {
+                record_locs(file, &key_name, key_loc, value, &mut stage.param_locs);
+                stage.params.insert(key_name, to_value(value));
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(stage)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_inputs(
+    file: u32,
+    field: &str,
+    value: &Spanned<DeValue>,
+    sources: &Sources,
+) -> Result<Vec<InputSpec>, Vec<Diagnostic>> {
+    let Some(table) = value.get_ref().as_table() else {
+        return Err(vec![sources.error(
+            Loc::new(file, value.span()),
+            &format!("{field}.inputs"),
+            "expected a table: inputs.SLOT = \"stage\" or \"stage.output\"",
+        )]);
+    };
+    let mut inputs = Vec::new();
+    let mut errors = Vec::new();
+    for (slot, refs) in table {
+        let slot_field = format!("{field}.inputs.{}", slot.get_ref());
+        let items: Vec<&Spanned<DeValue>> = match refs.get_ref() {
+            DeValue::String(_) => vec![refs],
+            DeValue::Array(items) => items.iter().collect(),
+            _ => {
+                errors.push(sources.error(
+                    Loc::new(file, refs.span()),
+                    &slot_field,
+                    "expected \"stage\", \"stage.output\", \"stage[*]\" or a list of them",
+                ));
+                continue;
+            }
+        };
+        let mut parsed = Vec::new();
+        for item in items {
+            let loc = Loc::new(file, item.span());
+            match item.get_ref().as_str().map(parse_ref) {
+                Some(Some((stage, output, all))) => parsed.push(OutputRef {
+                    stage,
+                    output,
+                    all,
+                    loc,
+                }),
+                _ => errors.push(sources.error(
+                    loc,
+                    &slot_field,
+                    "expected \"stage\", \"stage.output\", \"stage[*]\" or \"stage.output[*]\"",
+                )),
+            }
+        }
+        inputs.push(InputSpec {
+            slot: slot.get_ref().to_string(),
+            loc: Loc::new(file, slot.span()),
+            refs: parsed,
+        });
+    }
+    if errors.is_empty() {
+        Ok(inputs)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_ref(text: &str) -> Option<(String, Option<String>, bool)> {
+    let (text, all) = match text.strip_suffix("[*]") {
+        Some(rest) => (rest, true),
+        None => (text, false),
+    };
+    let (stage, output) = match text.split_once('.') {
+        Some((stage, output)) if !output.is_empty() => (stage, Some(output.to_string())),
+        Some(_) => return None,
+        None => (text, None),
+    };
+    is_identifier(stage).then(|| (stage.to_string(), output, all))
+}
+
+/// Remember where each (nested) param was written.
+fn record_locs(
+    file: u32,
+    path: &str,
+    key_loc: Loc,
+    value: &Spanned<DeValue>,
+    locs: &mut BTreeMap<String, Loc>,
+) {
+    locs.insert(path.to_string(), key_loc);
+    match value.get_ref() {
+        DeValue::Table(table) => {
+            for (key, item) in table {
+                let child = format!("{path}.{}", key.get_ref());
+                record_locs(file, &child, Loc::new(file, key.span()), item, locs);
+            }
+        }
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let child = format!("{path}[{i}]");
+                record_locs(file, &child, Loc::new(file, item.span()), item, locs);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn to_value(value: &Spanned<DeValue>) -> toml::Value {
+    toml::Value::deserialize(ValueDeserializer::from(value.clone()))
+        .expect("a parsed TOML value converts to toml::Value")
+}
+
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_output_refs() {
+        assert_eq!(parse_ref("a"), Some(("a".into(), None, false)));
+        assert_eq!(
+            parse_ref("a.out.txt[*]"),
+            Some(("a".into(), Some("out.txt".into()), true))
+        );
+        assert_eq!(parse_ref("a."), None);
+        assert_eq!(parse_ref("a b"), None);
+    }
+}

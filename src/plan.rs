@@ -1,0 +1,209 @@
+//! What a run would do: for each instance, cached or to-run, and why.
+//!
+//! An instance's key needs its inputs' content hashes, which are known only
+//! once the producing instances are cached. An instance downstream of work
+//! still to do is *pending*: after its inputs are rebuilt it may turn out to
+//! be cached after all (when they come out byte-identical).
+
+use std::collections::BTreeMap;
+
+use crate::cache::{Cache, InputRecord, Record};
+use crate::hashing::stage_key;
+use crate::pipeline::Pipeline;
+
+#[derive(Debug, Clone)]
+pub enum Status {
+    Cached { key: String },
+    Run { key: String, reasons: Vec<String> },
+    Pending { after: String },
+}
+
+/// The key of instance `i` given its producers' outputs, with the input
+/// hashes as they go into its record; `None` while a producer is unfinished.
+pub fn instance_key(
+    pipeline: &Pipeline,
+    i: usize,
+    outputs: &[Option<BTreeMap<String, String>>],
+) -> Option<(String, BTreeMap<String, Vec<InputRecord>>)> {
+    let instance = &pipeline.instances[i];
+    let mut inputs = BTreeMap::new();
+    for input in &instance.inputs {
+        let mut artifacts = Vec::new();
+        for (producer, output) in &input.sources {
+            let hash = outputs[*producer].as_ref()?.get(output)?.clone();
+            artifacts.push(InputRecord {
+                producer: pipeline.instances[*producer].name.clone(),
+                hash,
+            });
+        }
+        inputs.insert(input.slot.clone(), artifacts);
+    }
+    let hashes: BTreeMap<String, Vec<String>> = inputs
+        .iter()
+        .map(|(slot, artifacts): (&String, &Vec<InputRecord>)| {
+            (
+                slot.clone(),
+                artifacts.iter().map(|a| a.hash.clone()).collect(),
+            )
+        })
+        .collect();
+    let stage = pipeline.stage_of(i);
+    let key = stage_key(
+        stage.kind.kind(),
+        stage.kind.version(),
+        &instance.params,
+        &hashes,
+    );
+    Some((key, inputs))
+}
+
+/// Statuses of every instance, in the pipeline's (dependency) order.
+pub fn plan(pipeline: &Pipeline, cache: &Cache, forced: &[bool]) -> Vec<Status> {
+    let mut outputs: Vec<Option<BTreeMap<String, String>>> = vec![None; pipeline.instances.len()];
+    let mut statuses = Vec::with_capacity(pipeline.instances.len());
+    for (i, instance) in pipeline.instances.iter().enumerate() {
+        let status = match instance_key(pipeline, i, &outputs) {
+            None => {
+                let after = instance
+                    .dependencies()
+                    .find(|&d| outputs[d].is_none())
+                    .map(|d| pipeline.instances[d].name.clone())
+                    .unwrap_or_default();
+                Status::Pending { after }
+            }
+            Some((key, inputs)) => match cache.record(&key) {
+                Some(record) if !forced[i] => {
+                    outputs[i] = Some(record.outputs);
+                    Status::Cached { key }
+                }
+                _ => {
+                    let reasons = if forced[i] {
+                        vec!["forced".to_string()]
+                    } else {
+                        why_run(pipeline, cache, i, &key, &inputs)
+                    };
+                    Status::Run { key, reasons }
+                }
+            },
+        };
+        statuses.push(status);
+    }
+    statuses
+}
+
+/// Why instance `i` (with new key `key`) is not cached, compared with what
+/// the same instance had at the pipeline's last run.
+pub fn why_run(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    i: usize,
+    key: &str,
+    inputs: &BTreeMap<String, Vec<InputRecord>>,
+) -> Vec<String> {
+    let instance = &pipeline.instances[i];
+    let Some(previous) = cache.instance_ref(&pipeline.name, &instance.name) else {
+        return vec!["new: not run before in this pipeline".into()];
+    };
+    if previous.key == key {
+        return vec!["its cached result is missing (removed by gc, or damaged)".into()];
+    }
+    let Some(old) = cache.record(&previous.key) else {
+        return vec!["params or inputs changed (the previous result is no longer cached)".into()];
+    };
+    let stage = pipeline.stage_of(i);
+    let mut reasons = Vec::new();
+    if old.kind != stage.kind.kind() {
+        reasons.push(format!(
+            "kind changed: {} -> {}",
+            old.kind,
+            stage.kind.kind()
+        ));
+    } else if old.version != stage.kind.version() {
+        reasons.push(format!(
+            "stage code changed: version {} -> {}",
+            old.version,
+            stage.kind.version()
+        ));
+    }
+    diff_json("", &old.params, &instance.params, &mut reasons);
+    reasons.extend(diff_inputs(&old, inputs));
+    if reasons.is_empty() {
+        reasons.push("key changed".into());
+    }
+    reasons
+}
+
+fn diff_inputs(old: &Record, new: &BTreeMap<String, Vec<InputRecord>>) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for (slot, artifacts) in new {
+        let before = old.inputs.get(slot);
+        let same = before.is_some_and(|b| {
+            b.len() == artifacts.len() && b.iter().zip(artifacts).all(|(x, y)| x.hash == y.hash)
+        });
+        if !same {
+            let producers: Vec<&str> = artifacts.iter().map(|a| a.producer.as_str()).collect();
+            let from = match producers.as_slice() {
+                [one] => (*one).to_string(),
+                many => format!("{} instances", many.len()),
+            };
+            reasons.push(format!("input `{slot}` changed (from {from})"));
+        }
+    }
+    for slot in old.inputs.keys().filter(|s| !new.contains_key(*s)) {
+        reasons.push(format!("input `{slot}` removed"));
+    }
+    reasons
+}
+
+fn diff_json(path: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => diff_json(&join(k), x, y, out),
+                    (None, Some(y)) => out.push(format!("param {} added: {y}", join(k))),
+                    (Some(x), None) => out.push(format!("param {} removed (was {x})", join(k))),
+                    (None, None) => {}
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("param {path}: {a} -> {b}")),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn param_diffs_name_the_path() {
+        let mut out = Vec::new();
+        diff_json(
+            "",
+            &json!({"opt": {"lr": 0.1}, "a": 1}),
+            &json!({"opt": {"lr": 0.2}, "b": 2}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                "param a removed (was 1)",
+                "param b added: 2",
+                "param opt.lr: 0.1 -> 0.2"
+            ]
+        );
+    }
+}

@@ -1,0 +1,524 @@
+//! Running a pipeline: schedule ready instances on worker threads, reuse
+//! cached keys, and keep going on independent branches when one fails.
+//!
+//! The scheduler lives on the calling thread. An instance becomes ready when
+//! all its producers are done; its key is computed then (it needs their
+//! output hashes), and it is either found in the cache or handed to a worker
+//! thread, as long as a job slot and its resources (e.g. a GPU) are free.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use xlpipe_stages::{InputArtifact, Stage, StageContext};
+
+use crate::cache::{remove_path, Cache, InputRecord, InstanceRef, Record};
+use crate::diag::nearest;
+use crate::pipeline::Pipeline;
+use crate::plan::{instance_key, why_run};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Instances run at once.
+    pub jobs: usize,
+    /// GPUs instances may hold (`resources = { gpu = 1 }`); other resources
+    /// have one unit each.
+    pub gpus: u32,
+    /// Run only these stages/instances (their inputs must be cached).
+    pub only: Vec<String>,
+    /// Run these and what they depend on, nothing downstream.
+    pub until: Vec<String>,
+    /// Run these even if cached.
+    pub force: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Failure {
+    pub instance: String,
+    pub error: String,
+    pub log: Option<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub executed: Vec<String>,
+    pub cached: usize,
+    pub failed: Vec<Failure>,
+    /// Instances not run because something they need failed.
+    pub skipped: Vec<String>,
+}
+
+/// Instances named by `selectors` (stage names or exact instance names).
+pub fn select(pipeline: &Pipeline, selectors: &[String]) -> anyhow::Result<Vec<bool>> {
+    let mut chosen = vec![false; pipeline.instances.len()];
+    for selector in selectors {
+        let mut matched = false;
+        for (i, instance) in pipeline.instances.iter().enumerate() {
+            if instance.name == *selector || pipeline.stage_of(i).name == *selector {
+                chosen[i] = true;
+                matched = true;
+            }
+        }
+        if !matched {
+            let names = pipeline.stages.iter().map(|s| s.name.as_str());
+            let hint = nearest(selector, names)
+                .map(|n| format!("; did you mean `{n}`?"))
+                .unwrap_or_default();
+            anyhow::bail!("no stage or instance named `{selector}`{hint}");
+        }
+    }
+    Ok(chosen)
+}
+
+/// Mark everything `chosen` depends on.
+fn with_ancestors(pipeline: &Pipeline, chosen: &[bool]) -> Vec<bool> {
+    let mut marked = chosen.to_vec();
+    // Producers come before consumers, so one backward sweep suffices.
+    for i in (0..pipeline.instances.len()).rev() {
+        if marked[i] {
+            for d in pipeline.instances[i].dependencies() {
+                marked[d] = true;
+            }
+        }
+    }
+    marked
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum State {
+    Waiting,
+    Running,
+    Done,
+    Failed,
+}
+
+struct Job {
+    instance: usize,
+    key: String,
+    forced: bool,
+    inputs: BTreeMap<String, Vec<InputRecord>>,
+}
+
+enum Outcome {
+    Ran(Record),
+    /// Another run computed the key while this one waited for its lock.
+    FoundCached(Record),
+}
+
+type JobResult = (usize, Result<Outcome, Failure>);
+
+pub fn run(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    options: &RunOptions,
+    progress: &MultiProgress,
+) -> anyhow::Result<RunSummary> {
+    let _cache_lock = cache.lock_shared()?;
+    let n = pipeline.instances.len();
+    let forced = select(pipeline, &options.force)?;
+    let (relevant, may_run) = if !options.only.is_empty() {
+        let only = select(pipeline, &options.only)?;
+        (with_ancestors(pipeline, &only), only)
+    } else if !options.until.is_empty() {
+        let until = with_ancestors(pipeline, &select(pipeline, &options.until)?);
+        (until.clone(), until)
+    } else {
+        (vec![true; n], vec![true; n])
+    };
+
+    let mut capacity: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    capacity.insert("gpu".into(), (0..options.gpus).collect());
+    for instance in &pipeline.instances {
+        for (resource, &amount) in &instance.resources {
+            let free = capacity.entry(resource.clone()).or_insert_with(|| vec![0]);
+            if amount as usize > free.len() {
+                anyhow::bail!(
+                    "{} needs {amount} {resource}, but this run has {} (see --gpus)",
+                    instance.name,
+                    free.len()
+                );
+            }
+        }
+    }
+
+    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut waiting_on = vec![0usize; n];
+    for (i, instance) in pipeline.instances.iter().enumerate() {
+        let deps: BTreeSet<usize> = instance.dependencies().collect();
+        waiting_on[i] = deps.len();
+        for d in deps {
+            dependants[d].push(i);
+        }
+    }
+
+    let total = relevant.iter().filter(|r| **r).count() as u64;
+    let bar = progress.add(ProgressBar::new(total));
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+
+    let mut summary = RunSummary::default();
+    let mut state = vec![State::Waiting; n];
+    let mut outputs: Vec<Option<BTreeMap<String, String>>> = vec![None; n];
+    let mut ready: VecDeque<usize> = (0..n)
+        .filter(|&i| relevant[i] && waiting_on[i] == 0)
+        .collect();
+    let mut runnable: Vec<Job> = Vec::new();
+    let mut running: BTreeMap<usize, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
+    let (sender, receiver) = mpsc::channel::<JobResult>();
+    let jobs = options.jobs.max(1);
+
+    loop {
+        while let Some(i) = ready.pop_front() {
+            let (key, inputs) = instance_key(pipeline, i, &outputs)
+                .expect("producers of a ready instance are done");
+            if !forced[i] {
+                if let Some(record) = cache.record(&key) {
+                    summary.cached += 1;
+                    bar.inc(1);
+                    finish(pipeline, cache, i, record, &mut state, &mut outputs)?;
+                    release(i, &dependants, &relevant, &mut waiting_on, &mut ready);
+                    continue;
+                }
+            }
+            if !may_run[i] {
+                state[i] = State::Failed;
+                summary.failed.push(Failure {
+                    instance: pipeline.instances[i].name.clone(),
+                    error: "not cached, and outside the --only selection; run it first".into(),
+                    log: None,
+                });
+                continue;
+            }
+            let reasons = if forced[i] {
+                vec!["forced".to_string()]
+            } else {
+                why_run(pipeline, cache, i, &key, &inputs)
+            };
+            tracing::info!(
+                "{} will run: {}",
+                pipeline.instances[i].name,
+                reasons.join("; ")
+            );
+            runnable.push(Job {
+                instance: i,
+                key,
+                forced: forced[i],
+                inputs,
+            });
+        }
+
+        while running.len() < jobs {
+            let Some(pos) = runnable
+                .iter()
+                .position(|job| fits(&pipeline.instances[job.instance].resources, &capacity))
+            else {
+                break;
+            };
+            let job = runnable.remove(pos);
+            let devices = take(&pipeline.instances[job.instance].resources, &mut capacity);
+            state[job.instance] = State::Running;
+            running.insert(job.instance, devices.clone());
+            let names: Vec<&str> = running
+                .keys()
+                .map(|&r| pipeline.instances[r].name.as_str())
+                .collect();
+            bar.set_message(names.join(", "));
+            spawn_job(pipeline, cache, job, devices, progress, sender.clone())?;
+        }
+
+        if running.is_empty() {
+            debug_assert!(runnable.is_empty() && ready.is_empty());
+            break;
+        }
+
+        let (i, result) = receiver.recv().context("a worker thread vanished")?;
+        let devices = running.remove(&i).expect("finished job was running");
+        give_back(devices, &mut capacity);
+        bar.inc(1);
+        match result {
+            Ok(Outcome::Ran(record)) => {
+                summary.executed.push(pipeline.instances[i].name.clone());
+                finish(pipeline, cache, i, record, &mut state, &mut outputs)?;
+                release(i, &dependants, &relevant, &mut waiting_on, &mut ready);
+            }
+            Ok(Outcome::FoundCached(record)) => {
+                summary.cached += 1;
+                finish(pipeline, cache, i, record, &mut state, &mut outputs)?;
+                release(i, &dependants, &relevant, &mut waiting_on, &mut ready);
+            }
+            Err(failure) => {
+                tracing::error!("{} failed: {}", failure.instance, failure.error);
+                state[i] = State::Failed;
+                summary.failed.push(failure);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    progress.remove(&bar);
+
+    summary.skipped = (0..n)
+        .filter(|&i| relevant[i] && state[i] == State::Waiting)
+        .map(|i| pipeline.instances[i].name.clone())
+        .collect();
+    if options.only.is_empty() && options.until.is_empty() && summary.failed.is_empty() {
+        // The pipeline ran whole: forget instances it no longer has.
+        let current: BTreeSet<&str> = pipeline.instances.iter().map(|i| i.name.as_str()).collect();
+        cache.retain_refs(&pipeline.name, &|name| current.contains(name));
+    }
+    Ok(summary)
+}
+
+fn finish(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    i: usize,
+    record: Record,
+    state: &mut [State],
+    outputs: &mut [Option<BTreeMap<String, String>>],
+) -> anyhow::Result<()> {
+    let name = &pipeline.instances[i].name;
+    let unchanged = cache
+        .instance_ref(&pipeline.name, name)
+        .is_some_and(|r| r.key == record.key);
+    if !unchanged {
+        cache.write_ref(
+            &pipeline.name,
+            &InstanceRef {
+                instance: name.clone(),
+                key: record.key.clone(),
+            },
+        )?;
+    }
+    state[i] = State::Done;
+    outputs[i] = Some(record.outputs);
+    Ok(())
+}
+
+fn release(
+    i: usize,
+    dependants: &[Vec<usize>],
+    relevant: &[bool],
+    waiting_on: &mut [usize],
+    ready: &mut VecDeque<usize>,
+) {
+    for &d in &dependants[i] {
+        waiting_on[d] -= 1;
+        if waiting_on[d] == 0 && relevant[d] {
+            ready.push_back(d);
+        }
+    }
+}
+
+fn fits(needs: &BTreeMap<String, u32>, capacity: &BTreeMap<String, Vec<u32>>) -> bool {
+    needs
+        .iter()
+        .all(|(r, &amount)| capacity.get(r).map_or(0, Vec::len) >= amount as usize)
+}
+
+fn take(
+    needs: &BTreeMap<String, u32>,
+    capacity: &mut BTreeMap<String, Vec<u32>>,
+) -> BTreeMap<String, Vec<u32>> {
+    needs
+        .iter()
+        .map(|(r, &amount)| {
+            let free = capacity.get_mut(r).expect("checked by fits");
+            (r.clone(), free.drain(..amount as usize).collect())
+        })
+        .collect()
+}
+
+fn give_back(devices: BTreeMap<String, Vec<u32>>, capacity: &mut BTreeMap<String, Vec<u32>>) {
+    for (r, ids) in devices {
+        let free = capacity.entry(r).or_default();
+        free.extend(ids);
+        free.sort_unstable();
+    }
+}
+
+fn spawn_job(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    job: Job,
+    devices: BTreeMap<String, Vec<u32>>,
+    progress: &MultiProgress,
+    sender: mpsc::Sender<JobResult>,
+) -> anyhow::Result<()> {
+    let i = job.instance;
+    let instance = &pipeline.instances[i];
+    let stage = pipeline.stage_of(i);
+    // Everything the worker needs, owned, so it does not borrow the pipeline.
+    let task = Task {
+        kind: stage.kind.clone(),
+        params: instance.params.clone(),
+        instance: instance.name.clone(),
+        key: job.key,
+        forced: job.forced,
+        inputs: job.inputs,
+        producers_grid: instance
+            .dependencies()
+            .map(|d| {
+                let p = &pipeline.instances[d];
+                let grid = p
+                    .grid
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or_default()))
+                    .collect();
+                (p.name.clone(), grid)
+            })
+            .collect(),
+        outputs: instance.outputs.clone(),
+        base_dir: stage.base_dir.clone(),
+        devices,
+        progress: progress.clone(),
+        cache: cache.clone(),
+    };
+    std::thread::Builder::new()
+        .name(format!("stage {}", instance.name))
+        .spawn(move || {
+            let result = task.execute();
+            // The receiver only goes away if the scheduler itself failed.
+            let _ = sender.send((i, result));
+        })
+        .context("starting a worker thread")?;
+    Ok(())
+}
+
+struct Task {
+    kind: Arc<dyn Stage>,
+    params: serde_json::Value,
+    instance: String,
+    key: String,
+    forced: bool,
+    inputs: BTreeMap<String, Vec<InputRecord>>,
+    producers_grid: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    outputs: Vec<String>,
+    base_dir: PathBuf,
+    devices: BTreeMap<String, Vec<u32>>,
+    progress: MultiProgress,
+    cache: Cache,
+}
+
+impl Task {
+    fn execute(self) -> Result<Outcome, Failure> {
+        let log_path = self.cache.log_path(&self.key);
+        let fail = |error: anyhow::Error, log: Option<PathBuf>| Failure {
+            instance: self.instance.clone(),
+            error: format!("{error:#}"),
+            log,
+        };
+        let _key_lock = self
+            .cache
+            .lock_key(&self.key, &self.instance)
+            .map_err(|e| fail(e, None))?;
+        if !self.forced {
+            if let Some(record) = self.cache.record(&self.key) {
+                return Ok(Outcome::FoundCached(record));
+            }
+        }
+        let temp = self.cache.temp_dir(&self.key).map_err(|e| fail(e, None))?;
+        let result = self.execute_in(&temp, &log_path);
+        if let Err(err) = remove_path(&temp) {
+            tracing::warn!("could not remove {}: {err}", temp.display());
+        }
+        result
+            .map(Outcome::Ran)
+            .map_err(|e| fail(e, Some(log_path)))
+    }
+
+    fn execute_in(
+        &self,
+        temp: &std::path::Path,
+        log_path: &std::path::Path,
+    ) -> anyhow::Result<Record> {
+        let mut inputs = BTreeMap::new();
+        for (slot, records) in &self.inputs {
+            let mut artifacts = Vec::new();
+            for r in records {
+                artifacts.push(InputArtifact {
+                    path: self.cache.verify(&r.hash)?,
+                    hash: r.hash.clone(),
+                    producer: r.producer.clone(),
+                    grid: self
+                        .producers_grid
+                        .get(&r.producer)
+                        .cloned()
+                        .unwrap_or_default(),
+                });
+            }
+            inputs.insert(slot.clone(), artifacts);
+        }
+        let output_dir = temp.join("out");
+        let work_dir = temp.join("work");
+        std::fs::create_dir_all(&output_dir)?;
+        std::fs::create_dir_all(&work_dir)?;
+        std::fs::create_dir_all(log_path.parent().expect("log path has a parent"))?;
+        std::fs::write(
+            log_path,
+            format!("# {} (key {})\n", self.instance, self.key),
+        )?;
+        let context = StageContext {
+            instance: self.instance.clone(),
+            inputs,
+            output_dir: output_dir.clone(),
+            work_dir,
+            base_dir: self.base_dir.clone(),
+            log_path: log_path.to_path_buf(),
+            devices: self.devices.clone(),
+            progress: self.progress.clone(),
+        };
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let clock = Instant::now();
+        let span =
+            tracing::info_span!("stage", instance = %self.instance, log = %log_path.display());
+        let outcome = span
+            .in_scope(|| catch_unwind(AssertUnwindSafe(|| self.kind.run(&self.params, &context))));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(err),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                anyhow::bail!("stage panicked: {message}");
+            }
+        }
+        let seconds = clock.elapsed().as_secs_f64();
+        let mut stored = BTreeMap::new();
+        for name in &self.outputs {
+            let path = output_dir.join(name);
+            if !path.exists() {
+                anyhow::bail!("stage finished without writing its output `{name}`");
+            }
+            stored.insert(name.clone(), self.cache.store(&path)?);
+        }
+        let record = Record {
+            key: self.key.clone(),
+            instance: self.instance.clone(),
+            kind: self.kind.kind().to_string(),
+            version: self.kind.version(),
+            params: self.params.clone(),
+            inputs: self.inputs.clone(),
+            outputs: stored,
+            started,
+            seconds,
+            xlpipe_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        self.cache.write_record(&record)?;
+        span.in_scope(|| tracing::info!("finished in {seconds:.2}s"));
+        Ok(record)
+    }
+}

@@ -1,0 +1,299 @@
+//! `command`: run any external program, like a dvc stage's `cmd`.
+//!
+//! ```toml
+//! [stages.tokenize]
+//! kind = "command"
+//! inputs.text = "download"
+//! cmd = "python3 tok.py {inputs.text} > {outputs.tokens}"
+//! outputs = ["tokens"]
+//! deps = ["tok.py"]          # local files whose content joins the cache key
+//! ```
+//!
+//! The command runs under `sh -c` in the pipeline file's folder. Placeholders
+//! `{inputs.NAME}` and `{outputs.NAME}` expand to shell-quoted paths (a slot
+//! with several artifacts expands to all of them, space separated); the same
+//! paths are in `XLPIPE_IN_<NAME>` / `XLPIPE_OUT_<NAME>`. Its stdout and
+//! stderr go to the stage's log file.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::process::{Command, Stdio};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    StageContext,
+};
+
+pub struct CommandStage;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandParams {
+    /// Shell command line.
+    cmd: String,
+    /// Names of the outputs the command must create.
+    #[serde(default)]
+    outputs: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Local files the command reads (scripts, configs). In canonical form this
+    /// maps each path to its content hash so editing the file reruns the stage.
+    #[serde(default)]
+    deps: Deps,
+    /// Resources held while running, e.g. `{ gpu = 1 }`.
+    #[serde(default)]
+    resources: BTreeMap<String, u32>,
+}
+
+/// As written: a list of paths. Canonical: path -> blake3 of its content.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Deps {
+    #[default]
+    None,
+    Paths(Vec<String>),
+    Hashed(BTreeMap<String, String>),
+}
+
+impl Stage for CommandStage {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "run an external program with declared inputs and outputs"
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let mut p: CommandParams = parse_params(params)?;
+        for (i, name) in p.outputs.iter().enumerate() {
+            if !is_plain_name(name) {
+                return Err(ParamError::new(
+                    format!("outputs[{i}]"),
+                    format!("output name `{name}` must be letters, digits, `_`, `-` or `.`"),
+                ));
+            }
+        }
+        for placeholder in placeholders(&p.cmd) {
+            if let Some(name) = placeholder.strip_prefix("outputs.") {
+                if !p.outputs.iter().any(|o| o == name) {
+                    return Err(ParamError::new(
+                        "cmd",
+                        format!("`{{{placeholder}}}` names an output not listed in `outputs`"),
+                    ));
+                }
+            }
+        }
+        p.deps = match p.deps {
+            Deps::None => Deps::None,
+            Deps::Paths(paths) => {
+                let mut hashed = BTreeMap::new();
+                for (i, path) in paths.into_iter().enumerate() {
+                    let full = env.base_dir.join(&path);
+                    let bytes = std::fs::read(&full).map_err(|err| {
+                        ParamError::new(
+                            format!("deps[{i}]"),
+                            format!("cannot read {}: {err}", full.display()),
+                        )
+                    })?;
+                    hashed.insert(path, blake3::hash(&bytes).to_hex().to_string());
+                }
+                Deps::Hashed(hashed)
+            }
+            Deps::Hashed(_) => {
+                return Err(ParamError::new("deps", "expected a list of file paths"));
+            }
+        };
+        Ok(to_canonical(&p))
+    }
+
+    fn interface(
+        &self,
+        params: &serde_json::Value,
+        input_names: &[String],
+    ) -> Result<Interface, ParamError> {
+        let p: CommandParams =
+            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
+        for placeholder in placeholders(&p.cmd) {
+            match placeholder.split_once('.') {
+                Some(("inputs", name)) if input_names.iter().any(|n| n == name) => {}
+                Some(("inputs", name)) => {
+                    return Err(ParamError::new(
+                        "cmd",
+                        format!("`{{inputs.{name}}}` names an input not connected in `inputs`"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(Interface {
+            inputs: input_names
+                .iter()
+                .map(|name| InputSlot {
+                    name: name.clone(),
+                    many: true,
+                    optional: false,
+                })
+                .collect(),
+            outputs: p.outputs,
+            resources: p.resources,
+        })
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: CommandParams = from_canonical(params)?;
+        let mut vars = BTreeMap::new();
+        let mut command = Command::new("sh");
+        for (slot, artifacts) in &ctx.inputs {
+            let paths: Vec<String> = artifacts
+                .iter()
+                .map(|a| a.path.display().to_string())
+                .collect();
+            command.env(env_name("XLPIPE_IN_", slot), paths.join("\n"));
+            let quoted: Vec<String> = paths.iter().map(|p| shell_quote(p)).collect();
+            vars.insert(format!("inputs.{slot}"), quoted.join(" "));
+        }
+        for name in &p.outputs {
+            let path = ctx.output(name).display().to_string();
+            command.env(env_name("XLPIPE_OUT_", name), &path);
+            vars.insert(format!("outputs.{name}"), shell_quote(&path));
+        }
+        for (resource, ids) in &ctx.devices {
+            let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+            if resource == "gpu" {
+                command.env("CUDA_VISIBLE_DEVICES", ids.join(","));
+            }
+        }
+        let line = expand_placeholders(&p.cmd, &vars);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&ctx.log_path)
+            .with_context(|| format!("opening log {}", ctx.log_path.display()))?;
+        tracing::info!("$ {line}");
+        let status = command
+            .arg("-c")
+            .arg(&line)
+            .current_dir(&ctx.base_dir)
+            .env("XLPIPE_WORK", &ctx.work_dir)
+            .envs(&p.env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .with_context(|| "starting `sh`")?;
+        if !status.success() {
+            anyhow::bail!(
+                "command exited with {status}: {line}\n(see the stage log for its output)"
+            );
+        }
+        for name in &p.outputs {
+            if !ctx.output(name).exists() {
+                anyhow::bail!("command succeeded but did not create output `{name}`");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+fn env_name(prefix: &str, name: &str) -> String {
+    let tail: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}{tail}")
+}
+
+/// `{inputs.x}` / `{outputs.y}` placeholders in a command line.
+fn placeholders(cmd: &str) -> Vec<&str> {
+    let mut found = Vec::new();
+    let mut rest = cmd;
+    while let Some(start) = rest.find('{') {
+        rest = &rest[start + 1..];
+        if let Some(end) = rest.find('}') {
+            let inner = &rest[..end];
+            if inner.starts_with("inputs.") || inner.starts_with("outputs.") {
+                found.push(inner);
+            }
+        }
+    }
+    found
+}
+
+fn expand_placeholders(cmd: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut line = cmd.to_string();
+    for (name, value) in vars {
+        line = line.replace(&format!("{{{name}}}"), value);
+    }
+    line
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_placeholders_and_ignores_shell_braces() {
+        let cmd = "for f in {inputs.a}; do echo ${HOME} {x}; done > {outputs.b}";
+        assert_eq!(placeholders(cmd), vec!["inputs.a", "outputs.b"]);
+    }
+
+    #[test]
+    fn quotes_for_sh() {
+        assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
+    }
+
+    #[test]
+    fn canonical_form_fills_defaults_and_rejects_unknown_fields() {
+        let env = ParamsEnv {
+            base_dir: std::env::temp_dir(),
+        };
+        let table: toml::Table = toml::from_str(r#"cmd = "true""#).unwrap();
+        let canon = CommandStage.canonical_params(&table, &env).unwrap();
+        assert_eq!(canon["outputs"], serde_json::json!([]));
+        let table: toml::Table = toml::from_str("cmd = \"true\"\ncmd_typo = 1").unwrap();
+        let err = CommandStage.canonical_params(&table, &env).unwrap_err();
+        assert!(err.message.contains("unknown field `cmd_typo`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_output_placeholder_not_declared() {
+        let env = ParamsEnv {
+            base_dir: std::env::temp_dir(),
+        };
+        let table: toml::Table = toml::from_str(r#"cmd = "echo > {outputs.x}""#).unwrap();
+        let err = CommandStage.canonical_params(&table, &env).unwrap_err();
+        assert_eq!(err.path, "cmd");
+    }
+}

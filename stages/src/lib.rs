@@ -1,0 +1,212 @@
+//! Stage implementations for xlpipe.
+//!
+//! The engine knows stages only through the [`Stage`] trait and [`registry`]:
+//! it asks a stage kind to validate and canonicalise its params, to describe
+//! its interface (input slots, outputs, resources), and to run with a
+//! [`StageContext`] that hands it input paths and output locations.
+//! Everything about caching, hashing, scheduling and logging stays in the
+//! engine, so a stage is just "read these paths, write those paths".
+
+mod command;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use command::CommandStage;
+
+/// One kind of pipeline stage (`kind = "..."` in a pipeline file).
+pub trait Stage: Send + Sync {
+    /// The name used in pipeline files.
+    fn kind(&self) -> &'static str;
+
+    /// Implementation version: bump it whenever a code change alters what the
+    /// stage writes, so cached outputs of older code are not reused.
+    fn version(&self) -> u32;
+
+    /// One line for `xlpipe kinds` and error messages.
+    fn summary(&self) -> &'static str;
+
+    /// Validate the stage's params (everything in its table but `kind` and
+    /// `inputs`, grid variables already substituted) and return their
+    /// canonical form: typed, defaults filled in, so that two spellings of the
+    /// same settings hash alike.
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError>;
+
+    /// Input slots, outputs and resources of a stage with these canonical
+    /// params. `input_names` are the slots the pipeline file connects, for
+    /// stages whose slots are user-defined.
+    fn interface(
+        &self,
+        params: &serde_json::Value,
+        input_names: &[String],
+    ) -> Result<Interface, ParamError>;
+
+    /// Do the work: read `ctx.inputs`, write every declared output under
+    /// `ctx.output(name)`. Errors fail the stage; nothing it wrote is kept.
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()>;
+}
+
+/// Every stage kind this build knows, in the order `xlpipe kinds` lists them.
+pub fn registry() -> Vec<Box<dyn Stage>> {
+    vec![Box::new(CommandStage)]
+}
+
+/// What a stage may consult while canonicalising its params.
+pub struct ParamsEnv {
+    /// Folder of the pipeline file that declared the stage; relative paths in
+    /// params are resolved against it.
+    pub base_dir: PathBuf,
+}
+
+/// A param that failed validation. `path` is the dotted field path inside the
+/// stage's table (empty for the table itself); the engine turns it into a file
+/// location.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ParamError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ParamError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ParamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Deserialize a stage's params into its typed struct, reporting the failing
+/// field's path (the struct should use `deny_unknown_fields`).
+pub fn parse_params<P: DeserializeOwned>(params: &toml::Table) -> Result<P, ParamError> {
+    let value = toml::Value::Table(params.clone());
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ParamError::new(path, err.into_inner().to_string())
+    })
+}
+
+/// Serialize typed params to their canonical JSON form.
+pub fn to_canonical<P: Serialize>(params: &P) -> serde_json::Value {
+    serde_json::to_value(params).expect("stage params serialize to JSON")
+}
+
+/// Read back canonical params in `run` / `interface`.
+pub fn from_canonical<P: DeserializeOwned>(params: &serde_json::Value) -> anyhow::Result<P> {
+    Ok(serde_json::from_value(params.clone())?)
+}
+
+/// A stage's declared connections.
+#[derive(Debug, Clone, Default)]
+pub struct Interface {
+    pub inputs: Vec<InputSlot>,
+    /// Output names; each becomes one cached artifact (a file or a folder).
+    pub outputs: Vec<String>,
+    /// Resources an instance holds while it runs, e.g. `gpu = 1`.
+    pub resources: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InputSlot {
+    pub name: String,
+    /// Takes any number of artifacts (e.g. every grid instance of a stage).
+    pub many: bool,
+    /// May be left unconnected.
+    pub optional: bool,
+}
+
+impl InputSlot {
+    pub fn one(name: &str) -> Self {
+        InputSlot {
+            name: name.to_string(),
+            many: false,
+            optional: false,
+        }
+    }
+}
+
+/// One artifact handed to a stage.
+#[derive(Debug, Clone)]
+pub struct InputArtifact {
+    /// Read-only path inside the cache (a file or a folder).
+    pub path: PathBuf,
+    /// Content hash of the artifact.
+    pub hash: String,
+    /// Instance that produced it, e.g. `train[alpha=0.5,seed=1]`.
+    pub producer: String,
+    /// Grid values of the producing instance, for collecting stages.
+    pub grid: BTreeMap<String, serde_json::Value>,
+}
+
+/// Everything a running stage may touch.
+pub struct StageContext {
+    pub instance: String,
+    pub inputs: BTreeMap<String, Vec<InputArtifact>>,
+    /// Folder the outputs are written into (one entry per declared output).
+    pub output_dir: PathBuf,
+    /// Scratch folder, deleted after the stage.
+    pub work_dir: PathBuf,
+    /// Folder of the pipeline file, for stage params that name local files.
+    pub base_dir: PathBuf,
+    /// This stage's log file; external programs should append to it.
+    pub log_path: PathBuf,
+    /// Devices granted per resource, e.g. `gpu -> [0]`.
+    pub devices: BTreeMap<String, Vec<u32>>,
+    /// Draws progress bars that cooperate with the engine's display.
+    pub progress: indicatif::MultiProgress,
+}
+
+impl StageContext {
+    /// Where to write output `name`.
+    pub fn output(&self, name: &str) -> PathBuf {
+        self.output_dir.join(name)
+    }
+
+    /// All artifacts connected to `slot` (empty if an optional slot is unconnected).
+    pub fn inputs(&self, slot: &str) -> &[InputArtifact] {
+        self.inputs.get(slot).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The single artifact connected to `slot`.
+    pub fn input(&self, slot: &str) -> anyhow::Result<&Path> {
+        match self.inputs(slot) {
+            [one] => Ok(&one.path),
+            [] => anyhow::bail!("input `{slot}` is not connected"),
+            many => anyhow::bail!("input `{slot}` has {} artifacts, expected one", many.len()),
+        }
+    }
+
+    /// A progress bar for `len` units of work, drawn under the run's bar.
+    pub fn progress_bar(&self, len: u64, what: &str) -> indicatif::ProgressBar {
+        let bar = self.progress.add(indicatif::ProgressBar::new(len));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "  {prefix} {msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(self.instance.clone());
+        bar.set_message(what.to_string());
+        bar
+    }
+}

@@ -1,0 +1,199 @@
+//! Every kind of bad pipeline file is refused before anything runs, with an
+//! error naming file, line, column and field, and nothing in the cache.
+
+mod common;
+
+use common::Scratch;
+
+/// Run `plan` and `run` on `text`; both must fail with exit code 2 and an
+/// error containing every one of `expected`. Returns the error text.
+fn refused(text: &str, expected: &[&str]) -> String {
+    let s = Scratch::new();
+    s.write("p.toml", text);
+    refused_in(&s, "p.toml", expected)
+}
+
+fn refused_in(s: &Scratch, file: &str, expected: &[&str]) -> String {
+    for command in ["plan", "run"] {
+        let ran = s.xlpipe(&[command, file]);
+        assert_eq!(ran.code, 2, "{command}: {ran}");
+        for e in expected {
+            assert!(
+                ran.stderr.contains(e),
+                "{command}: expected {e:?} in\n{ran}"
+            );
+        }
+        assert_eq!(s.records(), 0);
+        assert_eq!(common::count_files(&s.cache().join("objects")), 0);
+    }
+    s.xlpipe(&["plan", file]).stderr
+}
+
+const OK_STAGE: &str =
+    "[stages.a]\nkind = \"command\"\ncmd = \"echo > {outputs.o}\"\noutputs = [\"o\"]\n";
+
+#[test]
+fn toml_syntax_error() {
+    let err = refused(
+        "[stages.a]\nkind = \"command\"\ncmd = \"unterminated\n",
+        &["p.toml:3:", "TOML syntax"],
+    );
+    assert!(err.contains("3 | cmd = \"unterminated"), "{err}");
+}
+
+#[test]
+fn unknown_stage_kind_suggests_the_nearest() {
+    refused(
+        "[stages.a]\nkind = \"comand\"\n",
+        &["p.toml:2:8: stages.a.kind: unknown stage kind `comand`; did you mean `command`?"],
+    );
+}
+
+#[test]
+fn unknown_param() {
+    refused(
+        &format!("{OK_STAGE}cmd_typo = 1\n"),
+        &["p.toml:5:1: stages.a.cmd_typo: unknown field `cmd_typo`"],
+    );
+}
+
+#[test]
+fn mistyped_param() {
+    refused(
+        "[stages.a]\nkind = \"command\"\ncmd = \"true\"\noutputs = [\"o\", 3]\n",
+        &["p.toml:4:17: stages.a.outputs[1]: invalid type: integer `3`, expected a string"],
+    );
+}
+
+#[test]
+fn missing_required_param() {
+    refused(
+        "[stages.a]\nkind = \"command\"\n",
+        &["p.toml:1:1: stages.a: missing field `cmd`"],
+    );
+}
+
+#[test]
+fn reference_to_a_missing_stage() {
+    refused(
+        &format!("{OK_STAGE}\n[stages.b]\nkind = \"command\"\ninputs.x = \"aa\"\ncmd = \"true\"\n"),
+        &["p.toml:8:12: stages.b.inputs.x: no stage named `aa`; did you mean `a`?"],
+    );
+}
+
+#[test]
+fn reference_to_a_missing_output() {
+    refused(
+        &format!(
+            "{OK_STAGE}\n[stages.b]\nkind = \"command\"\ninputs.x = \"a.nope\"\ncmd = \"true\"\n"
+        ),
+        &["p.toml:8:12: stages.b.inputs.x: stage `a` has no output `nope`; its outputs: o"],
+    );
+}
+
+#[test]
+fn dependency_cycle_is_printed() {
+    refused(
+        r#"
+[stages.a]
+kind = "command"
+inputs.x = "c"
+cmd = "cp {inputs.x} {outputs.o}"
+outputs = ["o"]
+
+[stages.b]
+kind = "command"
+inputs.x = "a"
+cmd = "cp {inputs.x} {outputs.o}"
+outputs = ["o"]
+
+[stages.c]
+kind = "command"
+inputs.x = "b"
+cmd = "cp {inputs.x} {outputs.o}"
+outputs = ["o"]
+"#,
+        &["dependency cycle: a -> b -> c -> a"],
+    );
+}
+
+#[test]
+fn empty_grid_list() {
+    refused(
+        &format!("[grid]\nalpha = []\n{OK_STAGE}"),
+        &["p.toml:2:9: grid.alpha: grid variable `alpha` has no values"],
+    );
+}
+
+#[test]
+fn grid_variable_used_but_not_defined() {
+    refused(
+        "[grid]\nalpha = [1]\n[stages.a]\nkind = \"command\"\ncmd = \"echo ${alhpa} > {outputs.o}\"\noutputs = [\"o\"]\n",
+        &["p.toml:5:1: stages.a.cmd: grid variable `alhpa` is not defined in [grid]; did you mean `alpha`?"],
+    );
+}
+
+#[test]
+fn duplicate_stage_names_after_includes() {
+    let s = Scratch::new();
+    s.write("one.toml", OK_STAGE);
+    s.write("two.toml", &format!("\n\n{OK_STAGE}"));
+    s.write(
+        "p.toml",
+        "[pipeline]\ninclude = [\"one.toml\", \"two.toml\"]\n",
+    );
+    refused_in(
+        &s,
+        "p.toml",
+        &[
+            "two.toml:3:1: stages.a: stage `a` is defined twice (also at",
+            "one.toml:1)",
+        ],
+    );
+}
+
+#[test]
+fn include_cycle_and_missing_file() {
+    let s = Scratch::new();
+    s.write("p.toml", "[pipeline]\nextends = \"q.toml\"\n");
+    s.write("q.toml", "[pipeline]\nextends = \"p.toml\"\n");
+    refused_in(
+        &s,
+        "p.toml",
+        &["extends/include cycle:", "p.toml -> ", "q.toml -> "],
+    );
+    let s = Scratch::new();
+    s.write("p.toml", "[pipeline]\ninclude = [\"nope.toml\"]\n");
+    refused_in(&s, "p.toml", &["nope.toml: cannot read pipeline file"]);
+}
+
+#[test]
+fn unknown_input_slot_and_several_errors_at_once() {
+    let err = refused(
+        r#"
+[stages.a]
+kind = "command"
+cmd = "echo > {outputs.o}"
+outputs = ["o"]
+colour = 1
+
+[stages.b]
+kind = "command"
+cmd = "cp {inputs.x} {outputs.o}"
+outputs = ["o"]
+"#,
+        &[
+            "p.toml:6:1: stages.a.colour: unknown field `colour`",
+            "stages.b.cmd: `{inputs.x}` names an input not connected in `inputs`",
+        ],
+    );
+    assert_eq!(err.matches("error: ").count(), 2, "{err}");
+}
+
+#[test]
+fn unknown_top_level_table() {
+    refused(
+        &format!("[stage.a]\nkind = \"command\"\n{OK_STAGE}"),
+        &["p.toml:1:2: stage: unknown top-level table"],
+    );
+}

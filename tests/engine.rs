@@ -1,0 +1,427 @@
+//! Engine semantics through the `xlpipe` binary: caching and reruns, grids,
+//! failures, selection flags, crash safety, concurrency, gc.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Scratch;
+
+/// data -> train (alpha x seed) -> report (collects every train instance).
+const GRID: &str = r#"
+[pipeline]
+name = "grid"
+
+[grid]
+alpha = [0.0, 0.5, 1.0]
+seed = [1, 2]
+
+[stages.data]
+kind = "command"
+cmd = "seq 1 5 > {outputs.nums}"
+outputs = ["nums"]
+
+[stages.train]
+kind = "command"
+inputs.data = "data"
+cmd = "awk '{s+=$1} END {print \"${alpha}\", ${seed}, s}' {inputs.data} > {outputs.model}"
+outputs = ["model"]
+
+[stages.report]
+kind = "command"
+inputs.models = "train[*]"
+cmd = "cat {inputs.models} > {outputs.table}"
+outputs = ["table"]
+"#;
+
+fn report_text(s: &Scratch) -> String {
+    let shown = s.ok(&["show", "report"]).stdout;
+    let path = shown
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("output   table  "))
+        .expect("show lists the output path");
+    std::fs::read_to_string(s.path(path)).unwrap()
+}
+
+#[test]
+fn second_run_executes_nothing_and_grid_instances_share_upstream() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    let first = s.ok(&["run", "p.toml"]);
+    // data once, train 3 x 2, report once.
+    assert_eq!(first.counts(), (8, 0), "{first}");
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 8));
+    let table = report_text(&s);
+    assert_eq!(table.lines().count(), 6, "{table}");
+    assert!(table.contains("0.5 2 15"), "{table}");
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(
+        plan.contains("8 instances: 8 cached, 0 to run, 0 pending"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn changing_one_param_reruns_exactly_its_dependants() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    s.ok(&["run", "p.toml"]);
+    s.write(
+        "p.toml",
+        &GRID.replace("cat {inputs.models}", "sort {inputs.models}"),
+    );
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(plan.contains("7 cached, 1 to run"), "{plan}");
+    assert!(
+        plan.contains("param cmd: \"cat {inputs.models} > {outputs.table}\" -> \"sort"),
+        "{plan}"
+    );
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 7));
+}
+
+#[test]
+fn changing_one_grid_value_reruns_only_that_value() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    s.ok(&["run", "p.toml"]);
+    s.write(
+        "p.toml",
+        &GRID.replace("[0.0, 0.5, 1.0]", "[0.0, 0.5, 2.0]"),
+    );
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(plan.contains("to-run   train[alpha=2.0,seed=1]"), "{plan}");
+    assert!(plan.contains("cached   train[alpha=0.5,seed=2]"), "{plan}");
+    // Two new train instances, then the report that collects them.
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (3, 5));
+}
+
+#[test]
+fn identical_rebuilt_output_does_not_rerun_dependants() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    s.ok(&["run", "p.toml"]);
+    // Different command, same bytes out: only `data` reruns.
+    s.write("p.toml", &GRID.replace("seq 1 5 >", "seq 5 | cat >"));
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(
+        plan.contains("pending  train[alpha=0.0,seed=1]  after data runs"),
+        "{plan}"
+    );
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 7));
+}
+
+#[test]
+fn extends_overrides_and_include_adds() {
+    let s = Scratch::new();
+    s.write("base.toml", GRID);
+    s.write(
+        "extra.toml",
+        r#"
+[stages.extra]
+kind = "command"
+inputs.data = "data"
+cmd = "wc -l < {inputs.data} > {outputs.n}"
+outputs = ["n"]
+"#,
+    );
+    s.write(
+        "exp/child.toml",
+        r#"
+[pipeline]
+name = "child"
+extends = "../base.toml"
+include = ["../extra.toml"]
+
+[grid]
+seed = [7]
+
+[stages.data]
+cmd = "seq 1 3 > {outputs.nums}"
+"#,
+    );
+    let dag = s.ok(&["dag", "exp/child.toml"]).stdout;
+    assert!(
+        dag.contains("pipeline child (grid: alpha[3] x seed[1])"),
+        "{dag}"
+    );
+    assert!(dag.contains("extra"), "{dag}");
+    assert_eq!(s.ok(&["run", "exp/child.toml"]).counts(), (6, 0));
+    assert!(report_text(&s).contains("1.0 7 6"));
+}
+
+#[test]
+fn a_failing_stage_stops_its_dependants_only() {
+    let s = Scratch::new();
+    s.write(
+        "p.toml",
+        r#"
+[stages.bad]
+kind = "command"
+cmd = "echo something broke >&2; exit 3"
+outputs = ["x"]
+
+[stages.after_bad]
+kind = "command"
+inputs.x = "bad"
+cmd = "cp {inputs.x} {outputs.y}"
+outputs = ["y"]
+
+[stages.good]
+kind = "command"
+cmd = "sleep 0.3; echo fine > {outputs.z}"
+outputs = ["z"]
+"#,
+    );
+    let ran = s.xlpipe(&["run", "p.toml"]);
+    assert_eq!(ran.code, 1, "{ran}");
+    assert!(
+        ran.stdout.contains("ran 1, cached 0, failed 1, skipped 1"),
+        "{ran}"
+    );
+    assert!(
+        ran.stderr
+            .contains("error: bad failed: command exited with exit status: 3"),
+        "{ran}"
+    );
+    let log = ran
+        .stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("log: "))
+        .expect("the log path is printed");
+    let log = std::fs::read_to_string(s.path(log)).unwrap();
+    assert!(log.contains("something broke"), "{log}");
+    assert!(
+        ran.stderr
+            .contains("not run because an input failed: after_bad"),
+        "{ran}"
+    );
+    // The independent branch is cached now.
+    s.write(
+        "p.toml",
+        &std::fs::read_to_string(s.path("p.toml"))
+            .unwrap()
+            .replace("exit 3", "echo ok > {outputs.x}"),
+    );
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (2, 1));
+}
+
+#[test]
+fn only_until_and_force_select_instances() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    let until = s.ok(&["run", "p.toml", "--until", "train[alpha=0.5,seed=1]"]);
+    assert_eq!(until.counts(), (2, 0), "{until}");
+    // --only needs its inputs cached.
+    let only = s.xlpipe(&["run", "p.toml", "--only", "report"]);
+    assert_eq!(only.code, 1, "{only}");
+    assert!(
+        only.stderr.contains("outside the --only selection"),
+        "{only}"
+    );
+    let only = s.ok(&["run", "p.toml", "--only", "train"]);
+    assert_eq!(only.counts(), (5, 2), "{only}");
+    assert_eq!(
+        s.ok(&["run", "p.toml", "--only", "report"]).counts(),
+        (1, 7)
+    );
+    let forced = s.ok(&["run", "p.toml", "--force", "data"]);
+    assert_eq!(forced.counts(), (1, 7), "{forced}");
+    let bad = s.xlpipe(&["run", "p.toml", "--only", "trian"]);
+    assert!(bad.stderr.contains("did you mean `train`?"), "{bad}");
+}
+
+#[test]
+fn kill_during_a_stage_leaves_nothing_trusted() {
+    let s = Scratch::new();
+    let marker = s.path("started");
+    s.write(
+        "p.toml",
+        &format!(
+            r#"
+[stages.slow]
+kind = "command"
+cmd = "echo partial > {{outputs.out}}; touch {marker}; sleep 2; echo done >> {{outputs.out}}"
+outputs = ["out"]
+"#,
+            marker = marker.display()
+        ),
+    );
+    let mut child = s.spawn(&["run", "p.toml"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(s.records(), 0, "a killed stage left a record");
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(plan.contains("to-run   slow"), "{plan}");
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 0));
+    let shown = s.ok(&["show", "slow"]).stdout;
+    let out = shown
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("output   out  "))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(s.path(out)).unwrap(),
+        "partial\ndone\n"
+    );
+}
+
+#[test]
+fn two_concurrent_runs_share_one_cache() {
+    let s = Scratch::new();
+    let counter = s.path("executions");
+    let shared = format!(
+        r#"
+[stages.shared]
+kind = "command"
+cmd = "echo x >> {counter}; sleep 1; echo shared > {{outputs.out}}"
+outputs = ["out"]
+"#,
+        counter = counter.display()
+    );
+    for name in ["a", "b"] {
+        s.write(
+            &format!("{name}.toml"),
+            &format!(
+                r#"[pipeline]
+name = "{name}"
+{shared}
+[stages.own]
+kind = "command"
+inputs.in = "shared"
+cmd = "cat {{inputs.in}} > {{outputs.out}}; echo {name} >> {{outputs.out}}"
+outputs = ["out"]
+"#
+            ),
+        );
+    }
+    let a = s.spawn(&["run", "a.toml"]);
+    let b = s.spawn(&["run", "b.toml"]);
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The shared key was computed once; the other run waited and reused it.
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "x\n");
+    assert_eq!(s.records(), 3);
+    let status = s.ok(&["status"]).stdout;
+    assert!(status.contains("a ") && status.contains("b "), "{status}");
+}
+
+#[test]
+fn gpu_stages_never_share_a_device() {
+    let s = Scratch::new();
+    let trace = s.path("trace");
+    let mut text = String::from("[grid]\ni = [1, 2, 3]\n");
+    text.push_str(&format!(
+        r#"
+[stages.gpu]
+kind = "command"
+resources = {{ gpu = 1 }}
+cmd = "echo start $CUDA_VISIBLE_DEVICES >> {t}; sleep 0.2; echo end >> {t}; echo ${{i}} > {{outputs.out}}"
+outputs = ["out"]
+"#,
+        t = trace.display()
+    ));
+    s.write("p.toml", &text);
+    s.ok(&["run", "p.toml", "--jobs", "3", "--gpus", "1"]);
+    let lines: Vec<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for pair in lines.chunks(2) {
+        assert_eq!(pair, ["start 0", "end"], "{lines:?}");
+    }
+    let too_many = s.xlpipe(&["run", "p.toml", "--gpus", "0", "--force", "gpu"]);
+    assert!(
+        too_many.stderr.contains("needs 1 gpu, but this run has 0"),
+        "{too_many}"
+    );
+}
+
+#[test]
+fn damaged_objects_are_detected_and_rebuilt() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    s.ok(&["run", "p.toml"]);
+    let shown = s.ok(&["show", "data"]).stdout;
+    let object = shown
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("output   nums  "))
+        .unwrap();
+    let object = s.path(object);
+    let mut perms = std::fs::metadata(&object).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&object, perms).unwrap();
+    std::fs::write(&object, "tampered\n").unwrap();
+    let ran = s.xlpipe(&["run", "p.toml", "--force", "train[alpha=0.0,seed=1]"]);
+    assert_eq!(ran.code, 1, "{ran}");
+    assert!(ran.stderr.contains("is damaged"), "{ran}");
+    // The damaged object was set aside: the next run rebuilds it.
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(plan.contains("to-run   data"), "{plan}");
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 7));
+}
+
+#[test]
+fn gc_keeps_what_pipelines_use() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    s.ok(&["run", "p.toml"]);
+    s.write(
+        "p.toml",
+        &GRID.replace("cat {inputs.models}", "sort -r {inputs.models}"),
+    );
+    s.ok(&["run", "p.toml"]);
+    assert_eq!(s.records(), 9);
+    let dry = s.ok(&["gc", "--dry-run"]).stdout;
+    assert!(
+        dry.contains("would remove 1 records and 1 objects"),
+        "{dry}"
+    );
+    assert_eq!(s.records(), 9);
+    s.ok(&["gc"]);
+    assert_eq!(s.records(), 8);
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 8));
+    s.write("q.toml", "[pipeline]\nname = \"other\"\n[stages.x]\nkind = \"command\"\ncmd = \"echo > {outputs.o}\"\noutputs = [\"o\"]\n");
+    s.ok(&["run", "q.toml"]);
+    let kept = s.ok(&["gc", "--keep", "other"]).stdout;
+    assert!(kept.contains("removed 8 records"), "{kept}");
+    assert_eq!(s.records(), 1);
+}
+
+#[test]
+fn dag_prints_text_and_dot() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    let text = s.ok(&["dag", "p.toml"]).stdout;
+    assert!(
+        text.contains("train   command     6 instances  <- data  (varies over alpha, seed)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("report  command     1 instance   <- train[*]"),
+        "{text}"
+    );
+    let dot = s.ok(&["dag", "p.toml", "--dot"]).stdout;
+    assert!(dot.starts_with("digraph \"grid\""), "{dot}");
+    assert!(
+        dot.contains("\"train\" -> \"report\" [style=dashed"),
+        "{dot}"
+    );
+    let instances = s.ok(&["dag", "p.toml", "--instances"]).stdout;
+    assert!(
+        instances.contains("train[alpha=1.0,seed=2]  (data <- data.nums)"),
+        "{instances}"
+    );
+}
