@@ -6,6 +6,7 @@
 //!   records/ab/<key>.json     one record per stage key: params, input and output hashes, timings
 //!   refs/<pipeline>/<id>.json which key each instance of a pipeline had at its last run
 //!   logs/ab/<key>.log         per-stage log
+//!   state/<kind>/             kept across runs: partial downloads, translation memory
 //!   locks/<key>.lock          held while a key is being computed
 //!   tmp/                      work in progress; never trusted
 //!   lock                      shared by runs, exclusive for gc
@@ -215,6 +216,13 @@ impl Cache {
             );
         }
         Ok(path)
+    }
+
+    /// Per-kind folder that outlives runs (see `StageContext::state_dir`).
+    pub fn state_dir(&self, kind: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.root.join("state").join(kind);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
     }
 
     pub fn refs_dir(&self, pipeline: &str) -> PathBuf {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use indicatif::MultiProgress;
-use xlpipe_stages::Stage;
+use xlpipe_stages::{FetchSettings, Stage};
 
 use crate::cache::Cache;
 use crate::diag::Diagnostics;
@@ -25,6 +25,13 @@ struct Cli {
     /// Artifact store.
     #[arg(long, global = true, env = "XLPIPE_CACHE", default_value = "cache")]
     cache: PathBuf,
+    /// Folder laid out as HOST/PATH with copies of downloads, tried before
+    /// the network. Repeatable; XLPIPE_MIRROR takes a `:`-separated list.
+    #[arg(long, global = true, env = "XLPIPE_MIRROR", value_delimiter = ':')]
+    mirror: Vec<PathBuf>,
+    /// Never use the network (downloads come from mirrors only).
+    #[arg(long, global = true, env = "XLPIPE_OFFLINE")]
+    offline: bool,
     /// More log output (RUST_LOG overrides).
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -170,6 +177,10 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                 only,
                 until,
                 force,
+                fetch: FetchSettings {
+                    mirrors: cli.mirror,
+                    offline: cli.offline,
+                },
             };
             let clock = std::time::Instant::now();
             let summary = run(&pipeline, &cache, &options, progress)?;

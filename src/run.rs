@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use xlpipe_stages::{InputArtifact, Stage, StageContext};
+use xlpipe_stages::{FetchSettings, InputArtifact, Stage, StageContext};
 
 use crate::cache::{remove_path, Cache, InputRecord, InstanceRef, Record};
 use crate::diag::nearest;
@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub until: Vec<String>,
     /// Run these even if cached.
     pub force: Vec<String>,
+    /// Mirrors and offline mode for stages that fetch data.
+    pub fetch: FetchSettings,
 }
 
 #[derive(Debug)]
@@ -231,7 +233,15 @@ pub fn run(
                 .map(|&r| pipeline.instances[r].name.as_str())
                 .collect();
             bar.set_message(names.join(", "));
-            spawn_job(pipeline, cache, job, devices, progress, sender.clone())?;
+            spawn_job(
+                pipeline,
+                cache,
+                job,
+                devices,
+                options,
+                progress,
+                sender.clone(),
+            )?;
         }
 
         if running.is_empty() {
@@ -349,6 +359,7 @@ fn spawn_job(
     cache: &Cache,
     job: Job,
     devices: BTreeMap<String, Vec<u32>>,
+    options: &RunOptions,
     progress: &MultiProgress,
     sender: mpsc::Sender<JobResult>,
 ) -> anyhow::Result<()> {
@@ -378,6 +389,7 @@ fn spawn_job(
         outputs: instance.outputs.clone(),
         base_dir: stage.base_dir.clone(),
         devices,
+        fetch: options.fetch.clone(),
         progress: progress.clone(),
         cache: cache.clone(),
     };
@@ -403,6 +415,7 @@ struct Task {
     outputs: Vec<String>,
     base_dir: PathBuf,
     devices: BTreeMap<String, Vec<u32>>,
+    fetch: FetchSettings,
     progress: MultiProgress,
     cache: Cache,
 }
@@ -473,6 +486,8 @@ impl Task {
             base_dir: self.base_dir.clone(),
             log_path: log_path.to_path_buf(),
             devices: self.devices.clone(),
+            fetch: self.fetch.clone(),
+            state_dir: self.cache.state_dir(self.kind.kind())?,
             progress: self.progress.clone(),
         };
         let started = SystemTime::now()

@@ -8,6 +8,7 @@
 //! engine, so a stage is just "read these paths, write those paths".
 
 mod command;
+mod download;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use command::CommandStage;
+pub use download::DownloadStage;
 
 /// One kind of pipeline stage (`kind = "..."` in a pipeline file).
 pub trait Stage: Send + Sync {
@@ -56,7 +58,7 @@ pub trait Stage: Send + Sync {
 
 /// Every stage kind this build knows, in the order `xlpipe kinds` lists them.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(CommandStage)]
+    vec![Box::new(CommandStage), Box::new(DownloadStage)]
 }
 
 /// What a stage may consult while canonicalising its params.
@@ -157,6 +159,16 @@ pub struct InputArtifact {
     pub grid: BTreeMap<String, serde_json::Value>,
 }
 
+/// How stages that fetch data may reach it.
+#[derive(Debug, Clone, Default)]
+pub struct FetchSettings {
+    /// Folders laid out as `DIR/HOST/PATH` (a copy of `https://HOST/PATH`),
+    /// tried in order before the network.
+    pub mirrors: Vec<PathBuf>,
+    /// Never use the network.
+    pub offline: bool,
+}
+
 /// Everything a running stage may touch.
 pub struct StageContext {
     pub instance: String,
@@ -171,6 +183,12 @@ pub struct StageContext {
     pub log_path: PathBuf,
     /// Devices granted per resource, e.g. `gpu -> [0]`.
     pub devices: BTreeMap<String, Vec<u32>>,
+    /// Where data may be fetched from.
+    pub fetch: FetchSettings,
+    /// Folder that persists across runs for this stage kind: partial
+    /// downloads, translation memories, checkpoints. Whatever is kept there
+    /// must not change what the stage outputs, only how fast it gets there.
+    pub state_dir: PathBuf,
     /// Draws progress bars that cooperate with the engine's display.
     pub progress: indicatif::MultiProgress,
 }
