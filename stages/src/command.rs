@@ -40,7 +40,7 @@ struct CommandParams {
     /// Extra environment variables.
     #[serde(default)]
     env: BTreeMap<String, String>,
-    /// Local files the command reads (scripts, configs). In canonical form this
+    /// Local files or folders the command reads (scripts, configs). In canonical form this
     /// maps each path to its content hash so editing the file reruns the stage.
     #[serde(default)]
     deps: Deps,
@@ -102,13 +102,13 @@ impl Stage for CommandStage {
                 let mut hashed = BTreeMap::new();
                 for (i, path) in paths.into_iter().enumerate() {
                     let full = env.base_dir.join(&path);
-                    let bytes = std::fs::read(&full).map_err(|err| {
+                    let hash = crate::content::hash_path(&full).map_err(|err| {
                         ParamError::new(
                             format!("deps[{i}]"),
                             format!("cannot read {}: {err}", full.display()),
                         )
                     })?;
-                    hashed.insert(path, blake3::hash(&bytes).to_hex().to_string());
+                    hashed.insert(path, hash);
                 }
                 Deps::Hashed(hashed)
             }

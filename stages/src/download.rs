@@ -27,6 +27,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::content::{hex, sha256_file};
 use crate::{
     from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
@@ -377,16 +378,6 @@ fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
         output.write_all(&buffer[..n])?;
     }
     Ok(hex(&hasher.finalize()))
-}
-
-fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut hasher = Sha256::new();
-    io::copy(&mut File::open(path)?, &mut hasher)?;
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -8,7 +8,13 @@
 //! engine, so a stage is just "read these paths, write those paths".
 
 mod command;
+pub mod content;
+pub mod datasets;
 mod download;
+mod import;
+pub mod qa_pairs;
+pub mod table;
+mod translate;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -58,7 +64,17 @@ pub trait Stage: Send + Sync {
 
 /// Every stage kind this build knows, in the order `xlpipe kinds` lists them.
 pub fn registry() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(CommandStage), Box::new(DownloadStage)]
+    vec![
+        Box::new(CommandStage),
+        Box::new(DownloadStage),
+        Box::new(import::ImportStage),
+        Box::new(datasets::squad::SquadStage),
+        Box::new(datasets::lareqa::LareqaStage),
+        Box::new(datasets::parallel::ParallelStage),
+        Box::new(datasets::miracl::MiraclStage),
+        Box::new(qa_pairs::QaPairsStage),
+        Box::new(translate::TranslateStage),
+    ]
 }
 
 /// What a stage may consult while canonicalising its params.

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 pub struct Scratch {
     pub dir: tempfile::TempDir,
+    cache: PathBuf,
 }
 
 /// What one `xlpipe` invocation did.
@@ -46,9 +47,30 @@ impl std::fmt::Display for Ran {
 }
 
 impl Scratch {
+    /// A scratch folder with its own cache.
     pub fn new() -> Scratch {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        Scratch { dir, cache }
+    }
+
+    /// A scratch folder using the cache that every test binary shares, so
+    /// the real datasets are downloaded and read once per build. Several
+    /// test processes may use it at once, as the cache is made for that.
+    /// It is keyed by the stage sources: results of other code never leak in,
+    /// even where a stage's version was not bumped.
+    pub fn shared() -> Scratch {
+        let dir = tempfile::tempdir().unwrap();
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("shared-cache");
+        let current = format!("stages-{}", &source_hash()[..16]);
+        for old in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if old.file_name() != current.as_str() {
+                let _ = std::fs::remove_dir_all(old.path());
+            }
+        }
         Scratch {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
+            cache: root.join(current),
         }
     }
 
@@ -64,7 +86,7 @@ impl Scratch {
     }
 
     pub fn cache(&self) -> PathBuf {
-        self.path("cache")
+        self.cache.clone()
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -107,6 +129,28 @@ impl Scratch {
     pub fn records(&self) -> usize {
         count_files(&self.cache().join("records"))
     }
+}
+
+/// blake3 over the stage crate's sources.
+fn source_hash() -> String {
+    fn walk(dir: &Path, hasher: &mut blake3::Hasher) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            if e.path().is_dir() {
+                walk(&e.path(), hasher);
+            } else {
+                hasher.update(e.path().to_string_lossy().as_bytes());
+                hasher.update(&std::fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    let mut hasher = blake3::Hasher::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("stages"),
+        &mut hasher,
+    );
+    hasher.finalize().to_hex().to_string()
 }
 
 pub fn count_files(dir: &Path) -> usize {

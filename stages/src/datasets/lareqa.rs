@@ -1,0 +1,238 @@
+//! `lareqa`: XQuAD-R and MLQA-R, the LAReQA answer-sentence retrieval sets.
+//!
+//! Input: a folder of `<lang>.json` files in SQuAD layout whose paragraphs
+//! also carry `sentences` and `sentence_breaks` (character offsets).
+//! Every sentence, with its paragraph as context, is a candidate. A
+//! question's answer sentence is the one whose break contains the answer's
+//! `answer_start`; questions share ids across languages (they are
+//! translations), so a question is relevant to the answer sentence of its id
+//! in every language.
+//!
+//! Output folder `data`: `questions.parquet` (lang, qid, question),
+//! `candidates.parquet` (lang, cid, sentence, context), `qrels.parquet`
+//! (qid, lang, cid: the answer in each language), `meta.json`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{input_file, parse_json};
+use crate::table::{string_column, write_parquet, OnError, ReadReport};
+use crate::{
+    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    StageContext,
+};
+
+pub struct LareqaStage;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LareqaParams {
+    /// Languages to read, each from `<lang>.json` in the input folder.
+    langs: Vec<String>,
+    #[serde(default)]
+    on_error: OnError,
+}
+
+impl Stage for LareqaStage {
+    fn kind(&self) -> &'static str {
+        "lareqa"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "read XQuAD-R / MLQA-R into questions, candidate sentences and qrels"
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        _env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let p: LareqaParams = parse_params(params)?;
+        if p.langs.is_empty() {
+            return Err(ParamError::new("langs", "name at least one language"));
+        }
+        Ok(to_canonical(&p))
+    }
+
+    fn interface(
+        &self,
+        _params: &serde_json::Value,
+        _inputs: &[String],
+    ) -> Result<Interface, ParamError> {
+        Ok(Interface {
+            inputs: vec![InputSlot::one("files")],
+            outputs: vec!["data".into()],
+            ..Interface::default()
+        })
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: LareqaParams = from_canonical(params)?;
+        let dir = ctx.input("files")?;
+        let out = ctx.output("data");
+        std::fs::create_dir_all(&out)?;
+        let mut tables = Tables::default();
+        let mut report = ReadReport::new(p.on_error);
+        for lang in &p.langs {
+            read_language(dir, lang, &mut tables, &mut report)?;
+        }
+        report.kept = tables.q_id.len();
+        write_parquet(
+            &out.join("questions.parquet"),
+            vec![
+                string_column("lang", tables.q_lang),
+                string_column("qid", tables.q_id),
+                string_column("question", tables.q_text),
+            ],
+        )?;
+        write_parquet(
+            &out.join("candidates.parquet"),
+            vec![
+                string_column("lang", tables.c_lang),
+                string_column("cid", tables.c_id),
+                string_column("sentence", tables.c_text),
+                string_column("context", tables.c_context),
+            ],
+        )?;
+        write_parquet(
+            &out.join("qrels.parquet"),
+            vec![
+                string_column("qid", tables.r_qid),
+                string_column("lang", tables.r_lang),
+                string_column("cid", tables.r_cid),
+            ],
+        )?;
+        report.write(&out.join("meta.json"))
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    q_lang: Vec<String>,
+    q_id: Vec<String>,
+    q_text: Vec<String>,
+    c_lang: Vec<String>,
+    c_id: Vec<String>,
+    c_text: Vec<String>,
+    c_context: Vec<String>,
+    r_qid: Vec<String>,
+    r_lang: Vec<String>,
+    r_cid: Vec<String>,
+}
+
+fn read_language(
+    dir: &Path,
+    lang: &str,
+    t: &mut Tables,
+    report: &mut ReadReport,
+) -> anyhow::Result<()> {
+    let file = format!("{lang}.json");
+    let path = input_file(dir, &file)?;
+    let json = parse_json(&std::fs::read(&path)?, &file)?;
+    let articles = json
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow::anyhow!("{file}: no `data` list: not a SQuAD-layout file"))?;
+    let (mut questions, mut candidates) = (0, 0);
+    let mut paragraph_index = 0usize;
+    for article in articles {
+        for paragraph in article
+            .get("paragraphs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let id = format!("paragraph {paragraph_index}");
+            paragraph_index += 1;
+            let context = paragraph.get("context").and_then(Value::as_str);
+            let sentences = paragraph.get("sentences").and_then(Value::as_array);
+            let breaks = paragraph.get("sentence_breaks").and_then(Value::as_array);
+            let (Some(context), Some(sentences), Some(breaks)) = (context, sentences, breaks)
+            else {
+                report.read += 1;
+                report.bad_record(
+                    &file,
+                    &id,
+                    "missing context, sentences or sentence_breaks",
+                    "",
+                )?;
+                continue;
+            };
+            let spans: Option<Vec<(u64, u64)>> = breaks
+                .iter()
+                .map(|b| Some((b.get(0)?.as_u64()?, b.get(1)?.as_u64()?)))
+                .collect();
+            let texts: Option<Vec<&str>> = sentences.iter().map(Value::as_str).collect();
+            let (Some(spans), Some(texts)) = (spans, texts) else {
+                report.read += 1;
+                report.bad_record(&file, &id, "malformed sentences or sentence_breaks", "")?;
+                continue;
+            };
+            if spans.len() != texts.len() {
+                report.read += 1;
+                report.bad_record(
+                    &file,
+                    &id,
+                    "sentences and sentence_breaks differ in length",
+                    &format!("{} vs {}", texts.len(), spans.len()),
+                )?;
+                continue;
+            }
+            let first_candidate = t.c_id.len();
+            for (s, text) in texts.iter().enumerate() {
+                t.c_lang.push(lang.to_string());
+                t.c_id.push(format!("{lang}:{}:{s}", paragraph_index - 1));
+                t.c_text.push(text.to_string());
+                t.c_context.push(context.to_string());
+                candidates += 1;
+            }
+            for qa in paragraph
+                .get("qas")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                report.read += 1;
+                let qid = qa.get("id").and_then(Value::as_str);
+                let question = qa.get("question").and_then(Value::as_str);
+                let answer = qa
+                    .get("answers")
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.first());
+                let start = answer
+                    .and_then(|a| a.get("answer_start"))
+                    .and_then(Value::as_u64);
+                let (Some(qid), Some(question), Some(start)) = (qid, question, start) else {
+                    let id = qid.unwrap_or("(no id)");
+                    report.bad_record(&file, id, "missing id, question or answer", "")?;
+                    continue;
+                };
+                let Some(s) = spans.iter().position(|&(b, e)| b <= start && start < e) else {
+                    report.bad_record(
+                        &file,
+                        qid,
+                        "answer_start is outside every sentence",
+                        &start.to_string(),
+                    )?;
+                    continue;
+                };
+                t.q_lang.push(lang.to_string());
+                t.q_id.push(qid.to_string());
+                t.q_text.push(question.to_string());
+                t.r_qid.push(qid.to_string());
+                t.r_lang.push(lang.to_string());
+                t.r_cid.push(t.c_id[first_candidate + s].clone());
+                questions += 1;
+            }
+        }
+    }
+    report.count(format!("questions.{lang}"), questions);
+    report.count(format!("candidates.{lang}"), candidates);
+    Ok(())
+}

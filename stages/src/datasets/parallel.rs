@@ -1,0 +1,178 @@
+//! `parallel`: line-aligned translations as bitext-retrieval sets.
+//!
+//! ```toml
+//! [stages.tatoeba]
+//! kind = "parallel"
+//! inputs.files = "tatoeba_download"
+//! [stages.tatoeba.sets]
+//! deu-eng = { de = "tatoeba.deu-eng.deu", en = "tatoeba.deu-eng.eng" }
+//! ara-eng = { ar = "tatoeba.ara-eng.ara", en = "tatoeba.ara-eng.eng" }
+//! ```
+//!
+//! A set is a group of files, one per language, whose line *i* are
+//! translations of each other (NTREX and FLORES: one set of all languages;
+//! TICO-19 and Tatoeba: one set per language pair). Files of a set with
+//! different line counts are misaligned: the set is skipped and counted
+//! (or the stage fails, `on_error = "fail"`). Lines empty or not UTF-8 in
+//! any language are left out of every language.
+//!
+//! Output folder `data`: `sentences.parquet` (set, lang, id, text; `id` is
+//! the line number, shared by translations) and `meta.json`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::input_file;
+use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
+use crate::{
+    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    StageContext,
+};
+
+pub struct ParallelStage;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ParallelParams {
+    /// Set name -> language -> file in the input folder.
+    sets: BTreeMap<String, BTreeMap<String, String>>,
+    #[serde(default)]
+    on_error: OnError,
+}
+
+impl Stage for ParallelStage {
+    fn kind(&self) -> &'static str {
+        "parallel"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "read line-aligned parallel text (NTREX, FLORES, TICO-19, Tatoeba)"
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        _env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let p: ParallelParams = parse_params(params)?;
+        if p.sets.is_empty() {
+            return Err(ParamError::new("sets", "name at least one set of files"));
+        }
+        for (name, files) in &p.sets {
+            if files.len() < 2 {
+                return Err(ParamError::new(
+                    format!("sets.{name}"),
+                    "a set needs files in at least two languages",
+                ));
+            }
+        }
+        Ok(to_canonical(&p))
+    }
+
+    fn interface(
+        &self,
+        _params: &serde_json::Value,
+        _inputs: &[String],
+    ) -> Result<Interface, ParamError> {
+        Ok(Interface {
+            inputs: vec![InputSlot::one("files")],
+            outputs: vec!["data".into()],
+            ..Interface::default()
+        })
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: ParallelParams = from_canonical(params)?;
+        let dir = ctx.input("files")?;
+        let mut report = ReadReport::new(p.on_error);
+        let (mut set_col, mut lang_col, mut id_col, mut text_col) =
+            (vec![], vec![], vec![], vec![]);
+        for (set, files) in &p.sets {
+            // Read every language's lines as raw bytes; decode per line so
+            // one bad line does not lose the file.
+            let mut lines: BTreeMap<&str, Vec<Option<String>>> = BTreeMap::new();
+            for (lang, file) in files {
+                let bytes = std::fs::read(input_file(dir, file)?)?;
+                let decoded = bytes
+                    .split(|&b| b == b'\n')
+                    .map(|l| String::from_utf8(l.strip_suffix(b"\r").unwrap_or(l).to_vec()).ok())
+                    .collect::<Vec<_>>();
+                let mut decoded = decoded;
+                if bytes.ends_with(b"\n") {
+                    decoded.pop();
+                }
+                lines.insert(lang, decoded);
+            }
+            let counts: Vec<String> = files
+                .iter()
+                .map(|(lang, file)| format!("{file}: {}", lines[lang.as_str()].len()))
+                .collect();
+            let n = lines.values().next().map_or(0, Vec::len);
+            if lines.values().any(|l| l.len() != n) {
+                report.read += 1;
+                report.bad_record(
+                    set,
+                    "(whole set)",
+                    "misaligned line counts",
+                    &counts.join(", "),
+                )?;
+                continue;
+            }
+            let mut kept = 0;
+            for i in 0..n {
+                report.read += 1;
+                let row: Vec<(&str, Option<&String>)> = lines
+                    .iter()
+                    .map(|(lang, l)| (*lang, l[i].as_ref()))
+                    .collect();
+                if let Some((lang, _)) = row.iter().find(|(_, t)| t.is_none()) {
+                    report.bad_record(
+                        set,
+                        &format!("line {}", i + 1),
+                        "invalid UTF-8",
+                        &files[*lang],
+                    )?;
+                    continue;
+                }
+                if let Some((lang, _)) = row
+                    .iter()
+                    .find(|(_, t)| t.is_some_and(|t| t.trim().is_empty()))
+                {
+                    report.bad_record(
+                        set,
+                        &format!("line {}", i + 1),
+                        "empty line",
+                        &files[*lang],
+                    )?;
+                    continue;
+                }
+                for (lang, text) in row {
+                    set_col.push(set.clone());
+                    lang_col.push(lang.to_string());
+                    id_col.push(i as i64 + 1);
+                    text_col.push(text.expect("checked above").trim().to_string());
+                }
+                kept += 1;
+            }
+            report.kept += kept;
+            report.count(format!("lines.{set}"), kept);
+        }
+        let out = ctx.output("data");
+        std::fs::create_dir_all(&out)?;
+        write_parquet(
+            &out.join("sentences.parquet"),
+            vec![
+                string_column("set", set_col),
+                string_column("lang", lang_col),
+                int_column("id", id_col),
+                string_column("text", text_col),
+            ],
+        )?;
+        report.write(&out.join("meta.json"))
+    }
+}

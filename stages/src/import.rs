@@ -1,0 +1,149 @@
+//! `import`: bring a local file or folder (a dataset you already have, a
+//! model folder) into the cache.
+//!
+//! ```toml
+//! [stages.squad_dev_file]
+//! kind = "import"
+//! path = "../data/dev-v1.1.json"   # relative to this pipeline file, or absolute
+//! sha256 = "…"                     # optional: refuse anything else
+//! ```
+//!
+//! The content hash of what `path` holds is part of the stage's params, so
+//! editing the file reruns what depends on it. The output `files` is a
+//! folder: a copy of the imported folder, or one holding the imported file
+//! under its own name (the same layout `download` writes).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::content::{hash_path, sha256_file};
+use crate::{
+    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
+    StageContext,
+};
+
+pub struct ImportStage;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportParams {
+    path: String,
+    /// Expected sha256 of a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    /// Absolute path resolved from `path` (canonical form only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resolved: Option<PathBuf>,
+    /// blake3 of the content (canonical form only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+}
+
+impl Stage for ImportStage {
+    fn kind(&self) -> &'static str {
+        "import"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "bring a local file or folder into the cache"
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let mut p: ImportParams = parse_params(params)?;
+        if p.resolved.is_some() || p.content.is_some() {
+            return Err(ParamError::new(
+                "",
+                "`resolved` and `content` are computed, not set",
+            ));
+        }
+        let resolved = env.base_dir.join(&p.path);
+        let content = hash_path(&resolved).map_err(|err| {
+            ParamError::new("path", format!("cannot read {}: {err}", resolved.display()))
+        })?;
+        if let Some(expected) = &p.sha256 {
+            let actual = sha256_file(&resolved)
+                .map_err(|err| ParamError::new("path", format!("{}: {err}", resolved.display())))?;
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(ParamError::new(
+                    "sha256",
+                    format!("{} has sha256 {actual}, not {expected}", resolved.display()),
+                ));
+            }
+        }
+        p.resolved = Some(resolved);
+        p.content = Some(content);
+        Ok(to_canonical(&p))
+    }
+
+    fn interface(
+        &self,
+        _params: &serde_json::Value,
+        _inputs: &[String],
+    ) -> Result<Interface, ParamError> {
+        Ok(Interface {
+            outputs: vec!["files".into()],
+            ..Interface::default()
+        })
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: ImportParams = from_canonical(params)?;
+        let source = p.resolved.expect("canonical params are resolved");
+        let out = ctx.output("files");
+        if source.is_dir() {
+            copy_tree(&source, &out)?;
+        } else {
+            fs::create_dir_all(&out)?;
+            let name = source
+                .file_name()
+                .context("imported path has no file name")?;
+            fs::copy(&source, out.join(name))
+                .with_context(|| format!("copying {}", source.display()))?;
+        }
+        // The source may have changed between planning and now: what was
+        // copied must be what the key promised.
+        let expected = p.content.expect("canonical params are hashed");
+        let copied = if source.is_dir() {
+            out.clone()
+        } else {
+            out.join(
+                source
+                    .file_name()
+                    .context("imported path has no file name")?,
+            )
+        };
+        let now = hash_path(&copied)?;
+        anyhow::ensure!(
+            now == expected,
+            "{} changed while the pipeline was running; run again",
+            source.display()
+        );
+        Ok(())
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
