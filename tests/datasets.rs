@@ -88,10 +88,35 @@ fn every_mirrored_dataset_reads_with_its_real_counts() {
     let m2qa = meta(&s, "m2qa_de");
     assert_eq!(count(&m2qa, "questions.german.zip/german/news.json"), 900);
     assert_eq!(m2qa["read"], 4500);
+    for (lang, records) in [("de", 3000), ("tr", 1500), ("zh", 3000)] {
+        assert_eq!(
+            meta(&s, &format!("m2qa_extra_{lang}"))["read"],
+            records,
+            "{lang}"
+        );
+    }
 
-    let miracl = meta(&s, "miracl_de");
-    assert_eq!(count(&miracl, "queries"), 305);
-    assert_eq!(count(&miracl, "qrels"), 3144);
+    for (lang, queries, qrels) in [
+        ("ar", 2896, 29197),
+        ("de", 305, 3144),
+        ("en", 799, 8350),
+        ("es", 648, 6443),
+        ("hi", 350, 3494),
+        ("ru", 1252, 13100),
+        ("th", 733, 7573),
+        ("zh", 393, 3928),
+    ] {
+        let miracl = meta(&s, &format!("miracl_{lang}"));
+        assert_eq!(count(&miracl, "queries"), queries, "{lang}");
+        assert_eq!(count(&miracl, "qrels"), qrels, "{lang}");
+    }
+    // XQuAD: the same 1190 questions in 12 languages.
+    for lang in [
+        "ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh",
+    ] {
+        assert_eq!(meta(&s, &format!("xquad_{lang}"))["read"], 1190, "{lang}");
+    }
+    assert_eq!(meta(&s, "xquad_en")["kept"], 1190);
 
     // The answer sentence really holds the answer.
     let qa = read_parquet(&data_dir(&s, "squad_dev", "datasets").join("qa.parquet")).unwrap();
@@ -236,4 +261,62 @@ fn wrong_zip_password() {
         "kind = \"squad\"\nfiles = [\"german.zip\"]\nlang = \"de\"\n",
     );
     assert!(ran.stderr.contains("is encrypted; set `password`"), "{ran}");
+}
+
+#[test]
+fn miracl_corpus_and_invalid_utf8_lines() {
+    let s = Scratch::new();
+    s.write("in/topics.tsv", "q1\tWer ist da?\nq2\tWas ist das?\n");
+    s.write("in/qrels.tsv", "q1 Q0 d1 1\nq1 Q0 d2 0\nq2\tQ0\td2\t1\n");
+    s.write(
+        "in/corpus.jsonl",
+        "{\"docid\": \"d1\", \"title\": \"T\", \"text\": \"Ich bin da.\"}\n{\"title\": \"no id\"}\n{\"docid\": \"d2\", \"text\": \"Das ist es.\"}\n",
+    );
+    let ran = import_and_read(
+        &s,
+        "corpus.jsonl",
+        "kind = \"miracl\"\nlang = \"de\"\ntopics = \"topics.tsv\"\nqrels = \"qrels.tsv\"\ncorpus = \"corpus.jsonl\"\n",
+    );
+    assert_eq!(ran.code, 0, "{ran}");
+    let dir = s.ok(&["show", "read"]).stdout;
+    let dir = s.path(
+        dir.lines()
+            .find_map(|l| l.trim().strip_prefix("output   data  "))
+            .unwrap(),
+    );
+    let corpus = read_parquet(&dir.join("corpus.parquet")).unwrap();
+    assert_eq!(strings(&corpus, "docid").unwrap(), vec!["d1", "d2"]);
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            meta["counts"]["queries"].as_u64(),
+            meta["counts"]["qrels"].as_u64()
+        ),
+        (Some(2), Some(3))
+    );
+    assert_eq!(meta["skipped"], 1);
+
+    // A line that is not UTF-8 is left out of every language of its set.
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("in")).unwrap();
+    std::fs::write(s.path("in/x.en"), b"one\ntwo\nthree\n").unwrap();
+    std::fs::write(s.path("in/x.de"), b"eins\nzw\xffei\ndrei\n").unwrap();
+    let ran = import_and_read(
+        &s,
+        "x.en",
+        "kind = \"parallel\"\n[stages.read.sets]\nx = { en = \"x.en\", de = \"x.de\" }\n",
+    );
+    assert_eq!(ran.code, 0, "{ran}");
+    let dir = s.ok(&["show", "read"]).stdout;
+    let dir = s.path(
+        dir.lines()
+            .find_map(|l| l.trim().strip_prefix("output   data  "))
+            .unwrap(),
+    );
+    let sentences = read_parquet(&dir.join("sentences.parquet")).unwrap();
+    assert_eq!(
+        strings(&sentences, "text").unwrap(),
+        vec!["eins", "one", "drei", "three"]
+    );
 }
