@@ -480,6 +480,7 @@ impl Task {
         )?;
         let context = StageContext {
             instance: self.instance.clone(),
+            key: self.key.clone(),
             inputs,
             output_dir: output_dir.clone(),
             work_dir,

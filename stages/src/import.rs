@@ -14,12 +14,12 @@
 //! under its own name (the same layout `download` writes).
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::content::{hash_path, sha256_file};
+use crate::content::{copy_tree, hash_path, sha256_file};
 use crate::{
     from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
@@ -131,19 +131,4 @@ impl Stage for ImportStage {
         );
         Ok(())
     }
-}
-
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)
-                .with_context(|| format!("copying {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
 }

@@ -12,8 +12,10 @@ pub mod content;
 pub mod datasets;
 mod download;
 mod import;
+pub mod model;
 pub mod qa_pairs;
 pub mod table;
+pub mod train;
 mod translate;
 
 use std::collections::BTreeMap;
@@ -74,6 +76,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(datasets::miracl::MiraclStage),
         Box::new(qa_pairs::QaPairsStage),
         Box::new(translate::TranslateStage),
+        Box::new(train::TrainStage),
     ]
 }
 
@@ -188,6 +191,8 @@ pub struct FetchSettings {
 /// Everything a running stage may touch.
 pub struct StageContext {
     pub instance: String,
+    /// The instance's cache key: names per-instance state (checkpoints).
+    pub key: String,
     pub inputs: BTreeMap<String, Vec<InputArtifact>>,
     /// Folder the outputs are written into (one entry per declared output).
     pub output_dir: PathBuf,

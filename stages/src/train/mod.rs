@@ -1,0 +1,700 @@
+//! `train`: fine-tune an encoder on parallel QA pairs with hybrid batches.
+//!
+//! ```toml
+//! [stages.train]
+//! kind = "train"
+//! inputs.model = "base_model"      # a Hugging Face folder (import / download)
+//! inputs.pairs = "translate"       # translate output: pairs in several languages
+//! alpha = "${alpha}"               # P(monolingual batch); 1 = X-X-mono, 0 = X-Y
+//! steps = 1000
+//! batch_size = 32
+//! lr = 3e-5
+//! seed = "${seed}"
+//! ```
+//!
+//! One shared encoder for queries and passages with E5 prefixes, cosine
+//! similarity scaled by `scale` (1 / temperature), InfoNCE over in-batch
+//! negatives (plus the pairs' hard negatives with `hard_negatives = true`).
+//! AdamW, linear warmup then linear decay, gradient clipping by global norm,
+//! gradient accumulation. The backend is reseeded every step, so a run
+//! resumed from a checkpoint (kept in the state folder, written every
+//! `checkpoint_every` steps) continues exactly as an uninterrupted one.
+//! Validation loss on fixed batches of the held-out split drives early
+//! stopping (`patience` evaluations without improvement); the best weights
+//! are what the stage writes.
+//!
+//! Outputs: `model` (a Hugging Face folder) and `training` (metrics.parquet:
+//! step, loss, lr, monolingual, val_loss; sampler.json: realised batch mix
+//! and languages; summary.json).
+
+pub mod sampler;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{CompactRecorder, Recorder};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use polars::prelude::Column;
+use serde::{Deserialize, Serialize};
+
+use crate::content::copy_tree;
+use crate::model::{load_encoder, save_encoder, Encoder, EncoderConfig, Pooling, TextTokenizer};
+use crate::table::{read_parquet, strings, write_parquet};
+use crate::{
+    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    StageContext,
+};
+use sampler::{AlphaSchedule, Batch, HybridSampler, LanguageChoice, ParallelPairs};
+
+pub struct TrainStage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Init {
+    /// The weights of the input model.
+    Pretrained,
+    /// Fresh random weights of the input model's shape (for tests and
+    /// from-scratch baselines).
+    Random,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainParams {
+    alpha: f64,
+    /// Ramp alpha linearly to this value over training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alpha_end: Option<f64>,
+    #[serde(default = "uniform")]
+    language_choice: LanguageChoice,
+    /// Train on these languages only (default: every language of the pairs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    langs: Option<Vec<String>>,
+    steps: usize,
+    #[serde(default = "d32")]
+    batch_size: usize,
+    #[serde(default = "d_lr")]
+    lr: f64,
+    #[serde(default = "d_wd")]
+    weight_decay: f64,
+    #[serde(default = "d_warmup")]
+    warmup_ratio: f64,
+    #[serde(default = "d_one_f")]
+    max_grad_norm: f64,
+    #[serde(default = "d_one")]
+    grad_accumulation: usize,
+    /// Logit scale, 1 / temperature (sentence-transformers uses 20).
+    #[serde(default = "d_scale")]
+    scale: f64,
+    #[serde(default = "d_qlen")]
+    query_max_len: usize,
+    #[serde(default = "d_plen")]
+    passage_max_len: usize,
+    #[serde(default = "d_qprefix")]
+    query_prefix: String,
+    #[serde(default = "d_pprefix")]
+    passage_prefix: String,
+    #[serde(default)]
+    pooling: Pooling,
+    /// Add each pair's hard negative to the candidates.
+    #[serde(default)]
+    hard_negatives: bool,
+    /// Validate every this many steps (0: never).
+    #[serde(default = "d_eval")]
+    eval_every: usize,
+    #[serde(default = "d_val_batches")]
+    val_batches: usize,
+    /// Stop after this many evaluations without a better validation loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    patience: Option<usize>,
+    #[serde(default = "d_eval")]
+    checkpoint_every: usize,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "d_device")]
+    device: DeviceChoice,
+    #[serde(default = "d_init")]
+    init: Init,
+}
+
+fn uniform() -> LanguageChoice {
+    LanguageChoice::Uniform
+}
+fn d32() -> usize {
+    32
+}
+fn d_lr() -> f64 {
+    3e-5
+}
+fn d_wd() -> f64 {
+    0.01
+}
+fn d_warmup() -> f64 {
+    0.1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_one() -> usize {
+    1
+}
+fn d_scale() -> f64 {
+    20.0
+}
+fn d_qlen() -> usize {
+    32
+}
+fn d_plen() -> usize {
+    128
+}
+fn d_qprefix() -> String {
+    "query: ".into()
+}
+fn d_pprefix() -> String {
+    "passage: ".into()
+}
+fn d_eval() -> usize {
+    100
+}
+fn d_val_batches() -> usize {
+    8
+}
+fn d_device() -> DeviceChoice {
+    DeviceChoice::Cpu
+}
+fn d_init() -> Init {
+    Init::Pretrained
+}
+
+impl Stage for TrainStage {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "fine-tune an encoder with hybrid mono/cross-lingual batches (InfoNCE)"
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        _env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let p: TrainParams = parse_params(params)?;
+        for (name, value) in [("alpha", Some(p.alpha)), ("alpha_end", p.alpha_end)] {
+            if let Some(v) = value {
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(ParamError::new(
+                        name,
+                        format!("{v} is not a probability in [0, 1]"),
+                    ));
+                }
+            }
+        }
+        let positive = [
+            ("steps", p.steps),
+            ("batch_size", p.batch_size),
+            ("grad_accumulation", p.grad_accumulation),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ParamError::new(name, "must be at least 1"));
+            }
+        }
+        if p.batch_size < 2 {
+            return Err(ParamError::new(
+                "batch_size",
+                "in-batch negatives need at least 2",
+            ));
+        }
+        if p.device == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
+            return Err(ParamError::new(
+                "device",
+                "this xlpipe was built without CUDA (cargo build --features cuda)",
+            ));
+        }
+        Ok(to_canonical(&p))
+    }
+
+    fn interface(
+        &self,
+        params: &serde_json::Value,
+        _inputs: &[String],
+    ) -> Result<Interface, ParamError> {
+        let p: TrainParams =
+            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
+        let mut resources = BTreeMap::new();
+        if p.device == DeviceChoice::Cuda {
+            resources.insert("gpu".to_string(), 1);
+        }
+        Ok(Interface {
+            inputs: vec![InputSlot::one("model"), InputSlot::one("pairs")],
+            outputs: vec!["model".into(), "training".into()],
+            resources,
+        })
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: TrainParams = from_canonical(params)?;
+        match p.device {
+            DeviceChoice::Cpu => {
+                train::<burn::backend::Autodiff<burn::backend::Flex>>(&p, ctx, Default::default())
+            }
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda => {
+                let index = ctx
+                    .devices
+                    .get("gpu")
+                    .and_then(|d| d.first())
+                    .copied()
+                    .unwrap_or(0);
+                crate::model::cuda_available()?;
+                train::<burn::backend::Autodiff<burn::backend::Cuda>>(
+                    &p,
+                    ctx,
+                    burn::backend::cuda::CudaDevice::new(index as usize),
+                )
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),
+        }
+    }
+}
+
+/// Train and validation pairs, by language.
+fn load_pairs(
+    dir: &Path,
+    langs: Option<&[String]>,
+) -> anyhow::Result<(ParallelPairs, ParallelPairs, Vec<Vec<Option<String>>>)> {
+    let frame = read_parquet(&dir.join("pairs.parquet"))
+        .context("the `pairs` input is not a translate output")?;
+    let ids = strings(&frame, "pair_id")?;
+    let row_langs = strings(&frame, "lang")?;
+    let splits = strings(&frame, "split")?;
+    let questions = strings(&frame, "question")?;
+    let passages = strings(&frame, "passage")?;
+    let negatives = strings(&frame, "negative")?;
+    let mut all_langs: Vec<String> = row_langs
+        .iter()
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if let Some(wanted) = langs {
+        for l in wanted {
+            anyhow::ensure!(
+                all_langs.contains(l),
+                "language `{l}` is not in the pairs (they have {all_langs:?})"
+            );
+        }
+        all_langs = wanted.to_vec();
+    }
+    let lang_index: BTreeMap<&str, usize> = all_langs
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i))
+        .collect();
+    let build = |split: &str| {
+        let mut order: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            if splits[i] == split && lang_index.contains_key(row_langs[i].as_str()) {
+                let n = order.len();
+                order.entry(id.as_str()).or_insert(n);
+            }
+        }
+        let n = order.len();
+        let mut q = vec![vec![None; n]; all_langs.len()];
+        let mut d = vec![vec![None; n]; all_langs.len()];
+        let mut neg = vec![vec![None; n]; all_langs.len()];
+        for i in 0..ids.len() {
+            if splits[i] != split {
+                continue;
+            }
+            if let (Some(&l), Some(&p)) = (
+                lang_index.get(row_langs[i].as_str()),
+                order.get(ids[i].as_str()),
+            ) {
+                q[l][p] = Some(questions[i].clone());
+                d[l][p] = Some(passages[i].clone());
+                neg[l][p] = (!negatives[i].is_empty()).then(|| negatives[i].clone());
+            }
+        }
+        (
+            ParallelPairs {
+                langs: all_langs.clone(),
+                questions: q,
+                passages: d,
+            },
+            neg,
+        )
+    };
+    let (train, train_negatives) = build("train");
+    let (valid, _) = build("valid");
+    Ok((train, valid, train_negatives))
+}
+
+struct Texts<'a> {
+    tokenizer: &'a TextTokenizer,
+    p: &'a TrainParams,
+}
+
+impl Texts<'_> {
+    fn encode<B: Backend>(
+        &self,
+        texts: Vec<String>,
+        query: bool,
+        device: &B::Device,
+    ) -> anyhow::Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>)> {
+        let (prefix, max_len) = if query {
+            (&self.p.query_prefix, self.p.query_max_len)
+        } else {
+            (&self.p.passage_prefix, self.p.passage_max_len)
+        };
+        let texts: Vec<String> = texts.into_iter().map(|t| format!("{prefix}{t}")).collect();
+        Ok(self.tokenizer.encode(&texts, max_len)?.tensors(device))
+    }
+
+    /// InfoNCE loss of one batch.
+    fn loss<B: Backend>(
+        &self,
+        encoder: &Encoder<B>,
+        data: &ParallelPairs,
+        negatives: Option<&[Vec<Option<String>>]>,
+        batch: &Batch,
+        device: &B::Device,
+    ) -> anyhow::Result<Tensor<B, 1>> {
+        let queries: Vec<String> = batch
+            .pairs
+            .iter()
+            .map(|&i| {
+                data.questions[batch.query_lang][i]
+                    .clone()
+                    .expect("sampled")
+            })
+            .collect();
+        let mut passages: Vec<String> = batch
+            .pairs
+            .iter()
+            .map(|&i| {
+                data.passages[batch.passage_lang][i]
+                    .clone()
+                    .expect("sampled")
+            })
+            .collect();
+        if let Some(negatives) = negatives {
+            passages.extend(
+                batch
+                    .pairs
+                    .iter()
+                    .filter_map(|&i| negatives[batch.passage_lang][i].clone()),
+            );
+        }
+        let (qi, qm) = self.encode::<B>(queries, true, device)?;
+        let (pi, pm) = self.encode::<B>(passages, false, device)?;
+        let q = encoder.embed(qi, qm);
+        let p = encoder.embed(pi, pm);
+        Ok(info_nce(q, p, self.p.scale))
+    }
+}
+
+/// Cross-entropy of each query against all candidates, the i-th being its
+/// positive: mean(-log softmax(scale * q p^T)_ii).
+pub fn info_nce<B: Backend>(
+    queries: Tensor<B, 2>,
+    candidates: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, 1> {
+    let n = queries.dims()[0];
+    let logits = queries.matmul(candidates.transpose()).mul_scalar(scale);
+    let targets = Tensor::<B, 1, Int>::arange(0..n as i64, &logits.device()).reshape([n, 1]);
+    log_softmax(logits, 1).gather(1, targets).mean().neg()
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
+}
+
+/// Learning rate at `step`: linear warmup, then linear decay to zero.
+fn learning_rate(p: &TrainParams, step: usize) -> f64 {
+    let warmup = ((p.steps as f64) * p.warmup_ratio).round() as usize;
+    if step < warmup {
+        p.lr * (step + 1) as f64 / warmup as f64
+    } else {
+        let remaining = (p.steps - step) as f64 / (p.steps - warmup).max(1) as f64;
+        p.lr * remaining
+    }
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Progress {
+    step: usize,
+    best_val: Option<f64>,
+    bad_evals: usize,
+    rows: Vec<MetricRow>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct MetricRow {
+    step: usize,
+    loss: f64,
+    lr: f64,
+    monolingual: bool,
+    val_loss: Option<f64>,
+}
+
+fn train<B: AutodiffBackend>(
+    p: &TrainParams,
+    ctx: &StageContext,
+    device: B::Device,
+) -> anyhow::Result<()> {
+    let model_dir = ctx.input("model")?;
+    let pad =
+        EncoderConfig::from_file(&model_dir.join("config.json"), p.pooling)?.pad_token_id as u32;
+    let tokenizer = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), pad)?;
+    let texts = Texts {
+        tokenizer: &tokenizer,
+        p,
+    };
+    let (train_data, valid_data, negatives) = load_pairs(ctx.input("pairs")?, p.langs.as_deref())?;
+    tracing::info!(
+        "{} training and {} validation pairs in {:?}",
+        train_data.len(),
+        valid_data.len(),
+        train_data.langs
+    );
+    let negatives = p.hard_negatives.then_some(negatives.as_slice());
+
+    B::seed(&device, p.seed);
+    let mut encoder: Encoder<B> = match p.init {
+        Init::Pretrained => load_encoder(model_dir, p.pooling, &device)?,
+        Init::Random => {
+            EncoderConfig::from_file(&model_dir.join("config.json"), p.pooling)?.init(&device)
+        }
+    };
+    let mut optimizer = AdamWConfig::new()
+        .with_weight_decay(p.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(p.max_grad_norm as f32)))
+        .init::<B, Encoder<B>>();
+
+    let schedule = AlphaSchedule {
+        start: p.alpha,
+        end: p.alpha_end.unwrap_or(p.alpha),
+    };
+    let micro_steps = p.steps * p.grad_accumulation;
+    let mut sampler = HybridSampler::new(
+        &train_data,
+        p.batch_size,
+        schedule,
+        p.language_choice,
+        p.seed,
+    )?;
+    // Fixed validation batches, so losses at different steps compare.
+    let val_batches: Vec<Batch> = if valid_data.len() >= p.batch_size && p.eval_every > 0 {
+        let mut v = HybridSampler::new(
+            &valid_data,
+            p.batch_size,
+            schedule,
+            p.language_choice,
+            p.seed ^ 0x7a11d,
+        )?;
+        (0..p.val_batches)
+            .map(|i| v.next_batch(i, p.val_batches))
+            .collect()
+    } else {
+        Vec::new()
+    };
+
+    // Resume from the last checkpoint of this very stage instance.
+    let checkpoints = ctx.state_dir.join(&ctx.key);
+    let recorder = CompactRecorder::new();
+    let mut progress = Progress::default();
+    if let Ok(text) = std::fs::read_to_string(checkpoints.join("progress.json")) {
+        progress = serde_json::from_str(&text)?;
+        encoder = encoder.load_record(recorder.load(checkpoints.join("model"), &device)?);
+        optimizer = optimizer.load_record(recorder.load(checkpoints.join("optimizer"), &device)?);
+        // The sampler is a pure function of the seed: replay it.
+        for micro in 0..progress.step * p.grad_accumulation {
+            sampler.next_batch(micro, micro_steps);
+        }
+        tracing::warn!(
+            "resumed at step {} from {}",
+            progress.step,
+            checkpoints.display()
+        );
+    }
+    let best_dir = checkpoints.join("best");
+
+    let bar = ctx.progress_bar(p.steps as u64, "training");
+    bar.set_position(progress.step as u64);
+    let mut step = progress.step;
+    while step < p.steps {
+        // Same randomness (dropout) for the same step, resumed or not.
+        B::seed(
+            &device,
+            p.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
+        );
+        let lr = learning_rate(p, step);
+        let mut accumulator = GradientsAccumulator::<Encoder<B>>::new();
+        let mut loss_sum = 0.0;
+        let mut monolingual = true;
+        for micro in 0..p.grad_accumulation {
+            let batch = sampler.next_batch(step * p.grad_accumulation + micro, micro_steps);
+            monolingual &= batch.monolingual;
+            let loss = texts.loss(&encoder, &train_data, negatives, &batch, &device)?;
+            let value = scalar(loss.clone());
+            anyhow::ensure!(
+                value.is_finite(),
+                "the training loss became {value} at step {step}; lower lr (now {lr:e}) or check the data"
+            );
+            loss_sum += value;
+            let grads = GradientsParams::from_grads(
+                loss.div_scalar(p.grad_accumulation as f64).backward(),
+                &encoder,
+            );
+            accumulator.accumulate(&encoder, grads);
+        }
+        encoder = optimizer.step(lr, encoder, accumulator.grads());
+        step += 1;
+        let mut row = MetricRow {
+            step,
+            loss: loss_sum / p.grad_accumulation as f64,
+            lr,
+            monolingual,
+            val_loss: None,
+        };
+        let evaluate = !val_batches.is_empty() && (step % p.eval_every == 0 || step == p.steps);
+        let mut stop = false;
+        if evaluate {
+            let inner = encoder.valid();
+            let mut total = 0.0;
+            for batch in &val_batches {
+                total += scalar(texts.loss(&inner, &valid_data, None, batch, &device)?);
+            }
+            let val = total / val_batches.len() as f64;
+            row.val_loss = Some(val);
+            tracing::info!(
+                "step {step}: train loss {:.4}, validation loss {val:.4}",
+                row.loss
+            );
+            if progress.best_val.is_none_or(|b| val < b) {
+                progress.best_val = Some(val);
+                progress.bad_evals = 0;
+                save_encoder(&encoder, model_dir, &best_dir)?;
+            } else {
+                progress.bad_evals += 1;
+                stop = p
+                    .patience
+                    .is_some_and(|patience| progress.bad_evals >= patience);
+            }
+        }
+        progress.rows.push(row);
+        progress.step = step;
+        bar.inc(1);
+        if stop {
+            tracing::info!(
+                "early stop at step {step}: no better validation loss in {} evaluations",
+                progress.bad_evals
+            );
+            break;
+        }
+        if p.checkpoint_every > 0 && step % p.checkpoint_every == 0 && step < p.steps {
+            checkpoint(&checkpoints, &recorder, &encoder, &optimizer, &progress)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    let out = ctx.output("model");
+    if best_dir.join("model.safetensors").is_file() {
+        copy_tree(&best_dir, &out)?;
+    } else {
+        save_encoder(&encoder, model_dir, &out)?;
+    }
+    let training = ctx.output("training");
+    std::fs::create_dir_all(&training)?;
+    let rows = &progress.rows;
+    write_parquet(
+        &training.join("metrics.parquet"),
+        vec![
+            Column::new(
+                "step".into(),
+                rows.iter().map(|r| r.step as i64).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "loss".into(),
+                rows.iter().map(|r| r.loss).collect::<Vec<_>>(),
+            ),
+            Column::new("lr".into(), rows.iter().map(|r| r.lr).collect::<Vec<_>>()),
+            Column::new(
+                "monolingual".into(),
+                rows.iter().map(|r| r.monolingual).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "val_loss".into(),
+                rows.iter().map(|r| r.val_loss).collect::<Vec<_>>(),
+            ),
+        ],
+    )?;
+    std::fs::write(
+        training.join("sampler.json"),
+        serde_json::to_vec_pretty(&sampler.stats)?,
+    )?;
+    std::fs::write(
+        training.join("summary.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "steps_run": progress.step,
+            "best_val_loss": progress.best_val,
+            "final_train_loss": rows.last().map(|r| r.loss),
+            "train_pairs": train_data.len(),
+            "valid_pairs": valid_data.len(),
+            "languages": train_data.langs,
+        }))?,
+    )?;
+    // A finished stage no longer needs its checkpoints.
+    let _ = std::fs::remove_dir_all(&checkpoints);
+    Ok(())
+}
+
+fn checkpoint<B: AutodiffBackend, O: Optimizer<Encoder<B>, B>>(
+    dir: &Path,
+    recorder: &CompactRecorder,
+    encoder: &Encoder<B>,
+    optimizer: &O,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    // Write everything under a fresh name, then swap, so a kill never leaves
+    // a half-written checkpoint behind.
+    let partial = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    recorder.record(encoder.clone().into_record(), partial.join("model"))?;
+    recorder.record(optimizer.to_record(), partial.join("optimizer"))?;
+    std::fs::write(partial.join("progress.json"), serde_json::to_vec(progress)?)?;
+    if dir.join("best").is_dir() {
+        copy_tree(&dir.join("best"), &partial.join("best"))?;
+    }
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&partial, dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}

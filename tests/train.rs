@@ -1,0 +1,211 @@
+//! Training on real mirror data with a tiny randomly initialised encoder
+//! (the real XLM-R tokenizer, 2 small layers).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::Scratch;
+use xlpipe_stages::table::read_parquet;
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(path)
+        .display()
+        .to_string()
+}
+
+/// A tiny XLM-R-shaped model folder (config + tokenizer, no weights).
+fn tiny_model(s: &Scratch) {
+    s.write(
+        "tiny/config.json",
+        r#"{"model_type": "xlm-roberta", "vocab_size": 250002, "hidden_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "max_position_embeddings": 130, "type_vocab_size": 1, "pad_token_id": 1,
+            "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}"#,
+    );
+    std::fs::copy(
+        repo("../shared/derived/tokenizers/xlm-roberta.tokenizer.json"),
+        s.path("tiny/tokenizer.json"),
+    )
+    .unwrap();
+}
+
+fn pipeline(name: &str, train: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "{name}"
+include = ["{}"]
+
+[stages.tiny]
+kind = "import"
+path = "tiny"
+
+[stages.pairs]
+kind = "qa_pairs"
+inputs.qa = "squad_dev"
+inputs.exclude = ["xquad_r"]
+max_pairs = 1500
+validation_fraction = 0.15
+
+[stages.translate]
+kind = "translate"
+inputs.pairs = "pairs"
+inputs.dictionaries = "muse_files"
+langs.de = {{ backend = "dictionary", file = "en-de.dict" }}
+
+[stages.train]
+kind = "train"
+inputs.model = "tiny"
+inputs.pairs = "translate"
+init = "random"
+query_max_len = 24
+passage_max_len = 48
+{train}
+"#,
+        repo("pipelines/datasets.toml")
+    )
+}
+
+fn run_until_train(s: &Scratch) -> common::Ran {
+    s.xlpipe(&[
+        "run",
+        "p.toml",
+        "--offline",
+        "--mirror",
+        &repo("../shared/mirror"),
+        "--until",
+        "train",
+    ])
+}
+
+fn output(s: &Scratch, pipeline: &str, name: &str) -> PathBuf {
+    let shown = s.ok(&["show", "train", "--pipeline", pipeline]).stdout;
+    let prefix = format!("output   {name}  ");
+    s.path(
+        shown
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .unwrap(),
+    )
+}
+
+#[test]
+fn validation_loss_falls_on_real_data() {
+    let s = Scratch::shared();
+    tiny_model(&s);
+    s.write(
+        "p.toml",
+        &pipeline(
+            "falls",
+            "alpha = 0.5\nsteps = 240\nbatch_size = 16\nlr = 2e-3\neval_every = 40\nseed = 3\n",
+        ),
+    );
+    let ran = run_until_train(&s);
+    assert_eq!(ran.code, 0, "{ran}");
+    let metrics = read_parquet(&output(&s, "falls", "training").join("metrics.parquet")).unwrap();
+    let val: Vec<f64> = metrics
+        .column("val_loss")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .iter()
+        .flatten()
+        .collect();
+    assert_eq!(val.len(), 6, "{val:?}");
+    // ln(16) = 2.77 is chance level for 16 candidates.
+    assert!(
+        val[0] < 2.9 && val[5] < val[0] - 0.3,
+        "validation loss did not fall: {val:?}"
+    );
+    let sampler: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(output(&s, "falls", "training").join("sampler.json")).unwrap(),
+    )
+    .unwrap();
+    let mono = sampler["monolingual_batches"].as_u64().unwrap();
+    let cross = sampler["cross_lingual_batches"].as_u64().unwrap();
+    assert_eq!(mono + cross, 240);
+    assert!(mono > 80 && cross > 80, "{sampler}");
+    assert!(output(&s, "falls", "model")
+        .join("model.safetensors")
+        .is_file());
+}
+
+fn safetensors_floats(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn resume_after_kill_gives_the_same_weights() {
+    let settings = "alpha = 0.5\nsteps = 30\nbatch_size = 8\nlr = 1e-3\neval_every = 0\ncheckpoint_every = 10\nseed = 5\n";
+    let uninterrupted = Scratch::new();
+    tiny_model(&uninterrupted);
+    uninterrupted.write("p.toml", &pipeline("resume", settings));
+    let ran = run_until_train(&uninterrupted);
+    assert_eq!(ran.code, 0, "{ran}");
+
+    let killed = Scratch::new();
+    tiny_model(&killed);
+    killed.write("p.toml", &pipeline("resume", settings));
+    // Everything up to the training data, then a training run to kill.
+    let ran = killed.xlpipe(&[
+        "run",
+        "p.toml",
+        "--offline",
+        "--mirror",
+        &repo("../shared/mirror"),
+        "--until",
+        "translate",
+    ]);
+    assert_eq!(ran.code, 0, "{ran}");
+    let mut child = killed.spawn(&["run", "p.toml", "--offline", "--until", "train"]);
+    let state = killed.cache().join("state/train");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let checkpointed = || {
+        std::fs::read_dir(&state)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("progress.json").is_file())
+    };
+    while !checkpointed() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let ran = run_until_train(&killed);
+    assert_eq!(ran.code, 0, "{ran}");
+    assert!(ran.stderr.contains("resumed at step"), "{ran}");
+
+    let a =
+        safetensors_floats(&output(&uninterrupted, "resume", "model").join("model.safetensors"));
+    let b = safetensors_floats(&output(&killed, "resume", "model").join("model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-6, "weights differ by {diff} after resume");
+}
+
+#[test]
+fn a_diverging_loss_stops_with_a_clear_error() {
+    let s = Scratch::shared();
+    tiny_model(&s);
+    s.write(
+        "p.toml",
+        &pipeline("diverge", "alpha = 1.0\nsteps = 60\nbatch_size = 8\nlr = 1e30\nwarmup_ratio = 0.0\nmax_grad_norm = 1e30\neval_every = 0\n"),
+    );
+    let ran = run_until_train(&s);
+    assert_eq!(ran.code, 1, "{ran}");
+    assert!(ran.stderr.contains("the training loss became"), "{ran}");
+}
