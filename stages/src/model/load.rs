@@ -187,7 +187,8 @@ pub fn save_encoder<B: Backend>(
     }
     let mut store = SafetensorsStore::from_file(dir.join("model.safetensors"))
         .remap(KeyRemapper::from_patterns(BURN_TO_HF.to_vec())?)
-        .with_to_adapter(BurnToPyTorchAdapter);
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .overwrite(true);
     encoder
         .save_into(&mut store)
         .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", dir.display()))?;

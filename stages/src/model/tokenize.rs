@@ -4,7 +4,7 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::Tokenizer;
 
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -26,31 +26,34 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner, pad_id })
     }
 
-    /// Tokenize with special tokens, cut at `max_len` tokens.
+    /// Tokenize with special tokens, cut at `max_len` tokens. As in
+    /// transformers, a cut sequence keeps its closing special token.
     pub fn encode(&self, texts: &[String], max_len: usize) -> anyhow::Result<TokenBatch> {
-        let mut tokenizer = self.inner.clone();
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| anyhow::anyhow!("truncation: {e}"))?;
-        tokenizer.with_padding(None);
-        let encodings = tokenizer
+        anyhow::ensure!(
+            max_len >= 2,
+            "max_len must leave room for the special tokens"
+        );
+        let encodings = self
+            .inner
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let seq = encodings
+        let rows: Vec<Vec<u32>> = encodings
             .iter()
-            .map(|e| e.get_ids().len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+            .map(|e| {
+                let ids = e.get_ids();
+                if ids.len() <= max_len {
+                    ids.to_vec()
+                } else {
+                    let mut cut = ids[..max_len - 1].to_vec();
+                    cut.push(*ids.last().expect("non-empty"));
+                    cut
+                }
+            })
+            .collect();
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(texts.len() * seq);
         let mut mask = Vec::with_capacity(texts.len() * seq);
-        for encoding in &encodings {
-            let row = encoding.get_ids();
+        for row in &rows {
             ids.extend(row.iter().map(|&i| i as i64));
             mask.extend(std::iter::repeat_n(1, row.len()));
             ids.extend(std::iter::repeat_n(self.pad_id as i64, seq - row.len()));

@@ -36,7 +36,7 @@ use anyhow::Context;
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{CompactRecorder, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
@@ -278,11 +278,14 @@ impl Stage for TrainStage {
     }
 }
 
+/// Per language, per training pair: its hard negative, if any.
+type HardNegatives = Vec<Vec<Option<String>>>;
+
 /// Train and validation pairs, by language.
 fn load_pairs(
     dir: &Path,
     langs: Option<&[String]>,
-) -> anyhow::Result<(ParallelPairs, ParallelPairs, Vec<Vec<Option<String>>>)> {
+) -> anyhow::Result<(ParallelPairs, ParallelPairs, HardNegatives)> {
     let frame = read_parquet(&dir.join("pairs.parquet"))
         .context("the `pairs` input is not a translate output")?;
     let ids = strings(&frame, "pair_id")?;
@@ -523,7 +526,8 @@ fn train<B: AutodiffBackend>(
 
     // Resume from the last checkpoint of this very stage instance.
     let checkpoints = ctx.state_dir.join(&ctx.key);
-    let recorder = CompactRecorder::new();
+    // Full precision: a resumed run must continue from the exact weights.
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let mut progress = Progress::default();
     if let Ok(text) = std::fs::read_to_string(checkpoints.join("progress.json")) {
         progress = serde_json::from_str(&text)?;
@@ -673,7 +677,7 @@ fn train<B: AutodiffBackend>(
 
 fn checkpoint<B: AutodiffBackend, O: Optimizer<Encoder<B>, B>>(
     dir: &Path,
-    recorder: &CompactRecorder,
+    recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
     encoder: &Encoder<B>,
     optimizer: &O,
     progress: &Progress,
