@@ -1,3 +1,5 @@
+//! Benchmarks that print ratios against a baseline measured in the same run.
+//!
 //! `xlpipe bench engine`: how long the engine itself takes on a big grid.
 //!
 //! Generates a grid of trivial `command` stages plus one collecting stage,
@@ -152,4 +154,139 @@ fn median_ms(repeat: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+/// The PyTorch side of `bench train`: sentence-transformers with
+/// MultipleNegativesRankingLoss on the same model, batch, lengths, threads.
+const TORCH_TRAIN_STEP: &str = r#"
+import json, sys, time
+import torch
+from sentence_transformers import SentenceTransformer, losses
+
+model_dir, data_file, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+data = json.load(open(data_file))
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = SentenceTransformer(model_dir, device="cpu")
+loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
+
+def features(texts, max_len):
+    model.max_seq_length = max_len
+    return model.tokenize(texts)
+
+q = features(data["queries"], data["query_len"])
+p = features(data["passages"], data["passage_len"])
+tokens = int(q["attention_mask"].sum() + p["attention_mask"].sum())
+times = []
+for step in range(steps + 1):
+    start = time.perf_counter()
+    loss = loss_fn([dict(q), dict(p)], None)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    if step > 0:
+        times.append(time.perf_counter() - start)
+times.sort()
+print(json.dumps({"median_seconds": times[len(times) // 2], "tokens_per_step": tokens, "torch": torch.__version__}))
+"#;
+
+/// Words to build full-length training texts from (every text is cut at
+/// the lengths, so each step sees the same number of tokens on both sides).
+const BENCH_TEXT: &str = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, \
+a region in France. They were descended from Norse raiders and pirates from Denmark, Iceland and Norway who, \
+under their leader Rollo, agreed to swear fealty to King Charles III of West Francia. Through generations of \
+assimilation and mixing with the native Frankish and Roman-Gaulish populations, their descendants would \
+gradually merge with the Carolingian-based cultures of West Francia. Die Normannen waren ein Volk, das im \
+zehnten Jahrhundert der Normandie ihren Namen gab. Los normandos fueron el pueblo que dio nombre a Normandía.";
+
+/// `xlpipe bench train`: training step time and tokens/s of the model in
+/// `model` on this CPU, next to PyTorch + sentence-transformers in `python`.
+pub fn train(model: &Path, batch: usize, steps: usize, python: &str) -> anyhow::Result<String> {
+    let words: Vec<&str> = BENCH_TEXT.split_whitespace().collect();
+    let text = |i: usize, n: usize| -> String {
+        (0..n)
+            .map(|k| words[(i * 7 + k) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let queries: Vec<String> = (0..batch)
+        .map(|i| format!("query: {}", text(i, 60)))
+        .collect();
+    let passages: Vec<String> = (0..batch)
+        .map(|i| format!("passage: {}", text(i + batch, 220)))
+        .collect();
+    let lengths = (32, 128);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let ours =
+        xlpipe_stages::train::benchmark_cpu_steps(model, &queries, &passages, lengths, steps)?;
+
+    let dir = std::env::temp_dir().join(format!("xlpipe-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("torch_step.py");
+    std::fs::write(&script, TORCH_TRAIN_STEP)?;
+    let data = dir.join("batch.json");
+    std::fs::write(
+        &data,
+        serde_json::to_vec(&serde_json::json!({
+            "queries": queries, "passages": passages,
+            "query_len": lengths.0, "passage_len": lengths.1,
+        }))?,
+    )?;
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(model)
+        .arg(&data)
+        .arg(steps.to_string())
+        .arg(threads.to_string())
+        .output()
+        .with_context(|| format!("running {python}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    anyhow::ensure!(
+        output.status.success(),
+        "the PyTorch baseline failed (needs torch and sentence-transformers in {python}):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let torch: serde_json::Value = serde_json::from_slice(
+        output
+            .stdout
+            .split(|&b| b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap_or_default(),
+    )?;
+    let torch_seconds = torch["median_seconds"].as_f64().unwrap_or(f64::NAN);
+    let torch_tokens = torch["tokens_per_step"].as_u64().unwrap_or(0) as usize;
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "train benchmark: {} on CPU, batch {batch}, query <= {} / passage <= {} tokens, {threads} threads, median of {steps} steps",
+        model.display(),
+        lengths.0,
+        lengths.1
+    );
+    let rate = |tokens: usize, s: f64| tokens as f64 / s;
+    let _ = writeln!(
+        out,
+        "  xlpipe (burn flex)          {:>8.3} s/step  {:>9.0} tokens/s  ({} tokens/step)",
+        ours.median_seconds,
+        rate(ours.tokens_per_step, ours.median_seconds),
+        ours.tokens_per_step
+    );
+    let _ = writeln!(
+        out,
+        "  PyTorch {:<8} (ST MNRL)  {:>8.3} s/step  {:>9.0} tokens/s  ({} tokens/step)",
+        torch["torch"].as_str().unwrap_or("?"),
+        torch_seconds,
+        rate(torch_tokens, torch_seconds),
+        torch_tokens
+    );
+    let _ = writeln!(
+        out,
+        "  speed ratio xlpipe / PyTorch: {:.2}x (above 1 is faster)",
+        torch_seconds / ours.median_seconds
+    );
+    Ok(out)
 }

@@ -116,6 +116,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
+    /// Training step time and tokens/s on this CPU, next to PyTorch
+    /// (sentence-transformers MultipleNegativesRankingLoss) in the same run.
+    Train {
+        /// A Hugging Face model folder (e.g. multilingual-e5-small).
+        model: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Python with torch and sentence-transformers for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
 }
 
 fn default_jobs() -> usize {
@@ -263,6 +277,18 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             which: BenchCommand::Engine { instances, repeat },
         } => {
             print!("{}", bench::engine(instances, repeat)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which:
+                BenchCommand::Train {
+                    model,
+                    batch,
+                    steps,
+                    python,
+                },
+        } => {
+            print!("{}", bench::train(&model, batch, steps, &python)?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -168,3 +168,70 @@ fn multilingual_e5_small_matches_transformers() {
     eprintln!("multilingual-e5-small: embeddings max |diff| {diff:e}");
     assert!(diff <= 1e-4, "mE5-small embeddings differ by {diff}");
 }
+
+#[test]
+fn hub_models_come_from_the_hub_cache_offline() {
+    let s = common::Scratch::new();
+    // The layout huggingface_hub writes: refs/main -> commit, snapshot files
+    // as symlinks into blobs/.
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = s.path("hub/models--test-org--tiny-xlmr");
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/derived/tokenizers/xlm-roberta.tokenizer.json");
+    for (name, from) in [
+        ("config.json", fixtures("tiny-xlmr/config.json")),
+        ("model.safetensors", fixtures("tiny-xlmr/model.safetensors")),
+        ("tokenizer.json", tokenizer),
+    ] {
+        let blob = repo.join("blobs").join(name);
+        std::fs::copy(from, &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snapshot.join(name)).unwrap();
+    }
+    s.write(
+        "p.toml",
+        "[stages.model]\nkind = \"hf_model\"\nid = \"test-org/tiny-xlmr\"\n",
+    );
+    let run = |s: &common::Scratch| {
+        let out = s
+            .command(&["run", "p.toml"])
+            .env("HF_HUB_CACHE", s.path("hub"))
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run(&s);
+    assert_eq!(code, Some(0), "{stderr}");
+    let shown = s.ok(&["show", "model"]).stdout;
+    assert!(
+        shown.contains(&format!("\"commit\": \"{commit}\"")),
+        "{shown}"
+    );
+    let dir = s.path(
+        shown
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output   files  "))
+            .unwrap(),
+    );
+    load_encoder::<Flex>(&dir, Pooling::Mean, &Default::default()).unwrap();
+
+    // Not in the cache and offline: a clear error.
+    s.write(
+        "p.toml",
+        "[stages.model]\nkind = \"hf_model\"\nid = \"test-org/absent\"\n",
+    );
+    let (code, stderr) = run(&s);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("config.json is not in the hub cache"),
+        "{stderr}"
+    );
+}

@@ -226,7 +226,7 @@ fn fetch(
         );
     }
     let partial = partial_dir.join(&file.sha256);
-    download_resuming(&file.url, &partial, ctx)
+    download_resuming(&file.url, &partial, ctx, None)
         .with_context(|| format!("cannot fetch {}; {mirrors}", file.url))?;
     let hash = sha256_file(&partial)?;
     if hash != file.sha256 {
@@ -242,8 +242,14 @@ fn fetch(
 }
 
 /// Download `url` into `partial`, continuing what an earlier attempt (or an
-/// earlier, killed run) left there, retrying transient failures.
-fn download_resuming(url: &str, partial: &Path, ctx: &StageContext) -> anyhow::Result<()> {
+/// earlier, killed run) left there, retrying transient failures. `token` is
+/// sent as a bearer token (gated Hugging Face models).
+pub(crate) fn download_resuming(
+    url: &str,
+    partial: &Path,
+    ctx: &StageContext,
+    token: Option<&str>,
+) -> anyhow::Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(20)))
         .timeout_recv_body(Some(Duration::from_secs(120)))
@@ -252,7 +258,7 @@ fn download_resuming(url: &str, partial: &Path, ctx: &StageContext) -> anyhow::R
         .into();
     let mut attempt = 0;
     loop {
-        match download_once(&agent, url, partial, ctx) {
+        match download_once(&agent, url, partial, ctx, token) {
             Ok(()) => return Ok(()),
             Err(err) if err.transient && attempt < BACKOFF.len() => {
                 tracing::warn!("{url}: {}; retrying in {:?}", err.error, BACKOFF[attempt]);
@@ -283,11 +289,15 @@ fn download_once(
     url: &str,
     partial: &Path,
     ctx: &StageContext,
+    token: Option<&str>,
 ) -> Result<(), FetchError> {
     let have = fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
     let mut request = agent.get(url);
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
+    }
+    if let Some(token) = token {
+        request = request.header("Authorization", format!("Bearer {token}"));
     }
     let response = request.call().map_err(|err| FetchError {
         transient: match &err {

@@ -11,6 +11,7 @@ mod command;
 pub mod content;
 pub mod datasets;
 mod download;
+mod hf_model;
 mod import;
 pub mod model;
 pub mod qa_pairs;
@@ -70,6 +71,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(CommandStage),
         Box::new(DownloadStage),
         Box::new(import::ImportStage),
+        Box::new(hf_model::HfModelStage),
         Box::new(datasets::squad::SquadStage),
         Box::new(datasets::lareqa::LareqaStage),
         Box::new(datasets::parallel::ParallelStage),

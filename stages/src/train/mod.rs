@@ -702,3 +702,55 @@ fn checkpoint<B: AutodiffBackend, O: Optimizer<Encoder<B>, B>>(
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
+
+/// Timing of training steps, for `xlpipe bench train`.
+pub struct StepTiming {
+    /// Median seconds per optimizer step (the first step, a warm-up, excluded).
+    pub median_seconds: f64,
+    /// Real (non-padding) tokens per step, queries and passages together.
+    pub tokens_per_step: usize,
+}
+
+/// Run `steps` training steps of the model in `model_dir` on the CPU backend
+/// with the training stage's own loss, optimizer and clipping, on one fixed
+/// batch of `queries` and `passages` (prefixes included).
+pub fn benchmark_cpu_steps(
+    model_dir: &Path,
+    queries: &[String],
+    passages: &[String],
+    lengths: (usize, usize),
+    steps: usize,
+) -> anyhow::Result<StepTiming> {
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+    let device = Default::default();
+    let pad = EncoderConfig::from_file(&model_dir.join("config.json"), Pooling::Mean)?.pad_token_id
+        as u32;
+    let tokenizer = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), pad)?;
+    let mut encoder: Encoder<B> = load_encoder(model_dir, Pooling::Mean, &device)?;
+    let mut optimizer = AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
+        .init::<B, Encoder<B>>();
+    let q = tokenizer.encode(queries, lengths.0)?;
+    let p = tokenizer.encode(passages, lengths.1)?;
+    let tokens_per_step = (q.mask.iter().sum::<i64>() + p.mask.iter().sum::<i64>()) as usize;
+    let mut times = Vec::new();
+    for step in 0..=steps {
+        let clock = std::time::Instant::now();
+        let (qi, qm) = q.tensors::<B>(&device);
+        let (pi, pm) = p.tensors::<B>(&device);
+        let loss = info_nce(encoder.embed(qi, qm), encoder.embed(pi, pm), 20.0);
+        let grads = GradientsParams::from_grads(loss.backward(), &encoder);
+        encoder = optimizer.step(3e-5, encoder, grads);
+        // Reading a weight waits for the step to finish on any backend.
+        let _ = scalar(encoder.embeddings.norm.gamma.val().sum());
+        if step > 0 {
+            times.push(clock.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(StepTiming {
+        median_seconds: times[times.len() / 2],
+        tokens_per_step,
+    })
+}
