@@ -152,10 +152,7 @@ impl Stage for DownloadStage {
         _params: &serde_json::Value,
         _input_names: &[String],
     ) -> Result<Interface, ParamError> {
-        Ok(Interface {
-            outputs: vec!["files".into()],
-            ..Interface::default()
-        })
+        Ok(Interface::producing(&["files"]))
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {

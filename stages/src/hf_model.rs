@@ -115,10 +115,7 @@ impl Stage for HfModelStage {
         _params: &serde_json::Value,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
-        Ok(Interface {
-            outputs: vec!["files".into()],
-            ..Interface::default()
-        })
+        Ok(Interface::producing(&["files"]))
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {

@@ -91,10 +91,7 @@ impl Stage for ImportStage {
         _params: &serde_json::Value,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
-        Ok(Interface {
-            outputs: vec!["files".into()],
-            ..Interface::default()
-        })
+        Ok(Interface::producing(&["files"]))
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {

@@ -148,6 +148,16 @@ pub struct Interface {
     pub resources: BTreeMap<String, u32>,
 }
 
+impl Interface {
+    /// A stage with no inputs and these outputs (sources: downloads, imports).
+    pub fn producing(outputs: &[&str]) -> Self {
+        Interface {
+            outputs: outputs.iter().map(|o| o.to_string()).collect(),
+            ..Interface::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct InputSlot {
     pub name: String,

@@ -17,10 +17,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{input_file, parse_json};
+use super::{input_file, parse_json, reader_interface};
 use crate::table::{string_column, write_parquet, OnError, ReadReport};
 use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
 };
 
@@ -65,11 +65,7 @@ impl Stage for LareqaStage {
         _params: &serde_json::Value,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
-        Ok(Interface {
-            inputs: vec![InputSlot::one("files")],
-            outputs: vec!["data".into()],
-            ..Interface::default()
-        })
+        Ok(reader_interface())
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {

@@ -11,10 +11,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::input_file;
+use super::{input_file, reader_interface};
 use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
 use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
 };
 
@@ -59,11 +59,7 @@ impl Stage for MiraclStage {
         _params: &serde_json::Value,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
-        Ok(Interface {
-            inputs: vec![InputSlot::one("files")],
-            outputs: vec!["data".into()],
-            ..Interface::default()
-        })
+        Ok(reader_interface())
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {

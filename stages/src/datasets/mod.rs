@@ -17,6 +17,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::{InputSlot, Interface};
+
+/// Every reader: files in (a `download` / `import` folder), tables out.
+pub fn reader_interface() -> Interface {
+    Interface {
+        inputs: vec![InputSlot::one("files")],
+        ..Interface::producing(&["data"])
+    }
+}
+
 /// A file named in params, inside the input folder `dir`.
 pub fn input_file(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);

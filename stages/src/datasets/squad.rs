@@ -20,10 +20,10 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{char_to_byte, input_file, parse_json, split_sentences};
+use super::{char_to_byte, input_file, parse_json, reader_interface, split_sentences};
 use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
 use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
 };
 
@@ -74,11 +74,7 @@ impl Stage for SquadStage {
         _params: &serde_json::Value,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
-        Ok(Interface {
-            inputs: vec![InputSlot::one("files")],
-            outputs: vec!["data".into()],
-            ..Interface::default()
-        })
+        Ok(reader_interface())
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
