@@ -11,6 +11,7 @@ mod command;
 pub mod content;
 pub mod datasets;
 mod download;
+pub mod eval;
 mod hf_model;
 mod import;
 pub mod model;
