@@ -45,7 +45,7 @@ fn metrics_match_pytrec_eval() {
         run.insert(qid.clone(), ranking);
         let mut judged = HashMap::new();
         for d in 0..150 {
-            if rng.next_u64() % 6 == 0 {
+            if rng.next_u64().is_multiple_of(6) {
                 judged.insert(format!("d{d}"), (rng.next_u64() % 4) as i64);
             }
         }
