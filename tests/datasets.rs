@@ -28,8 +28,11 @@ fn data_dir(s: &Scratch, stage: &str, pipeline: &str) -> PathBuf {
 }
 
 fn meta(s: &Scratch, stage: &str) -> Value {
-    let path = data_dir(s, stage, "datasets").join("meta.json");
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    meta_at(&data_dir(s, stage, "datasets"))
+}
+
+fn meta_at(dir: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap()
 }
 
 fn count(meta: &Value, key: &str) -> u64 {
@@ -175,13 +178,8 @@ fn bad_records_are_skipped_and_counted_or_fail() {
     let reader = "kind = \"squad\"\nfiles = [\"qa.json\"]\nlang = \"en\"\n";
     let ran = import_and_read(&s, "qa.json", reader);
     assert_eq!(ran.code, 0, "{ran}");
-    let dir = s.ok(&["show", "read"]).stdout;
-    let dir = dir
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("output   data  "))
-        .unwrap();
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(s.path(dir).join("meta.json")).unwrap()).unwrap();
+    let dir = data_dir(&s, "read", "p");
+    let meta = meta_at(&dir);
     assert_eq!(
         (
             meta["read"].as_u64(),
@@ -194,7 +192,7 @@ fn bad_records_are_skipped_and_counted_or_fail() {
         meta["problems"][0],
         "qa.json: record moved: answer not in context at answer_start (Gamma)"
     );
-    let qa = read_parquet(&s.path(dir).join("qa.parquet")).unwrap();
+    let qa = read_parquet(&dir.join("qa.parquet")).unwrap();
     assert_eq!(strings(&qa, "sentence").unwrap(), vec!["Gamma delta."]);
     let ran = import_and_read(&s, "qa.json", &format!("{reader}on_error = \"fail\"\n"));
     assert_eq!(ran.code, 1, "{ran}");
@@ -226,13 +224,7 @@ fn misaligned_parallel_files() {
     );
     let ran = import_and_read(&s, "a.en", &format!("kind = \"parallel\"\n{sets}"));
     assert_eq!(ran.code, 0, "{ran}");
-    let dir = s.ok(&["show", "read"]).stdout;
-    let dir = dir
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("output   data  "))
-        .unwrap();
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(s.path(dir).join("meta.json")).unwrap()).unwrap();
+    let meta = meta_at(&data_dir(&s, "read", "p"));
     assert_eq!(meta["counts"]["lines.b"], 2);
     assert_eq!(meta["skipped_by_reason"]["misaligned line counts"], 1);
     assert_eq!(meta["skipped_by_reason"]["empty line"], 1);
@@ -278,16 +270,10 @@ fn miracl_corpus_and_invalid_utf8_lines() {
         "kind = \"miracl\"\nlang = \"de\"\ntopics = \"topics.tsv\"\nqrels = \"qrels.tsv\"\ncorpus = \"corpus.jsonl\"\n",
     );
     assert_eq!(ran.code, 0, "{ran}");
-    let dir = s.ok(&["show", "read"]).stdout;
-    let dir = s.path(
-        dir.lines()
-            .find_map(|l| l.trim().strip_prefix("output   data  "))
-            .unwrap(),
-    );
+    let dir = data_dir(&s, "read", "p");
     let corpus = read_parquet(&dir.join("corpus.parquet")).unwrap();
     assert_eq!(strings(&corpus, "docid").unwrap(), vec!["d1", "d2"]);
-    let meta: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    let meta = meta_at(&dir);
     assert_eq!(
         (
             meta["counts"]["queries"].as_u64(),
@@ -308,12 +294,7 @@ fn miracl_corpus_and_invalid_utf8_lines() {
         "kind = \"parallel\"\n[stages.read.sets]\nx = { en = \"x.en\", de = \"x.de\" }\n",
     );
     assert_eq!(ran.code, 0, "{ran}");
-    let dir = s.ok(&["show", "read"]).stdout;
-    let dir = s.path(
-        dir.lines()
-            .find_map(|l| l.trim().strip_prefix("output   data  "))
-            .unwrap(),
-    );
+    let dir = data_dir(&s, "read", "p");
     let sentences = read_parquet(&dir.join("sentences.parquet")).unwrap();
     assert_eq!(
         strings(&sentences, "text").unwrap(),
