@@ -11,6 +11,7 @@ mod command;
 pub mod content;
 pub mod datasets;
 mod download;
+mod encode;
 pub mod eval;
 mod hf_model;
 mod import;
@@ -80,6 +81,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(qa_pairs::QaPairsStage),
         Box::new(translate::TranslateStage),
         Box::new(train::TrainStage),
+        Box::new(encode::EncodeStage),
     ]
 }
 

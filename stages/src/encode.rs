@@ -1,0 +1,227 @@
+//! `encode`: embed a text column of a table with a model.
+//!
+//! ```toml
+//! [stages.encode_candidates]
+//! kind = "encode"
+//! inputs.model = "base_model"       # a Hugging Face folder (or a train output)
+//! inputs.texts = "xquad_r"          # a folder of Parquet tables
+//! table = "candidates"              # candidates.parquet in that folder
+//! text = "sentence"                 # the column to embed
+//! id = "cid"                        # the column that names each row
+//! prefix = "passage: "
+//! ```
+//!
+//! Texts are batched in order of token length (little padding), embedded
+//! with mean or CLS pooling and L2-normalised. The model is an input, so its
+//! content hash is in the key: a grid re-encodes only for models that
+//! changed, and evaluation sets encoded with a shared base model are
+//! encoded once.
+//!
+//! Output folder `embeddings`: `ids.parquet` (the id column, plus `lang`
+//! when the table has one, in table order), `vectors.bin` (row-major
+//! little-endian f32 or f16, one row per id) and `meta.json` (rows, dim,
+//! dtype).
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{load_encoder, EncoderConfig, Pooling, TextTokenizer};
+use crate::table::{read_parquet, string_column, strings, write_parquet};
+use crate::train::DeviceChoice;
+use crate::{
+    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    StageContext,
+};
+
+pub struct EncodeStage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    F32,
+    F16,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncodeParams {
+    table: String,
+    text: String,
+    id: String,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default = "d_len")]
+    max_len: usize,
+    #[serde(default = "d_batch")]
+    batch_size: usize,
+    #[serde(default)]
+    pooling: Pooling,
+    #[serde(default = "d_dtype")]
+    dtype: Dtype,
+    #[serde(default = "d_device")]
+    device: DeviceChoice,
+}
+
+fn d_len() -> usize {
+    128
+}
+fn d_batch() -> usize {
+    64
+}
+fn d_dtype() -> Dtype {
+    Dtype::F32
+}
+fn d_device() -> DeviceChoice {
+    DeviceChoice::Cpu
+}
+
+impl Stage for EncodeStage {
+    fn kind(&self) -> &'static str {
+        "encode"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "embed a text column with a model (length-bucketed batches, f32 or f16)"
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        _env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let p: EncodeParams = parse_params(params)?;
+        if p.batch_size == 0 {
+            return Err(ParamError::new("batch_size", "must be at least 1"));
+        }
+        if p.max_len < 2 {
+            return Err(ParamError::new(
+                "max_len",
+                "must leave room for the special tokens",
+            ));
+        }
+        if p.device == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
+            return Err(ParamError::new(
+                "device",
+                "this xlpipe was built without CUDA (cargo build --features cuda)",
+            ));
+        }
+        Ok(to_canonical(&p))
+    }
+
+    fn interface(
+        &self,
+        params: &serde_json::Value,
+        _inputs: &[String],
+    ) -> Result<Interface, ParamError> {
+        let p: EncodeParams =
+            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
+        let mut interface = Interface {
+            inputs: vec![InputSlot::one("model"), InputSlot::one("texts")],
+            ..Interface::producing(&["embeddings"])
+        };
+        if p.device == DeviceChoice::Cuda {
+            interface.resources.insert("gpu".into(), 1);
+        }
+        Ok(interface)
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: EncodeParams = from_canonical(params)?;
+        match p.device {
+            DeviceChoice::Cpu => encode::<burn::backend::Flex>(&p, ctx, Default::default()),
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda => {
+                crate::model::cuda_available()?;
+                let index = ctx
+                    .devices
+                    .get("gpu")
+                    .and_then(|d| d.first())
+                    .copied()
+                    .unwrap_or(0);
+                encode::<burn::backend::Cuda>(
+                    &p,
+                    ctx,
+                    burn::backend::cuda::CudaDevice::new(index as usize),
+                )
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),
+        }
+    }
+}
+
+fn encode<B: burn::tensor::backend::Backend>(
+    p: &EncodeParams,
+    ctx: &StageContext,
+    device: B::Device,
+) -> anyhow::Result<()> {
+    let model_dir = ctx.input("model")?;
+    let table_path = ctx.input("texts")?.join(format!("{}.parquet", p.table));
+    let frame = read_parquet(&table_path)?;
+    let ids = strings(&frame, &p.id)?;
+    let texts: Vec<String> = strings(&frame, &p.text)?
+        .into_iter()
+        .map(|t| format!("{}{t}", p.prefix))
+        .collect();
+    let langs = frame
+        .column("lang")
+        .is_ok()
+        .then(|| strings(&frame, "lang"))
+        .transpose()?;
+
+    let pad =
+        EncoderConfig::from_file(&model_dir.join("config.json"), p.pooling)?.pad_token_id as u32;
+    let tokenizer = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), pad)?;
+    let encoder = load_encoder::<B>(model_dir, p.pooling, &device)?;
+    let dim = encoder.embeddings.word.weight.dims()[1];
+
+    // Length-sorted batches waste little on padding; rows go back in table order.
+    let lengths = tokenizer.lengths(&texts)?;
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| (lengths[i], i));
+    let mut vectors = vec![0f32; texts.len() * dim];
+    let bar = ctx.progress_bar(texts.len() as u64, &format!("encoding {}", p.table));
+    for chunk in order.chunks(p.batch_size) {
+        let batch: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
+        let (input_ids, mask) = tokenizer.encode(&batch, p.max_len)?.tensors::<B>(&device);
+        let embedded: Vec<f32> = encoder
+            .embed(input_ids, mask)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("reading embeddings: {e:?}"))?;
+        for (row, &i) in chunk.iter().enumerate() {
+            vectors[i * dim..(i + 1) * dim].copy_from_slice(&embedded[row * dim..(row + 1) * dim]);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+
+    let out = ctx.output("embeddings");
+    std::fs::create_dir_all(&out)?;
+    let mut columns = vec![string_column("id", ids)];
+    if let Some(langs) = langs {
+        columns.push(string_column("lang", langs));
+    }
+    write_parquet(&out.join("ids.parquet"), columns)?;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(out.join("vectors.bin"))?);
+    for v in &vectors {
+        match p.dtype {
+            Dtype::F32 => file.write_all(&v.to_le_bytes())?,
+            Dtype::F16 => file.write_all(&burn::tensor::f16::from_f32(*v).to_le_bytes())?,
+        }
+    }
+    file.flush()?;
+    std::fs::write(
+        out.join("meta.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "rows": texts.len(), "dim": dim, "dtype": p.dtype, "table": p.table, "text": p.text,
+        }))?,
+    )?;
+    Ok(())
+}
