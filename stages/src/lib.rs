@@ -11,7 +11,7 @@ mod command;
 pub mod content;
 pub mod datasets;
 mod download;
-mod encode;
+pub mod encode;
 pub mod eval;
 mod hf_model;
 mod import;
@@ -82,6 +82,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(translate::TranslateStage),
         Box::new(train::TrainStage),
         Box::new(encode::EncodeStage),
+        Box::new(eval::lareqa::EvaluateLareqaStage),
     ]
 }
 
