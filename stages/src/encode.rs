@@ -26,9 +26,8 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{load_encoder, EncoderConfig, Pooling, TextTokenizer};
+use crate::model::{load_encoder, DeviceChoice, EncoderConfig, Pooling, TextTokenizer};
 use crate::table::{read_parquet, string_column, strings, write_parquet};
-use crate::train::DeviceChoice;
 use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
@@ -59,7 +58,7 @@ struct EncodeParams {
     pooling: Pooling,
     #[serde(default = "d_dtype")]
     dtype: Dtype,
-    #[serde(default = "d_device")]
+    #[serde(default)]
     device: DeviceChoice,
 }
 
@@ -71,9 +70,6 @@ fn d_batch() -> usize {
 }
 fn d_dtype() -> Dtype {
     Dtype::F32
-}
-fn d_device() -> DeviceChoice {
-    DeviceChoice::Cpu
 }
 
 impl Stage for EncodeStage {
@@ -104,12 +100,7 @@ impl Stage for EncodeStage {
                 "must leave room for the special tokens",
             ));
         }
-        if p.device == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
-            return Err(ParamError::new(
-                "device",
-                "this xlpipe was built without CUDA (cargo build --features cuda)",
-            ));
-        }
+        p.device.check()?;
         Ok(to_canonical(&p))
     }
 
@@ -120,14 +111,11 @@ impl Stage for EncodeStage {
     ) -> Result<Interface, ParamError> {
         let p: EncodeParams =
             from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
-        let mut interface = Interface {
+        Ok(Interface {
             inputs: vec![InputSlot::one("model"), InputSlot::one("texts")],
+            resources: p.device.resources(),
             ..Interface::producing(&["embeddings"])
-        };
-        if p.device == DeviceChoice::Cuda {
-            interface.resources.insert("gpu".into(), 1);
-        }
-        Ok(interface)
+        })
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
@@ -136,18 +124,7 @@ impl Stage for EncodeStage {
             DeviceChoice::Cpu => encode::<burn::backend::Flex>(&p, ctx, Default::default()),
             #[cfg(feature = "cuda")]
             DeviceChoice::Cuda => {
-                crate::model::cuda_available()?;
-                let index = ctx
-                    .devices
-                    .get("gpu")
-                    .and_then(|d| d.first())
-                    .copied()
-                    .unwrap_or(0);
-                encode::<burn::backend::Cuda>(
-                    &p,
-                    ctx,
-                    burn::backend::cuda::CudaDevice::new(index as usize),
-                )
+                encode::<burn::backend::Cuda>(&p, ctx, DeviceChoice::cuda_device(ctx)?)
             }
             #[cfg(not(feature = "cuda"))]
             DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),

@@ -44,7 +44,9 @@ use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
 use crate::content::copy_tree;
-use crate::model::{load_encoder, save_encoder, Encoder, EncoderConfig, Pooling, TextTokenizer};
+use crate::model::{
+    load_encoder, save_encoder, DeviceChoice, Encoder, EncoderConfig, Pooling, TextTokenizer,
+};
 use crate::table::{read_parquet, strings, write_parquet};
 use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
@@ -53,13 +55,6 @@ use crate::{
 use sampler::{AlphaSchedule, Batch, HybridSampler, LanguageChoice, ParallelPairs};
 
 pub struct TrainStage;
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -124,7 +119,7 @@ struct TrainParams {
     checkpoint_every: usize,
     #[serde(default)]
     seed: u64,
-    #[serde(default = "d_device")]
+    #[serde(default)]
     device: DeviceChoice,
     #[serde(default = "d_init")]
     init: Init,
@@ -171,9 +166,6 @@ fn d_eval() -> usize {
 }
 fn d_val_batches() -> usize {
     8
-}
-fn d_device() -> DeviceChoice {
-    DeviceChoice::Cpu
 }
 fn d_init() -> Init {
     Init::Pretrained
@@ -224,12 +216,7 @@ impl Stage for TrainStage {
                 "in-batch negatives need at least 2",
             ));
         }
-        if p.device == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
-            return Err(ParamError::new(
-                "device",
-                "this xlpipe was built without CUDA (cargo build --features cuda)",
-            ));
-        }
+        p.device.check()?;
         Ok(to_canonical(&p))
     }
 
@@ -240,14 +227,10 @@ impl Stage for TrainStage {
     ) -> Result<Interface, ParamError> {
         let p: TrainParams =
             from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
-        let mut resources = BTreeMap::new();
-        if p.device == DeviceChoice::Cuda {
-            resources.insert("gpu".to_string(), 1);
-        }
         Ok(Interface {
             inputs: vec![InputSlot::one("model"), InputSlot::one("pairs")],
             outputs: vec!["model".into(), "training".into()],
-            resources,
+            resources: p.device.resources(),
         })
     }
 
@@ -258,20 +241,11 @@ impl Stage for TrainStage {
                 train::<burn::backend::Autodiff<burn::backend::Flex>>(&p, ctx, Default::default())
             }
             #[cfg(feature = "cuda")]
-            DeviceChoice::Cuda => {
-                let index = ctx
-                    .devices
-                    .get("gpu")
-                    .and_then(|d| d.first())
-                    .copied()
-                    .unwrap_or(0);
-                crate::model::cuda_available()?;
-                train::<burn::backend::Autodiff<burn::backend::Cuda>>(
-                    &p,
-                    ctx,
-                    burn::backend::cuda::CudaDevice::new(index as usize),
-                )
-            }
+            DeviceChoice::Cuda => train::<burn::backend::Autodiff<burn::backend::Cuda>>(
+                &p,
+                ctx,
+                DeviceChoice::cuda_device(ctx)?,
+            ),
             #[cfg(not(feature = "cuda"))]
             DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),
         }
