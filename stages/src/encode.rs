@@ -26,7 +26,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{load_encoder, DeviceChoice, EncoderConfig, Pooling, TextTokenizer};
+use crate::model::{load_encoder, DeviceChoice, Pooling, TextTokenizer};
 use crate::table::{read_parquet, string_column, strings, write_parquet};
 use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
@@ -151,9 +151,7 @@ fn encode<B: burn::tensor::backend::Backend>(
         .then(|| strings(&frame, "lang"))
         .transpose()?;
 
-    let pad =
-        EncoderConfig::from_file(&model_dir.join("config.json"), p.pooling)?.pad_token_id as u32;
-    let tokenizer = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), pad)?;
+    let tokenizer = TextTokenizer::for_model(model_dir)?;
     let encoder = load_encoder::<B>(model_dir, p.pooling, &device)?;
     let dim = encoder.embeddings.word.weight.dims()[1];
 

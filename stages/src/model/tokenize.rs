@@ -26,6 +26,13 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner, pad_id })
     }
 
+    /// The tokenizer of a Hugging Face model folder, padding with the pad
+    /// token its `config.json` names.
+    pub fn for_model(dir: &Path) -> anyhow::Result<Self> {
+        let config = super::EncoderConfig::from_file(&dir.join("config.json"), Default::default())?;
+        Self::from_file(&dir.join("tokenizer.json"), config.pad_token_id as u32)
+    }
+
     /// Tokenize with special tokens, cut at `max_len` tokens. As in
     /// transformers, a cut sequence keeps its closing special token.
     pub fn encode(&self, texts: &[String], max_len: usize) -> anyhow::Result<TokenBatch> {

@@ -442,9 +442,7 @@ fn train<B: AutodiffBackend>(
     device: B::Device,
 ) -> anyhow::Result<()> {
     let model_dir = ctx.input("model")?;
-    let pad =
-        EncoderConfig::from_file(&model_dir.join("config.json"), p.pooling)?.pad_token_id as u32;
-    let tokenizer = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), pad)?;
+    let tokenizer = TextTokenizer::for_model(model_dir)?;
     let texts = Texts {
         tokenizer: &tokenizer,
         p,
@@ -697,9 +695,7 @@ pub fn benchmark_cpu_steps(
 ) -> anyhow::Result<StepTiming> {
     type B = burn::backend::Autodiff<burn::backend::Flex>;
     let device = Default::default();
-    let pad = EncoderConfig::from_file(&model_dir.join("config.json"), Pooling::Mean)?.pad_token_id
-        as u32;
-    let tokenizer = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), pad)?;
+    let tokenizer = TextTokenizer::for_model(model_dir)?;
     let mut encoder: Encoder<B> = load_encoder(model_dir, Pooling::Mean, &device)?;
     let mut optimizer = AdamWConfig::new()
         .with_weight_decay(0.01)
