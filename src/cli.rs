@@ -98,6 +98,9 @@ enum Command {
     },
     /// List the stage kinds this build knows.
     Kinds,
+    /// Print the main table of a `report` stage's output (its folder, or a
+    /// file in it; `xlpipe show STAGE` names the folder).
+    Report { path: PathBuf },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -115,6 +118,16 @@ enum BenchCommand {
         /// Timed repetitions (the median is reported).
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+    },
+    /// Exact search over a pool shaped like XQuAD-R's multilingual one,
+    /// next to numpy matmul + argsort in the same run.
+    Search {
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Python with numpy for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
     },
     /// Training step time and tokens/s on this CPU, next to PyTorch
     /// (sentence-transformers MultipleNegativesRankingLoss) in the same run.
@@ -262,6 +275,10 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             print!("{}", maintenance::gc(&cache, &keep, dry_run)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report { path } => {
+            print!("{}", xlpipe_stages::report::render_main_table(&path)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Kinds => {
             for kind in kinds() {
                 println!(
@@ -277,6 +294,12 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             which: BenchCommand::Engine { instances, repeat },
         } => {
             print!("{}", bench::engine(instances, repeat)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which: BenchCommand::Search { repeat, python },
+        } => {
+            print!("{}", bench::search(repeat, &python)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

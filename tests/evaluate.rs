@@ -2,27 +2,12 @@
 
 mod common;
 
-use common::Scratch;
-use serde_json::Value;
-use xlpipe_stages::table::{string_column, write_parquet};
+use std::path::PathBuf;
 
-fn embeddings(s: &Scratch, dir: &str, rows: &[(&str, &str, [f32; 2])]) {
-    std::fs::create_dir_all(s.path(dir)).unwrap();
-    write_parquet(
-        &s.path(&format!("{dir}/ids.parquet")),
-        vec![
-            string_column("id", rows.iter().map(|r| r.0.to_string()).collect()),
-            string_column("lang", rows.iter().map(|r| r.1.to_string()).collect()),
-        ],
-    )
-    .unwrap();
-    let bytes: Vec<u8> = rows
-        .iter()
-        .flat_map(|r| r.2.iter().flat_map(|x| x.to_le_bytes()))
-        .collect();
-    std::fs::write(s.path(&format!("{dir}/vectors.bin")), bytes).unwrap();
-    s.write(&format!("{dir}/meta.json"), r#"{"dim": 2, "dtype": "f32"}"#);
-}
+use common::{embeddings, qrels, Scratch};
+use serde_json::Value;
+use xlpipe_stages::table::{read_parquet, string_column, strings, write_parquet};
+use xlpipe_stages::train::sampler::SplitMix64;
 
 #[test]
 fn mono_cross_multi_and_bias_by_hand() {
@@ -82,13 +67,7 @@ inputs.candidates = "c"
 "#,
     );
     s.ok(&["run", "p.toml"]);
-    let shown = s.ok(&["show", "eval"]).stdout;
-    let dir = s.path(
-        shown
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("output   results  "))
-            .unwrap(),
-    );
+    let dir = results_dir(&s);
     let summary: Value =
         serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     let close = |v: &Value, x: f64| (v.as_f64().unwrap() - x).abs() < 1e-9;
@@ -109,4 +88,237 @@ inputs.candidates = "c"
         close(&summary["top_10_language_share"]["en"], 0.5),
         "{summary}"
     );
+}
+
+fn results_dir(s: &Scratch) -> PathBuf {
+    let shown = s.ok(&["show", "eval"]).stdout;
+    s.path(
+        shown
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output   results  "))
+            .unwrap(),
+    )
+}
+
+#[test]
+fn trec_files_give_pytrec_eval_the_same_metrics() {
+    // Three languages, vectors on a coarse grid so scores tie often.
+    let s = Scratch::new();
+    let langs = ["de", "en", "fr"];
+    let mut rng = SplitMix64(7);
+    let mut grid = || -> [f32; 3] { [0, 1, 2].map(|_| (rng.next_u64() % 3) as f32 - 1.0) };
+    let (mut questions, mut candidates, mut judged) = (vec![], vec![], vec![]);
+    for lang in langs {
+        for q in 0..12 {
+            questions.push((format!("q{q}"), lang.to_string(), grid()));
+            candidates.push((format!("{lang}:a{q}"), lang.to_string(), grid()));
+            judged.push((format!("q{q}"), lang.to_string(), format!("{lang}:a{q}")));
+        }
+        for d in 0..6 {
+            candidates.push((format!("{lang}:x{d}"), lang.to_string(), grid()));
+        }
+    }
+    embeddings(&s, "q", &questions);
+    embeddings(&s, "c", &candidates);
+    qrels(&s, &judged);
+    s.write(
+        "p.toml",
+        r#"
+[stages.d]
+kind = "import"
+path = "d"
+[stages.q]
+kind = "import"
+path = "q"
+[stages.c]
+kind = "import"
+path = "c"
+[stages.eval]
+kind = "evaluate_lareqa"
+inputs.data = "d"
+inputs.questions = "q"
+inputs.candidates = "c"
+trec_depth = 0
+"#,
+    );
+    s.ok(&["run", "p.toml"]);
+    let dir = results_dir(&s);
+    let per_query = read_parquet(&dir.join("per_query.parquet")).unwrap();
+    let column = |name: &str| -> Vec<f64> {
+        per_query
+            .column(name)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let names: Vec<String> = ["setting", "query_lang", "candidate_lang", "qid"]
+        .map(|c| strings(&per_query, c).unwrap())
+        .iter()
+        .fold(vec![String::new(); per_query.height()], |acc, col| {
+            acc.into_iter()
+                .zip(col)
+                .map(|(a, v)| {
+                    if a.is_empty() {
+                        v.clone()
+                    } else {
+                        format!("{a}/{v}")
+                    }
+                })
+                .collect()
+        });
+    // mono: 3 languages x 12, cross: 6 ordered pairs x 12, multi: 36.
+    assert_eq!(per_query.height(), 36 + 72 + 36);
+    let metrics = [
+        ("map", column("map")),
+        ("recip_rank", column("mrr")),
+        ("ndcg_cut_10", column("ndcg_10")),
+        ("recall_1", column("recall_1")),
+        ("recall_10", column("recall_10")),
+    ];
+    let mut compared = 0;
+    for setting in ["mono", "cross", "multi"] {
+        let reference = common::pytrec_eval(
+            &dir.join(format!("trec/{setting}.qrels")),
+            &dir.join(format!("trec/{setting}.run")),
+        );
+        for (row, name) in names.iter().enumerate() {
+            let Some(trec_name) = name.strip_prefix(&format!("{setting}/")) else {
+                continue;
+            };
+            for (measure, ours) in &metrics {
+                let expected = reference[trec_name][*measure];
+                assert!(
+                    (ours[row] - expected).abs() <= 1e-6,
+                    "{name} {measure}: ours {}, pytrec_eval {expected}",
+                    ours[row]
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, 5 * per_query.height());
+}
+
+#[test]
+fn bitext_accuracy_and_map_by_hand() {
+    let s = Scratch::new();
+    // Two sets; in set `a` the German line 2 sits closer to English line 1.
+    embeddings(
+        &s,
+        "e",
+        &[
+            ("a:1", "en", [1.0, 0.0]),
+            ("a:2", "en", [0.0, 1.0]),
+            ("a:1", "de", [1.0, 0.0]),
+            ("a:2", "de", [0.9, 0.1]),
+            ("b:1", "en", [1.0, 0.0]),
+            ("b:1", "fr", [0.0, 1.0]),
+            ("b:1", "de", [1.0, 0.0]),
+        ],
+    );
+    s.write(
+        "p.toml",
+        r#"
+[stages.e]
+kind = "import"
+path = "e"
+[stages.eval]
+kind = "evaluate_bitext"
+inputs.sentences = "e"
+"#,
+    );
+    s.ok(&["run", "p.toml"]);
+    let dir = results_dir(&s);
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    // Directions with English: a en->de, a de->en, b en->fr, b fr->en, b en->de, b de->en.
+    // a en->de: line 1 finds de:1 first (1.0 vs 0.9), line 2 finds de:2 first (0.1 vs 0) -> 1.
+    // a de->en: de line 2 [0.9, 0.1] prefers en line 1 -> rank 2; accuracy 0.5, map 0.75.
+    // set b has one line per language: every direction is perfect.
+    assert_eq!(summary["all"]["directions"], 6, "{summary}");
+    let close = |v: &Value, x: f64| (v.as_f64().unwrap() - x).abs() < 1e-9;
+    assert!(close(&summary["all"]["accuracy_1"], 5.5 / 6.0), "{summary}");
+    assert!(
+        close(&summary["into_pivot"]["map"], (0.75 + 1.0 + 1.0) / 3.0),
+        "{summary}"
+    );
+    assert!(
+        close(&summary["from_pivot"]["accuracy_1"], 1.0),
+        "{summary}"
+    );
+    let run = std::fs::read_to_string(dir.join("trec/bitext.run")).unwrap();
+    assert!(run.contains("a/de/en/2 Q0 en:a:1 1 "), "{run}");
+    let qrels = std::fs::read_to_string(dir.join("trec/bitext.qrels")).unwrap();
+    assert!(qrels.contains("a/de/en/2 0 en:a:2 1"), "{qrels}");
+}
+
+#[test]
+fn answer_retrieval_turns_qa_into_a_lareqa_layout() {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("qa")).unwrap();
+    let text = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    write_parquet(
+        &s.path("qa/qa.parquet"),
+        vec![
+            string_column("lang", text(&["de", "de", "de"])),
+            string_column("qid", text(&["x1", "x2", "x3"])),
+            string_column("question", text(&["Wer?", "Wo?", "Wann?"])),
+            string_column("context_id", text(&["p1", "p1", "p2"])),
+            string_column(
+                "context",
+                text(&[
+                    "Anna kam. Sie blieb in Berlin.",
+                    "Anna kam. Sie blieb in Berlin.",
+                    "Es war 1990.",
+                ]),
+            ),
+            xlpipe_stages::table::int_column("sentence_index", vec![0, 1, 0]),
+        ],
+    )
+    .unwrap();
+    s.write(
+        "p.toml",
+        r#"
+[stages.qa]
+kind = "import"
+path = "qa"
+[stages.sentences]
+kind = "answer_retrieval"
+inputs.data = ["qa"]
+[stages.paragraphs]
+kind = "answer_retrieval"
+inputs.data = ["qa"]
+unit = "paragraph"
+max_questions = 2
+"#,
+    );
+    s.ok(&["run", "p.toml"]);
+    let output = |stage: &str| -> PathBuf {
+        let shown = s.ok(&["show", stage]).stdout;
+        s.path(
+            shown
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("output   data  "))
+                .unwrap(),
+        )
+    };
+    let sentences = output("sentences");
+    let cids = strings(
+        &read_parquet(&sentences.join("candidates.parquet")).unwrap(),
+        "cid",
+    )
+    .unwrap();
+    assert_eq!(cids, ["de:p1:0", "de:p1:1", "de:p2:0"]);
+    let qrels = read_parquet(&sentences.join("qrels.parquet")).unwrap();
+    assert_eq!(
+        strings(&qrels, "cid").unwrap(),
+        ["de:p1:0", "de:p1:1", "de:p2:0"]
+    );
+    let paragraphs = output("paragraphs");
+    let candidates = read_parquet(&paragraphs.join("candidates.parquet")).unwrap();
+    assert_eq!(strings(&candidates, "cid").unwrap(), ["de:p1", "de:p2"]);
+    let questions = read_parquet(&paragraphs.join("questions.parquet")).unwrap();
+    assert_eq!(questions.height(), 2);
 }

@@ -1,30 +1,14 @@
 //! Our ranking metrics against pytrec_eval (trec_eval's own code) on the
 //! same TREC run and qrels files.
 
+mod common;
+
 use std::collections::HashMap;
-use std::process::Command;
 
 use xlpipe_stages::eval::metrics::{
     evaluate_query, read_qrels, read_run, write_qrels, write_run, Qrels, Run,
 };
 use xlpipe_stages::train::sampler::SplitMix64;
-
-const PYTREC: &str = r#"
-import json, sys
-import pytrec_eval
-def read(path, run):
-    out = {}
-    for line in open(path):
-        f = line.split()
-        if run:
-            out.setdefault(f[0], {})[f[2]] = float(f[4])
-        else:
-            out.setdefault(f[0], {})[f[2]] = int(f[3])
-    return out
-qrels, run = read(sys.argv[1], False), read(sys.argv[2], True)
-measures = {"map", "recip_rank", "ndcg_cut_10", "recall_1", "recall_10", "recall_100"}
-print(json.dumps(pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)))
-"#;
 
 #[test]
 fn metrics_match_pytrec_eval() {
@@ -56,19 +40,7 @@ fn metrics_match_pytrec_eval() {
     write_run(&run_path, &run, "test").unwrap();
     write_qrels(&qrels_path, &qrels).unwrap();
 
-    let out = Command::new("python3")
-        .args(["-c", PYTREC])
-        .arg(&qrels_path)
-        .arg(&run_path)
-        .output()
-        .expect("python3 with pytrec_eval (pip install pytrec-eval-terrier)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reference: HashMap<String, HashMap<String, f64>> =
-        serde_json::from_slice(&out.stdout).unwrap();
+    let reference = common::pytrec_eval(&qrels_path, &run_path);
 
     // Read back our own files: the comparison covers the TREC I/O too.
     let (run, qrels) = (

@@ -7,6 +7,7 @@
 //! Everything about caching, hashing, scheduling and logging stays in the
 //! engine, so a stage is just "read these paths, write those paths".
 
+mod answer_retrieval;
 mod command;
 pub mod content;
 pub mod datasets;
@@ -17,6 +18,7 @@ mod hf_model;
 mod import;
 pub mod model;
 pub mod qa_pairs;
+pub mod report;
 pub mod table;
 pub mod train;
 mod translate;
@@ -78,11 +80,14 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(datasets::lareqa::LareqaStage),
         Box::new(datasets::parallel::ParallelStage),
         Box::new(datasets::miracl::MiraclStage),
+        Box::new(answer_retrieval::AnswerRetrievalStage),
         Box::new(qa_pairs::QaPairsStage),
         Box::new(translate::TranslateStage),
         Box::new(train::TrainStage),
         Box::new(encode::EncodeStage),
         Box::new(eval::lareqa::EvaluateLareqaStage),
+        Box::new(eval::bitext::EvaluateBitextStage),
+        Box::new(report::ReportStage),
     ]
 }
 

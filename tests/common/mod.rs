@@ -216,3 +216,86 @@ pub fn me5_small() -> PathBuf {
     std::fs::rename(&partial, &out).unwrap();
     out
 }
+
+const PYTREC_EVAL: &str = r#"
+import json, sys
+import pytrec_eval
+def read(path, run):
+    out = {}
+    for line in open(path):
+        f = line.split()
+        if run:
+            out.setdefault(f[0], {})[f[2]] = float(f[4])
+        else:
+            out.setdefault(f[0], {})[f[2]] = int(f[3])
+    return out
+qrels, run = read(sys.argv[1], False), read(sys.argv[2], True)
+measures = {"map", "recip_rank", "ndcg_cut_10", "recall_1", "recall_10", "recall_100"}
+print(json.dumps(pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)))
+"#;
+
+/// pytrec_eval's per-query `map`, `recip_rank`, `ndcg_cut_10` and
+/// `recall_{1,10,100}` for a TREC qrels and run file.
+pub fn pytrec_eval(
+    qrels: &Path,
+    run: &Path,
+) -> std::collections::HashMap<String, std::collections::HashMap<String, f64>> {
+    let out = Command::new("python3")
+        .args(["-c", PYTREC_EVAL])
+        .arg(qrels)
+        .arg(run)
+        .output()
+        .expect("python3 with pytrec_eval (pip install pytrec-eval-terrier)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// An `encode`-style embeddings folder `dir` (ids, languages, f32 vectors).
+pub fn embeddings<S: AsRef<str>, const D: usize>(
+    s: &Scratch,
+    dir: &str,
+    rows: &[(S, S, [f32; D])],
+) {
+    std::fs::create_dir_all(s.path(dir)).unwrap();
+    xlpipe_stages::table::write_parquet(
+        &s.path(&format!("{dir}/ids.parquet")),
+        vec![
+            xlpipe_stages::table::string_column(
+                "id",
+                rows.iter().map(|r| r.0.as_ref().to_string()).collect(),
+            ),
+            xlpipe_stages::table::string_column(
+                "lang",
+                rows.iter().map(|r| r.1.as_ref().to_string()).collect(),
+            ),
+        ],
+    )
+    .unwrap();
+    let bytes: Vec<u8> = rows
+        .iter()
+        .flat_map(|r| r.2.iter().flat_map(|x| x.to_le_bytes()))
+        .collect();
+    std::fs::write(s.path(&format!("{dir}/vectors.bin")), bytes).unwrap();
+    s.write(
+        &format!("{dir}/meta.json"),
+        &format!(r#"{{"dim": {D}, "dtype": "f32"}}"#),
+    );
+}
+
+/// A `qrels.parquet` (qid, lang, cid) in folder `d`.
+pub fn qrels(s: &Scratch, rows: &[(String, String, String)]) {
+    std::fs::create_dir_all(s.path("d")).unwrap();
+    xlpipe_stages::table::write_parquet(
+        &s.path("d/qrels.parquet"),
+        vec![
+            xlpipe_stages::table::string_column("qid", rows.iter().map(|r| r.0.clone()).collect()),
+            xlpipe_stages::table::string_column("lang", rows.iter().map(|r| r.1.clone()).collect()),
+            xlpipe_stages::table::string_column("cid", rows.iter().map(|r| r.2.clone()).collect()),
+        ],
+    )
+    .unwrap();
+}

@@ -16,8 +16,9 @@
 //! (or the stage fails, `on_error = "fail"`). Lines empty or not UTF-8 in
 //! any language are left out of every language.
 //!
-//! Output folder `data`: `sentences.parquet` (set, lang, id, text; `id` is
-//! the line number, shared by translations) and `meta.json`.
+//! Output folder `data`: `sentences.parquet` (sid, set, lang, id, text;
+//! `id` is the line number, shared by translations, and `sid` is
+//! `set:id`, the name to encode them under) and `meta.json`.
 
 use std::collections::BTreeMap;
 
@@ -47,7 +48,7 @@ impl Stage for ParallelStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -163,6 +164,14 @@ impl Stage for ParallelStage {
         write_parquet(
             &out.join("sentences.parquet"),
             vec![
+                string_column(
+                    "sid",
+                    set_col
+                        .iter()
+                        .zip(&id_col)
+                        .map(|(set, id)| format!("{set}:{id}"))
+                        .collect(),
+                ),
                 string_column("set", set_col),
                 string_column("lang", lang_col),
                 int_column("id", id_col),

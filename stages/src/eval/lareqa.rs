@@ -25,15 +25,22 @@
 //! each candidate language's share of the top 10. Lower distance is better.
 //!
 //! Output folder `results`: `metrics.parquet` (setting, query_lang,
-//! candidate_lang, queries, the metrics), `bias.parquet`, `summary.json`.
+//! candidate_lang, queries, the metrics), `per_query.parquet` (the same per
+//! query, plus its max-min rank distance in the multilingual pool: what
+//! paired tests need), `bias.parquet`, `summary.json`, and `trec/` with
+//! `<setting>.run` / `<setting>.qrels` for pytrec_eval, ranx or trec_eval
+//! (query names `query_lang/candidate_lang/qid`, `*` for the multilingual
+//! pool). The run files hold the top `trec_depth` (default 10; 0 = whole
+//! pool) of each ranking, for the settings in `trec_settings` (default all
+//! three); the metrics above always use the whole ranking.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 
-use burn::backend::Flex;
-use burn::tensor::{Tensor, TensorData};
 use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
+use super::search::{for_each_query, TrecOrder};
 use crate::encode::Embeddings;
 use crate::table::{read_parquet, string_column, strings, write_parquet};
 use crate::{
@@ -49,10 +56,20 @@ struct EvaluateParams {
     /// Top-k depth of the language-share statistic.
     #[serde(default = "d_k")]
     top_k: usize,
+    /// Ranked candidates per query in the TREC run files (0: whole pool).
+    #[serde(default = "d_k")]
+    trec_depth: usize,
+    /// Settings whose TREC run and qrels files are written.
+    #[serde(default = "d_trec_settings")]
+    trec_settings: Vec<Setting>,
 }
 
 fn d_k() -> usize {
     10
+}
+
+fn d_trec_settings() -> Vec<Setting> {
+    vec![Setting::Mono, Setting::Cross, Setting::Multi]
 }
 
 impl Stage for EvaluateLareqaStage {
@@ -61,7 +78,7 @@ impl Stage for EvaluateLareqaStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -73,10 +90,12 @@ impl Stage for EvaluateLareqaStage {
         params: &toml::Table,
         _env: &ParamsEnv,
     ) -> Result<serde_json::Value, ParamError> {
-        let p: EvaluateParams = parse_params(params)?;
+        let mut p: EvaluateParams = parse_params(params)?;
         if p.top_k == 0 {
             return Err(ParamError::new("top_k", "must be at least 1"));
         }
+        p.trec_settings.sort();
+        p.trec_settings.dedup();
         Ok(to_canonical(&p))
     }
 
@@ -99,10 +118,6 @@ impl Stage for EvaluateLareqaStage {
         let p: EvaluateParams = from_canonical(params)?;
         let questions = Embeddings::read(ctx.input("questions")?)?;
         let candidates = Embeddings::read(ctx.input("candidates")?)?;
-        anyhow::ensure!(
-            questions.dim == candidates.dim,
-            "question and candidate vectors differ in size"
-        );
         let qrels = read_parquet(&ctx.input("data")?.join("qrels.parquet"))?;
         let cand_index: HashMap<&str, usize> = candidates
             .ids
@@ -117,8 +132,12 @@ impl Stage for EvaluateLareqaStage {
             })?;
             relevant.entry(cid.1).or_default().push(index);
         }
-        let evaluation = evaluate(&questions, &candidates, &relevant, p.top_k)?;
-        evaluation.write(&ctx.output("results"))
+        let trec = TrecOptions {
+            settings: p.trec_settings,
+            depth: p.trec_depth,
+        };
+        let evaluation = evaluate(&questions, &candidates, &relevant, p.top_k, &trec)?;
+        evaluation.write(&ctx.output("results"), &trec)
     }
 }
 
@@ -181,23 +200,61 @@ impl Scores {
     }
 }
 
-/// 1-based rank of `target` among `pool` by (score desc, id order desc), as trec_eval.
-fn rank_of(target: usize, pool: &[usize], scores: &[f32], order: &[usize]) -> usize {
-    let (s, o) = (scores[target], order[target]);
-    1 + pool
-        .iter()
-        .filter(|&&c| scores[c] > s || (scores[c] == s && order[c] > o))
-        .count()
+/// A setting of the paper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Setting {
+    Mono,
+    Cross,
+    Multi,
+}
+
+impl Setting {
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Mono => "mono",
+            Setting::Cross => "cross",
+            Setting::Multi => "multi",
+        }
+    }
+}
+
+/// One query ranked in one pool.
+struct PoolResult {
+    setting: Setting,
+    /// Candidate language of the pool (`*` for the multilingual pool).
+    candidate_lang: String,
+    scores: Scores,
+    /// Its relevant candidates, and the top of the ranking with scores,
+    /// kept for the TREC files.
+    relevant: Vec<usize>,
+    top: Vec<(usize, f32)>,
+}
+
+/// Everything one query contributes.
+struct QueryResult {
+    query: usize,
+    pools: Vec<PoolResult>,
+    /// Max-min rank distance of its relevant candidates in the multilingual pool.
+    rank_spread: usize,
+    /// The multilingual pool's top k (for the language share).
+    top_k: Vec<usize>,
+}
+
+/// What the TREC files hold.
+pub struct TrecOptions {
+    pub settings: Vec<Setting>,
+    /// Ranked candidates per query (0: the whole pool).
+    pub depth: usize,
 }
 
 pub struct Evaluation {
-    /// (setting, query lang, candidate lang) -> (queries, summed scores).
-    cells: BTreeMap<(String, String, String), (usize, Scores)>,
-    /// Query language -> (queries, summed max-min rank distance).
-    bias: BTreeMap<String, (usize, f64)>,
+    queries: Vec<QueryResult>,
+    query_ids: Vec<String>,
+    query_langs: Vec<String>,
+    candidate_ids: Vec<String>,
     /// Candidate language -> summed share of the top k.
     top_share: BTreeMap<String, f64>,
-    multi_queries: usize,
 }
 
 pub fn evaluate(
@@ -205,12 +262,12 @@ pub fn evaluate(
     candidates: &Embeddings,
     relevant: &HashMap<String, Vec<usize>>,
     top_k: usize,
+    trec: &TrecOptions,
 ) -> anyhow::Result<Evaluation> {
-    let dim = questions.dim;
     let mut langs: Vec<String> = candidates.langs.clone();
     langs.sort();
     langs.dedup();
-    let pools: BTreeMap<&str, Vec<usize>> = langs
+    let pools: Vec<(&str, Vec<usize>)> = langs
         .iter()
         .map(|l| {
             (
@@ -222,103 +279,121 @@ pub fn evaluate(
         })
         .collect();
     let all: Vec<usize> = (0..candidates.ids.len()).collect();
-    // Tie-break order: candidate ids compared as strings.
-    let mut by_id: Vec<usize> = all.clone();
-    by_id.sort_by(|&a, &b| candidates.ids[a].cmp(&candidates.ids[b]));
-    let mut order = vec![0usize; all.len()];
-    for (position, &c) in by_id.iter().enumerate() {
-        order[c] = position;
-    }
-    let device = Default::default();
-    let cand_matrix: Tensor<Flex, 2> = Tensor::from_data(
-        TensorData::new(candidates.vectors.clone(), [all.len(), dim]),
-        &device,
-    )
-    .transpose();
-
-    let mut eval = Evaluation {
-        cells: BTreeMap::new(),
-        bias: BTreeMap::new(),
-        top_share: BTreeMap::new(),
-        multi_queries: 0,
+    let order = TrecOrder::new(&candidates.ids);
+    let keep_top = |setting: Setting, scores: &[f32], pool: &[usize]| -> Vec<(usize, f32)> {
+        if trec.settings.contains(&setting) {
+            order
+                .top(scores, pool, trec.depth)
+                .into_iter()
+                .map(|c| (c, scores[c]))
+                .collect()
+        } else {
+            Vec::new()
+        }
     };
-    const CHUNK: usize = 512;
-    for start in (0..questions.ids.len()).step_by(CHUNK) {
-        let end = (start + CHUNK).min(questions.ids.len());
-        let block: Tensor<Flex, 2> = Tensor::from_data(
-            TensorData::new(
-                questions.vectors[start * dim..end * dim].to_vec(),
-                [end - start, dim],
-            ),
-            &device,
-        );
-        let scores: Vec<f32> = block
-            .matmul(cand_matrix.clone())
-            .into_data()
-            .to_vec()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        for (row, q) in (start..end).enumerate() {
-            let Some(rel) = relevant.get(&questions.ids[q]) else {
+    let results = for_each_query(questions, candidates, |q, s| {
+        let rel = relevant.get(&questions.ids[q])?;
+        let qlang = &questions.langs[q];
+        let mut pool_results = Vec::new();
+        // Monolingual and cross-lingual: one pool per candidate language.
+        for (clang, pool) in &pools {
+            let in_pool: Vec<usize> = rel
+                .iter()
+                .copied()
+                .filter(|&c| candidates.langs[c] == *clang)
+                .collect();
+            if in_pool.is_empty() {
                 continue;
+            }
+            let setting = if qlang == clang {
+                Setting::Mono
+            } else {
+                Setting::Cross
             };
-            let s = &scores[row * all.len()..(row + 1) * all.len()];
-            let qlang = &questions.langs[q];
-            // Monolingual and cross-lingual: one pool per candidate language.
-            for (clang, pool) in &pools {
-                let mut ranks: Vec<usize> = rel
-                    .iter()
-                    .filter(|&&c| candidates.langs[c] == *clang)
-                    .map(|&c| rank_of(c, pool, s, &order))
-                    .collect();
-                if ranks.is_empty() {
-                    continue;
-                }
-                let setting = if qlang == clang { "mono" } else { "cross" };
-                let cell = eval
-                    .cells
-                    .entry((setting.into(), qlang.clone(), clang.to_string()))
-                    .or_default();
-                cell.0 += 1;
-                cell.1.add(&Scores::from_ranks(&mut ranks));
-            }
-            // Multilingual: every language's candidates in one pool.
-            let mut ranks: Vec<usize> = rel.iter().map(|&c| rank_of(c, &all, s, &order)).collect();
-            let cell = eval
-                .cells
-                .entry(("multi".into(), qlang.clone(), "*".into()))
-                .or_default();
-            cell.0 += 1;
-            cell.1.add(&Scores::from_ranks(&mut ranks));
-            let spread =
-                (ranks.iter().max().unwrap_or(&0) - ranks.iter().min().unwrap_or(&0)) as f64;
-            let bias = eval.bias.entry(qlang.clone()).or_default();
-            bias.0 += 1;
-            bias.1 += spread;
-            let mut top: Vec<usize> = all.clone();
-            let k = top_k.min(top.len());
-            let cmp =
-                |a: &usize, b: &usize| s[*b].total_cmp(&s[*a]).then(order[*b].cmp(&order[*a]));
-            top.select_nth_unstable_by(k - 1, cmp);
-            for &c in &top[..k] {
-                *eval
-                    .top_share
-                    .entry(candidates.langs[c].clone())
-                    .or_default() += 1.0 / k as f64;
-            }
-            eval.multi_queries += 1;
+            pool_results.push(PoolResult {
+                setting,
+                candidate_lang: clang.to_string(),
+                scores: Scores::from_ranks(&mut order.ranks(s, pool, &in_pool)),
+                top: keep_top(setting, s, pool),
+                relevant: in_pool,
+            });
+        }
+        // Multilingual: every language's candidates in one pool.
+        let mut ranks = order.ranks(s, &all, rel);
+        let rank_spread = ranks.iter().max().unwrap_or(&0) - ranks.iter().min().unwrap_or(&0);
+        pool_results.push(PoolResult {
+            setting: Setting::Multi,
+            candidate_lang: "*".into(),
+            scores: Scores::from_ranks(&mut ranks),
+            top: keep_top(Setting::Multi, s, &all),
+            relevant: rel.clone(),
+        });
+        Some(QueryResult {
+            query: q,
+            pools: pool_results,
+            rank_spread,
+            top_k: order.top(s, &all, top_k),
+        })
+    })?;
+    let queries: Vec<QueryResult> = results.into_iter().flatten().collect();
+    let mut top_share = BTreeMap::new();
+    for result in &queries {
+        for &c in &result.top_k {
+            *top_share.entry(candidates.langs[c].clone()).or_default() +=
+                1.0 / result.top_k.len() as f64;
         }
     }
-    Ok(eval)
+    Ok(Evaluation {
+        queries,
+        query_ids: questions.ids.clone(),
+        query_langs: questions.langs.clone(),
+        candidate_ids: candidates.ids.clone(),
+        top_share,
+    })
 }
 
 impl Evaluation {
-    /// Macro average of one setting over its cells.
-    pub fn macro_average(&self, setting: &str) -> Option<Scores> {
+    /// (setting, query lang, candidate lang) -> (queries, summed scores).
+    fn cells(&self) -> BTreeMap<(Setting, &str, &str), (usize, Scores)> {
+        let mut cells: BTreeMap<(Setting, &str, &str), (usize, Scores)> = BTreeMap::new();
+        for result in &self.queries {
+            for pool in &result.pools {
+                let cell = cells
+                    .entry((
+                        pool.setting,
+                        self.query_langs[result.query].as_str(),
+                        pool.candidate_lang.as_str(),
+                    ))
+                    .or_default();
+                cell.0 += 1;
+                cell.1.add(&pool.scores);
+            }
+        }
+        cells
+    }
+
+    /// Query language -> mean max-min rank distance.
+    fn bias(&self) -> BTreeMap<&str, f64> {
+        let mut sums: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
+        for result in &self.queries {
+            let entry = sums
+                .entry(self.query_langs[result.query].as_str())
+                .or_default();
+            entry.0 += 1;
+            entry.1 += result.rank_spread as f64;
+        }
+        sums.into_iter()
+            .map(|(lang, (n, sum))| (lang, sum / n as f64))
+            .collect()
+    }
+
+    /// Macro average of one setting over its (query, candidate language) cells.
+    pub fn macro_average(&self, setting: Setting) -> Option<Scores> {
         let cells: Vec<Scores> = self
-            .cells
-            .iter()
-            .filter(|((s, _, _), _)| s == setting)
-            .map(|(_, (n, sum))| sum.scaled(1.0 / *n as f64))
+            .cells()
+            .into_iter()
+            .filter(|((s, _, _), _)| *s == setting)
+            .map(|(_, (n, sum))| sum.scaled(1.0 / n as f64))
             .collect();
         let mut total = Scores::default();
         cells.iter().for_each(|c| total.add(c));
@@ -327,26 +402,40 @@ impl Evaluation {
 
     /// Mean max-min rank distance, macro-averaged over query languages.
     pub fn macro_bias(&self) -> f64 {
-        let per_lang: Vec<f64> = self.bias.values().map(|(n, sum)| sum / *n as f64).collect();
-        per_lang.iter().sum::<f64>() / per_lang.len().max(1) as f64
+        let bias = self.bias();
+        bias.values().sum::<f64>() / bias.len().max(1) as f64
     }
 
-    fn write(&self, out: &std::path::Path) -> anyhow::Result<()> {
+    /// The query's name in TREC files: one ranking per query and pool.
+    fn trec_query(&self, query: usize, candidate_lang: &str) -> String {
+        format!(
+            "{}/{}/{}",
+            self.query_langs[query], candidate_lang, self.query_ids[query]
+        )
+    }
+
+    fn write(&self, out: &std::path::Path, trec: &TrecOptions) -> anyhow::Result<()> {
         std::fs::create_dir_all(out)?;
-        let rows: Vec<(&(String, String, String), Scores, usize)> = self
-            .cells
+        let cells = self.cells();
+        let rows: Vec<((Setting, &str, &str), Scores, usize)> = cells
             .iter()
-            .map(|(k, (n, sum))| (k, sum.scaled(1.0 / *n as f64), *n))
+            .map(|(k, (n, sum))| (*k, sum.scaled(1.0 / *n as f64), *n))
             .collect();
         let f = |get: fn(&Scores) -> f64| rows.iter().map(|r| get(&r.1)).collect::<Vec<f64>>();
         write_parquet(
             &out.join("metrics.parquet"),
             vec![
-                string_column("setting", rows.iter().map(|r| r.0 .0.clone()).collect()),
-                string_column("query_lang", rows.iter().map(|r| r.0 .1.clone()).collect()),
+                string_column(
+                    "setting",
+                    rows.iter().map(|r| r.0 .0.name().to_string()).collect(),
+                ),
+                string_column(
+                    "query_lang",
+                    rows.iter().map(|r| r.0 .1.to_string()).collect(),
+                ),
                 string_column(
                     "candidate_lang",
-                    rows.iter().map(|r| r.0 .2.clone()).collect(),
+                    rows.iter().map(|r| r.0 .2.to_string()).collect(),
                 ),
                 Column::new(
                     "queries".into(),
@@ -359,16 +448,15 @@ impl Evaluation {
                 Column::new("ndcg_10".into(), f(|s| s.ndcg_10)),
             ],
         )?;
+        self.write_per_query(&out.join("per_query.parquet"))?;
+        let bias = self.bias();
         write_parquet(
             &out.join("bias.parquet"),
             vec![
-                string_column("query_lang", self.bias.keys().cloned().collect()),
+                string_column("query_lang", bias.keys().map(|l| l.to_string()).collect()),
                 Column::new(
                     "max_min_rank_distance".into(),
-                    self.bias
-                        .values()
-                        .map(|(n, s)| s / *n as f64)
-                        .collect::<Vec<_>>(),
+                    bias.values().copied().collect::<Vec<_>>(),
                 ),
             ],
         )?;
@@ -378,58 +466,110 @@ impl Evaluation {
         let shares: BTreeMap<&String, f64> = self
             .top_share
             .iter()
-            .map(|(l, s)| (l, s / self.multi_queries.max(1) as f64))
+            .map(|(l, s)| (l, s / self.queries.len().max(1) as f64))
             .collect();
         std::fs::write(
             out.join("summary.json"),
             serde_json::to_vec_pretty(&serde_json::json!({
-                "mono": summary(self.macro_average("mono")),
-                "cross": summary(self.macro_average("cross")),
-                "multi": summary(self.macro_average("multi")),
+                "mono": summary(self.macro_average(Setting::Mono)),
+                "cross": summary(self.macro_average(Setting::Cross)),
+                "multi": summary(self.macro_average(Setting::Multi)),
                 "max_min_rank_distance": self.macro_bias(),
                 "top_10_language_share": shares,
             }))?,
         )?;
+        let trec_dir = out.join("trec");
+        std::fs::create_dir_all(&trec_dir)?;
+        for &setting in &trec.settings {
+            self.write_trec(&trec_dir, setting)?;
+        }
         Ok(())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::eval::metrics::evaluate_query;
-
-    #[test]
-    fn rank_based_scores_equal_trec_eval_semantics() {
-        // Scores with ties; ids decide ties. Compare with evaluate_query,
-        // which is checked against pytrec_eval.
-        let scores = [0.5f32, 0.9, 0.5, 0.1, 0.5, 0.7];
-        let ids = ["c0", "c1", "c2", "c3", "c4", "c5"];
-        let mut by_id: Vec<usize> = (0..6).collect();
-        by_id.sort_by_key(|&i| ids[i]);
-        let order: Vec<usize> = (0..6)
-            .map(|i| by_id.iter().position(|&x| x == i).unwrap())
+    /// One row per query and pool: what paired significance tests need.
+    fn write_per_query(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let rows: Vec<(&QueryResult, &PoolResult)> = self
+            .queries
+            .iter()
+            .flat_map(|r| r.pools.iter().map(move |p| (r, p)))
             .collect();
-        let pool: Vec<usize> = (0..6).collect();
-        for relevant in [vec![0usize], vec![2, 3], vec![0, 2, 4], vec![1, 5, 3]] {
-            let mut ranks: Vec<usize> = relevant
-                .iter()
-                .map(|&c| rank_of(c, &pool, &scores, &order))
-                .collect();
-            let ours = Scores::from_ranks(&mut ranks);
-            let ranking: Vec<(String, f64)> = (0..6)
-                .map(|i| (ids[i].to_string(), scores[i] as f64))
-                .collect();
-            let qrels = relevant.iter().map(|&c| (ids[c].to_string(), 1)).collect();
-            let reference = evaluate_query(&ranking, &qrels, &[1, 10]);
-            assert!(
-                (ours.map - reference.average_precision).abs() < 1e-12,
-                "{relevant:?}"
-            );
-            assert!((ours.mrr - reference.reciprocal_rank).abs() < 1e-12);
-            assert!((ours.ndcg_10 - reference.ndcg_10).abs() < 1e-12);
-            assert_eq!(ours.recall_1, reference.recall[&1]);
-            assert_eq!(ours.recall_10, reference.recall[&10]);
+        let f = |get: fn(&Scores) -> f64| {
+            rows.iter()
+                .map(|(_, p)| get(&p.scores))
+                .collect::<Vec<f64>>()
+        };
+        write_parquet(
+            path,
+            vec![
+                string_column(
+                    "setting",
+                    rows.iter()
+                        .map(|(_, p)| p.setting.name().to_string())
+                        .collect(),
+                ),
+                string_column(
+                    "query_lang",
+                    rows.iter()
+                        .map(|(r, _)| self.query_langs[r.query].clone())
+                        .collect(),
+                ),
+                string_column(
+                    "candidate_lang",
+                    rows.iter().map(|(_, p)| p.candidate_lang.clone()).collect(),
+                ),
+                string_column(
+                    "qid",
+                    rows.iter()
+                        .map(|(r, _)| self.query_ids[r.query].clone())
+                        .collect(),
+                ),
+                Column::new("map".into(), f(|s| s.map)),
+                Column::new("mrr".into(), f(|s| s.mrr)),
+                Column::new("recall_1".into(), f(|s| s.recall_1)),
+                Column::new("recall_10".into(), f(|s| s.recall_10)),
+                Column::new("ndcg_10".into(), f(|s| s.ndcg_10)),
+                Column::new(
+                    "max_min_rank_distance".into(),
+                    rows.iter()
+                        .map(|(r, p)| (p.setting == Setting::Multi).then_some(r.rank_spread as f64))
+                        .collect::<Vec<Option<f64>>>(),
+                ),
+            ],
+        )
+    }
+
+    /// `<setting>.run` and `<setting>.qrels`; query names `qlang/clang/qid`.
+    fn write_trec(&self, dir: &std::path::Path, setting: Setting) -> anyhow::Result<()> {
+        let mut run = std::io::BufWriter::new(std::fs::File::create(
+            dir.join(format!("{}.run", setting.name())),
+        )?);
+        let mut qrels = std::io::BufWriter::new(std::fs::File::create(
+            dir.join(format!("{}.qrels", setting.name())),
+        )?);
+        for result in &self.queries {
+            for pool in result.pools.iter().filter(|p| p.setting == setting) {
+                let name = self.trec_query(result.query, &pool.candidate_lang);
+                for (rank, (c, score)) in pool.top.iter().enumerate() {
+                    writeln!(
+                        run,
+                        "{name} Q0 {} {} {score} xlpipe",
+                        self.candidate_ids[*c],
+                        rank + 1
+                    )?;
+                }
+                let mut relevant: Vec<&str> = pool
+                    .relevant
+                    .iter()
+                    .map(|&c| self.candidate_ids[c].as_str())
+                    .collect();
+                relevant.sort_unstable();
+                for cid in relevant {
+                    writeln!(qrels, "{name} 0 {cid} 1")?;
+                }
+            }
         }
+        run.flush()?;
+        qrels.flush()?;
+        Ok(())
     }
 }

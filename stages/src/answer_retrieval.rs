@@ -1,0 +1,218 @@
+//! `answer_retrieval`: turn extractive QA (the `squad` reader's output) into
+//! an answer-retrieval set in the LAReQA layout, so `evaluate_lareqa`
+//! scores domain-shift sets (SQuADShifts, M2QA) like XQuAD-R.
+//!
+//! ```toml
+//! [stages.m2qa_retrieval]
+//! kind = "answer_retrieval"
+//! inputs.data = ["m2qa_de", "m2qa_tr", "m2qa_zh"]
+//! unit = "sentence"        # or "paragraph"
+//! max_questions = 2000     # per input, optional
+//! ```
+//!
+//! Candidates are every sentence of every distinct paragraph (`unit =
+//! "sentence"`, with the paragraph as context, as in LAReQA) or every
+//! paragraph (`unit = "paragraph"`); a question's relevant candidate is its
+//! answer's sentence or paragraph. Questions of different inputs are never
+//! translations of each other, so with several languages only the
+//! monolingual and multilingual settings have relevant candidates.
+//! `max_questions` keeps a fixed pseudo-random subset of each input's
+//! questions (by a hash of the question id); every paragraph stays a
+//! candidate, so the pool is as hard as with all questions.
+//!
+//! Output folder `data`: `questions.parquet` (lang, qid, question),
+//! `candidates.parquet` (lang, cid, sentence, context), `qrels.parquet`
+//! (qid, lang, cid), `meta.json` (counts).
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::datasets::split_sentences;
+use crate::table::{integers, read_parquet, string_column, strings, write_parquet};
+use crate::{
+    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
+    StageContext,
+};
+
+pub struct AnswerRetrievalStage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Unit {
+    Sentence,
+    Paragraph,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerRetrievalParams {
+    #[serde(default = "d_unit")]
+    unit: Unit,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_questions: Option<usize>,
+}
+
+fn d_unit() -> Unit {
+    Unit::Sentence
+}
+
+impl Stage for AnswerRetrievalStage {
+    fn kind(&self) -> &'static str {
+        "answer_retrieval"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "extractive QA -> answer-sentence (or paragraph) retrieval set in the LAReQA layout"
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        _env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let p: AnswerRetrievalParams = parse_params(params)?;
+        if p.max_questions == Some(0) {
+            return Err(ParamError::new("max_questions", "must be at least 1"));
+        }
+        Ok(to_canonical(&p))
+    }
+
+    fn interface(
+        &self,
+        _params: &serde_json::Value,
+        _inputs: &[String],
+    ) -> Result<Interface, ParamError> {
+        Ok(Interface {
+            inputs: vec![InputSlot {
+                name: "data".into(),
+                many: true,
+                optional: false,
+            }],
+            ..Interface::producing(&["data"])
+        })
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        let p: AnswerRetrievalParams = from_canonical(params)?;
+        let mut set = RetrievalSet::default();
+        let mut seen_qids = HashSet::new();
+        for input in ctx.inputs("data") {
+            let qa = read_parquet(&input.path.join("qa.parquet"))?;
+            let (langs, qids, questions) = (
+                strings(&qa, "lang")?,
+                strings(&qa, "qid")?,
+                strings(&qa, "question")?,
+            );
+            let (context_ids, contexts) = (strings(&qa, "context_id")?, strings(&qa, "context")?);
+            let sentence_index = integers(&qa, "sentence_index")?;
+            let mut rows: Vec<usize> = (0..qa.height()).collect();
+            if let Some(max) = p.max_questions {
+                rows.sort_by_cached_key(|&r| *blake3::hash(qids[r].as_bytes()).as_bytes());
+                rows.truncate(max);
+                rows.sort_unstable();
+            }
+            // Every paragraph of the input is a candidate, asked about or not.
+            let mut paragraphs: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+            for r in 0..qa.height() {
+                paragraphs.insert((&langs[r], &context_ids[r]), &contexts[r]);
+            }
+            for ((lang, context_id), context) in &paragraphs {
+                set.add_paragraph(p.unit, lang, context_id, context);
+            }
+            for r in rows {
+                // evaluate_lareqa reads one question id in two languages as
+                // translations of each other, which these are not.
+                anyhow::ensure!(
+                    seen_qids.insert(qids[r].clone()),
+                    "question id {} appears twice ({}); the inputs must not share question ids",
+                    qids[r],
+                    input.producer
+                );
+                let cid = match p.unit {
+                    Unit::Sentence => format!("{}:{}", context_ids[r], sentence_index[r]),
+                    Unit::Paragraph => context_ids[r].clone(),
+                };
+                set.q_lang.push(langs[r].clone());
+                set.q_id.push(qids[r].clone());
+                set.q_text.push(questions[r].clone());
+                set.r_qid.push(qids[r].clone());
+                set.r_lang.push(langs[r].clone());
+                set.r_cid.push(format!("{}:{cid}", langs[r]));
+            }
+        }
+        set.write(&ctx.output("data"))
+    }
+}
+
+#[derive(Default)]
+struct RetrievalSet {
+    q_lang: Vec<String>,
+    q_id: Vec<String>,
+    q_text: Vec<String>,
+    c_lang: Vec<String>,
+    c_id: Vec<String>,
+    c_text: Vec<String>,
+    c_context: Vec<String>,
+    r_qid: Vec<String>,
+    r_lang: Vec<String>,
+    r_cid: Vec<String>,
+}
+
+impl RetrievalSet {
+    fn add_paragraph(&mut self, unit: Unit, lang: &str, context_id: &str, context: &str) {
+        let mut push = |id: String, text: &str| {
+            self.c_lang.push(lang.to_string());
+            self.c_id.push(format!("{lang}:{id}"));
+            self.c_text.push(text.to_string());
+            self.c_context.push(context.to_string());
+        };
+        match unit {
+            Unit::Sentence => {
+                for (i, (start, end)) in split_sentences(context).into_iter().enumerate() {
+                    push(format!("{context_id}:{i}"), context[start..end].trim());
+                }
+            }
+            Unit::Paragraph => push(context_id.to_string(), context),
+        }
+    }
+
+    fn write(self, out: &std::path::Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(out)?;
+        let counts = serde_json::json!({
+            "questions": self.q_id.len(),
+            "candidates": self.c_id.len(),
+        });
+        write_parquet(
+            &out.join("questions.parquet"),
+            vec![
+                string_column("lang", self.q_lang),
+                string_column("qid", self.q_id),
+                string_column("question", self.q_text),
+            ],
+        )?;
+        write_parquet(
+            &out.join("candidates.parquet"),
+            vec![
+                string_column("lang", self.c_lang),
+                string_column("cid", self.c_id),
+                string_column("sentence", self.c_text),
+                string_column("context", self.c_context),
+            ],
+        )?;
+        write_parquet(
+            &out.join("qrels.parquet"),
+            vec![
+                string_column("qid", self.r_qid),
+                string_column("lang", self.r_lang),
+                string_column("cid", self.r_cid),
+            ],
+        )?;
+        std::fs::write(out.join("meta.json"), serde_json::to_vec_pretty(&counts)?)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,321 @@
+//! SVG line charts of a report: a metric against the grid's `x` variable,
+//! one line per series with its 95% CI band over replicates.
+//!
+//! Written directly as SVG (a few elements per series): the charts need no
+//! font or raster backend, and open in any browser or Markdown viewer.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::{Cell, Point, Report, BIAS};
+
+const WIDTH: f64 = 640.0;
+const HEIGHT: f64 = 400.0;
+const MARGIN: (f64, f64, f64, f64) = (60.0, 170.0, 40.0, 50.0); // left, right, top, bottom
+const COLOURS: [&str; 8] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
+
+/// One line: (x, mean, CI half-width) points.
+struct Series {
+    label: String,
+    points: Vec<(f64, f64, Option<f64>)>,
+}
+
+pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    let x = &report.p.x;
+    // Plots need x to vary numerically; every other variable splits lines.
+    let others: Vec<Point> = {
+        let mut others: Vec<Point> = Vec::new();
+        for point in &report.points {
+            let rest: Point = point.iter().filter(|(k, _)| k != x).cloned().collect();
+            if !others.contains(&rest) {
+                others.push(rest);
+            }
+        }
+        others
+    };
+    let x_of = |point: &Point| {
+        point
+            .iter()
+            .find(|(k, _)| k == x)
+            .and_then(|(_, v)| v.as_f64())
+    };
+    if !report.points.iter().any(|p| x_of(p).is_some()) {
+        return Ok(());
+    }
+    let series_of = |cell: &Cell, rest: &Point, label: String| -> Series {
+        let mut points: Vec<(f64, f64, Option<f64>)> = report
+            .points
+            .iter()
+            .filter(|p| p.iter().filter(|(k, _)| k != x).cloned().collect::<Point>() == *rest)
+            .filter_map(|p| {
+                let s = report.summarise(p, cell)?;
+                Some((x_of(p)?, s.mean, s.ci95))
+            })
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Series { label, points }
+    };
+    let suffix = |rest: &Point| {
+        if others.len() > 1 {
+            format!(" ({})", super::point_label(rest))
+        } else {
+            String::new()
+        }
+    };
+    let cells = report.cells();
+    let datasets: Vec<&String> = {
+        let mut d: Vec<&String> = cells.iter().map(|c| &c.0).collect();
+        d.dedup();
+        d
+    };
+    let metric = &report.p.metric;
+    // Per dataset: the main metric per setting.
+    for dataset in &datasets {
+        for (wanted, name, y_label) in [
+            (
+                metric.as_str(),
+                format!("{dataset}-{metric}"),
+                metric.clone(),
+            ),
+            (
+                BIAS,
+                format!("{dataset}-bias"),
+                "max-min rank distance (lower is better)".into(),
+            ),
+        ] {
+            let series: Vec<Series> = cells
+                .iter()
+                .filter(|c| c.0 == **dataset && c.2 == wanted)
+                .flat_map(|c| {
+                    others
+                        .iter()
+                        .map(|rest| series_of(c, rest, format!("{}{}", c.1, suffix(rest))))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|s| !s.points.is_empty())
+                .collect();
+            if !series.is_empty() {
+                let title = format!("{dataset}: {wanted} vs {x}");
+                std::fs::write(
+                    dir.join(format!("{}.svg", file_name(&name))),
+                    chart(&title, x, &y_label, &series),
+                )?;
+            }
+        }
+    }
+    // In-domain against out-of-domain, per setting.
+    let domain_series: Vec<Series> = cells
+        .iter()
+        .filter(|c| (c.0 == "in-domain" || c.0 == "out-of-domain") && c.2 == *metric)
+        .flat_map(|c| {
+            others
+                .iter()
+                .map(|rest| series_of(c, rest, format!("{} {}{}", c.0, c.1, suffix(rest))))
+                .collect::<Vec<_>>()
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    if !domain_series.is_empty() {
+        std::fs::write(
+            dir.join(format!("domains-{}.svg", file_name(metric))),
+            chart(
+                &format!("in-domain vs out-of-domain: {metric} vs {x}"),
+                x,
+                metric,
+                &domain_series,
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Round tick positions covering [low, high].
+fn ticks(low: f64, high: f64) -> Vec<f64> {
+    let span = (high - low).max(1e-9);
+    let raw = span / 5.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|s| span / s <= 6.0)
+        .unwrap_or(magnitude * 10.0);
+    let first = (low / step).ceil() as i64;
+    let last = (high / step).floor() as i64;
+    // Rounded so that 3 x 0.2 prints as 0.6.
+    (first..=last)
+        .map(|i| (i as f64 * step * 1e9).round() / 1e9)
+        .collect()
+}
+
+fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    let (left, right, top, bottom) = MARGIN;
+    let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
+    let all = series.iter().flat_map(|s| s.points.iter());
+    let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y, ci) in all {
+        let ci = ci.unwrap_or(0.0);
+        x_min = x_min.min(x);
+        x_max = x_max.max(x);
+        y_min = y_min.min(y - ci);
+        y_max = y_max.max(y + ci);
+    }
+    if x_max <= x_min {
+        (x_min, x_max) = (x_min - 0.5, x_max + 0.5);
+    }
+    let pad = ((y_max - y_min) * 0.08).max(1e-6);
+    (y_min, y_max) = (y_min - pad, y_max + pad);
+    let sx = |x: f64| left + (x - x_min) / (x_max - x_min) * plot_w;
+    let sy = |y: f64| top + (1.0 - (y - y_min) / (y_max - y_min)) * plot_h;
+
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>
+"#,
+        left + plot_w / 2.0,
+        escape(title)
+    );
+    // Axes, grid lines and tick labels.
+    for t in ticks(y_min, y_max) {
+        let y = sy(t);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + plot_w,
+            left - 6.0,
+            y + 4.0,
+            trim_number(t)
+        );
+    }
+    for t in ticks(x_min, x_max) {
+        let x = sx(t);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#f0f0f0"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            top + plot_h,
+            top + plot_h + 16.0,
+            trim_number(t)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>
+<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>
+<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"##,
+        left + plot_w / 2.0,
+        HEIGHT - 12.0,
+        escape(x_label),
+        top + plot_h / 2.0,
+        escape(y_label)
+    );
+    for (i, s) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        if s.points.iter().all(|p| p.2.is_some()) && s.points.len() > 1 {
+            let upper = s
+                .points
+                .iter()
+                .map(|&(x, y, ci)| (x, y + ci.unwrap_or(0.0)));
+            let lower = s
+                .points
+                .iter()
+                .rev()
+                .map(|&(x, y, ci)| (x, y - ci.unwrap_or(0.0)));
+            let outline: Vec<String> = upper
+                .chain(lower)
+                .map(|(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polygon points="{}" fill="{colour}" fill-opacity="0.15" stroke="none"/>"#,
+                outline.join(" ")
+            );
+        }
+        let line: Vec<String> = s
+            .points
+            .iter()
+            .map(|&(x, y, _)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
+            line.join(" ")
+        );
+        for &(x, y, _) in &s.points {
+            let _ = writeln!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                sx(x),
+                sy(y)
+            );
+        }
+        let ly = top + 10.0 + i as f64 * 18.0;
+        let lx = left + plot_w + 12.0;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
+            lx + 18.0,
+            lx + 24.0,
+            ly + 4.0,
+            escape(&s.label)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn trim_number(v: f64) -> String {
+    let text = format!("{v:.4}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text == "-0" {
+        "0".into()
+    } else {
+        text.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_inside() {
+        assert_eq!(ticks(0.0, 1.0), vec![0.0, 0.2, 0.4, 0.6, 0.8, 1.0]);
+        let t = ticks(0.613, 0.688);
+        assert!(
+            t.iter().all(|&v| (0.613..=0.688).contains(&v)) && t.len() >= 3,
+            "{t:?}"
+        );
+    }
+
+    #[test]
+    fn chart_is_an_svg_with_a_band_per_series() {
+        let series = [Series {
+            label: "mono <en>".into(),
+            points: vec![(0.0, 0.5, Some(0.01)), (1.0, 0.6, Some(0.02))],
+        }];
+        let svg = chart("t", "alpha", "map", &series);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polygon").count(), 1);
+        assert!(svg.contains("mono &lt;en&gt;"));
+    }
+}

@@ -1,0 +1,112 @@
+//! The statistics of a report: mean and 95% confidence interval over seeds
+//! (Student's t), and a paired bootstrap over queries.
+
+use crate::train::sampler::SplitMix64;
+
+/// Mean and half-width of the 95% confidence interval (Student's t with
+/// n - 1 degrees of freedom); no interval from a single value.
+pub fn mean_ci(values: &[f64]) -> (f64, Option<f64>) {
+    let n = values.len();
+    let mean = values.iter().sum::<f64>() / n.max(1) as f64;
+    if n < 2 {
+        return (mean, None);
+    }
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, Some(t_975(n - 1) * (variance / n as f64).sqrt()))
+}
+
+/// The 97.5% quantile of Student's t distribution.
+fn t_975(degrees: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match degrees {
+        0 => f64::NAN,
+        d if d <= 30 => TABLE[d - 1],
+        // Beyond the table the normal quantile plus the first correction term.
+        d => 1.959_964 + (1.959_964f64.powi(3) + 1.959_964) / (4.0 * d as f64),
+    }
+}
+
+/// Paired bootstrap over queries of mean(x - y).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairedBootstrap {
+    /// Observed mean difference.
+    pub delta: f64,
+    /// 95% percentile interval of the resampled mean difference.
+    pub ci_low: f64,
+    pub ci_high: f64,
+    /// Two-sided p-value: twice the smaller share of resampled means on
+    /// either side of zero (capped at 1).
+    pub p_value: f64,
+}
+
+/// `differences[i]` is query i's metric under the system minus under the
+/// baseline; resample queries `samples` times.
+pub fn paired_bootstrap(differences: &[f64], samples: usize, seed: u64) -> PairedBootstrap {
+    let n = differences.len();
+    let delta = differences.iter().sum::<f64>() / n.max(1) as f64;
+    if n == 0 || samples == 0 {
+        return PairedBootstrap {
+            delta,
+            ci_low: f64::NAN,
+            ci_high: f64::NAN,
+            p_value: f64::NAN,
+        };
+    }
+    let mut rng = SplitMix64(seed);
+    let mut means: Vec<f64> = (0..samples)
+        .map(|_| {
+            (0..n)
+                .map(|_| differences[(rng.next_u64() % n as u64) as usize])
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let quantile = |q: f64| means[((q * samples as f64) as usize).min(samples - 1)];
+    let at_most_zero = means.iter().filter(|&&m| m <= 0.0).count() as f64 / samples as f64;
+    let at_least_zero = means.iter().filter(|&&m| m >= 0.0).count() as f64 / samples as f64;
+    PairedBootstrap {
+        delta,
+        ci_low: quantile(0.025),
+        ci_high: quantile(0.975),
+        p_value: (2.0 * at_most_zero.min(at_least_zero)).min(1.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_t_interval() {
+        let (mean, ci) = mean_ci(&[1.0, 2.0, 3.0]);
+        assert_eq!(mean, 2.0);
+        // sd = 1, n = 3: 4.303 / sqrt(3).
+        assert!((ci.unwrap() - 4.303 / 3f64.sqrt()).abs() < 1e-12);
+        assert_eq!(mean_ci(&[5.0]), (5.0, None));
+    }
+
+    #[test]
+    fn bootstrap_separates_a_shift_from_noise() {
+        let mut rng = SplitMix64(3);
+        let noise: Vec<f64> = (0..500)
+            .map(|_| (rng.next_u64() % 1000) as f64 / 1000.0 - 0.5)
+            .collect();
+        let shifted: Vec<f64> = noise.iter().map(|x| x + 0.2).collect();
+        let clear = paired_bootstrap(&shifted, 1000, 1);
+        assert!(clear.p_value < 0.01 && clear.ci_low > 0.1, "{clear:?}");
+        let centred: Vec<f64> = noise
+            .iter()
+            .map(|x| x - noise.iter().sum::<f64>() / 500.0)
+            .collect();
+        let none = paired_bootstrap(&centred, 1000, 1);
+        assert!(
+            none.p_value > 0.5 && none.ci_low < 0.0 && none.ci_high > 0.0,
+            "{none:?}"
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! `report` over a small alpha x seed grid of real `evaluate_lareqa` runs:
+//! the tables agree with the evaluations, the intervals and the bootstrap
+//! are what they say, and `xlpipe report` prints the main table.
+
+mod common;
+
+use common::{embeddings, qrels, Scratch};
+use xlpipe_stages::table::{read_parquet, strings};
+use xlpipe_stages::train::sampler::SplitMix64;
+
+const DIM: usize = 8;
+
+fn unit(v: [f32; DIM]) -> [f32; DIM] {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.map(|x| x / norm)
+}
+
+#[test]
+fn report_tables_intervals_bootstrap_and_plots() {
+    let s = Scratch::new();
+    let mut rng = SplitMix64(5);
+    let mut noise = move |scale: f32| -> [f32; DIM] {
+        [0; DIM].map(|_| ((rng.next_u64() % 2001) as f32 / 1000.0 - 1.0) * scale)
+    };
+    let langs = ["de", "en"];
+    let meanings: Vec<[f32; DIM]> = (0..40).map(|_| noise(1.0)).collect();
+    let mut candidates = Vec::new();
+    let mut judged = Vec::new();
+    for lang in langs {
+        for (i, m) in meanings.iter().enumerate() {
+            let n = noise(0.3);
+            candidates.push((
+                format!("{lang}:{i}"),
+                lang.to_string(),
+                unit([0; DIM].map(|_| 0.0)).map(|_| 0.0),
+            ));
+            let last = candidates.last_mut().unwrap();
+            last.2 = unit(std::array::from_fn(|d| m[d] + n[d]));
+            judged.push((format!("q{i}"), lang.to_string(), format!("{lang}:{i}")));
+        }
+    }
+    embeddings(&s, "c", &candidates);
+    qrels(&s, &judged);
+    // Question noise falls with alpha: higher alpha, better retrieval.
+    for alpha in ["0.0", "0.5", "1.0"] {
+        for seed in [1, 2] {
+            let scale = 1.2 - alpha.parse::<f32>().unwrap() * 0.6;
+            let questions: Vec<(String, String, [f32; DIM])> = langs
+                .iter()
+                .flat_map(|lang| {
+                    meanings
+                        .iter()
+                        .enumerate()
+                        .map(|(i, m)| {
+                            let n = noise(scale);
+                            (
+                                format!("q{i}"),
+                                lang.to_string(),
+                                unit(std::array::from_fn(|d| m[d] + n[d])),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            embeddings(&s, &format!("q_{alpha}_{seed}"), &questions);
+        }
+    }
+    s.write(
+        "p.toml",
+        r#"
+[pipeline]
+name = "report-test"
+
+[grid]
+alpha = [0.0, 0.5, 1.0]
+seed = [1, 2]
+
+[stages.d]
+kind = "import"
+path = "d"
+[stages.c]
+kind = "import"
+path = "c"
+[stages.q]
+kind = "command"
+cmd = "cp -r q_${alpha}_${seed} {outputs.vectors}"
+outputs = ["vectors"]
+deps = ["q_${alpha}_${seed}"]
+[stages.eval]
+kind = "evaluate_lareqa"
+inputs.data = "d"
+inputs.questions = "q"
+inputs.candidates = "c"
+[stages.report]
+kind = "report"
+inputs.evaluations = "eval[*]"
+in_domain = ["eval"]
+bootstrap_samples = 200
+"#,
+    );
+    s.ok(&["run", "p.toml"]);
+    if let Ok(keep) = std::env::var("XLPIPE_KEEP_REPORT") {
+        let _ = std::fs::remove_dir_all(&keep);
+        let _ = std::process::Command::new("cp")
+            .args(["-r"])
+            .arg(s.path(""))
+            .arg(&keep)
+            .status();
+    }
+    let shown = s.ok(&["show", "report"]).stdout;
+    let dir = s.path(
+        shown
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output   report  "))
+            .unwrap(),
+    );
+
+    // The long table holds each instance's summary numbers.
+    let results = read_parquet(&dir.join("results.parquet")).unwrap();
+    let value = |alpha: &str, seed: &str, setting: &str, metric: &str| -> f64 {
+        let (a, sd, st, m) = (
+            strings(&results, "alpha").unwrap(),
+            strings(&results, "seed").unwrap(),
+            strings(&results, "setting").unwrap(),
+            strings(&results, "metric").unwrap(),
+        );
+        let row = (0..results.height())
+            .find(|&i| a[i] == alpha && sd[i] == seed && st[i] == setting && m[i] == metric)
+            .unwrap();
+        results
+            .column("value")
+            .unwrap()
+            .f64()
+            .unwrap()
+            .get(row)
+            .unwrap()
+    };
+    // 6 instances x (3 settings x 5 metrics + bias).
+    assert_eq!(results.height(), 6 * 16);
+
+    // Main table: mean and t-interval over the two seeds.
+    let main = read_parquet(&dir.join("main.parquet")).unwrap();
+    assert_eq!(strings(&main, "alpha").unwrap(), ["0.0", "0.5", "1.0"]);
+    let cell = |name: &str, row: usize| -> f64 {
+        main.column(name).unwrap().f64().unwrap().get(row).unwrap()
+    };
+    for (row, alpha) in ["0.0", "0.5", "1.0"].iter().enumerate() {
+        let (x1, x2) = (
+            value(alpha, "1", "mono", "map"),
+            value(alpha, "2", "mono", "map"),
+        );
+        let mean = (x1 + x2) / 2.0;
+        let sd = ((x1 - mean).powi(2) + (x2 - mean).powi(2)).sqrt();
+        assert!((cell("eval/mono/map", row) - mean).abs() < 1e-12);
+        assert!((cell("eval/mono/map/ci95", row) - 12.706 * sd / 2f64.sqrt()).abs() < 1e-9);
+        // One in-domain dataset: the domain average is that dataset.
+        assert!((cell("in-domain/mono/map", row) - mean).abs() < 1e-12);
+    }
+    assert!(cell("eval/multi/map", 2) > cell("eval/multi/map", 0));
+
+    // Bootstrap: with every query in every pool, the observed difference is
+    // the difference of the macro averages.
+    let boot = read_parquet(&dir.join("bootstrap.parquet")).unwrap();
+    let (a, base, setting, metric) = (
+        strings(&boot, "alpha").unwrap(),
+        boot.column("baseline_alpha")
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect::<Vec<_>>(),
+        strings(&boot, "setting").unwrap(),
+        strings(&boot, "metric").unwrap(),
+    );
+    // Points 0.5 and 1.0 against 0, 0.0 and 0.5 against 1; cells: 3 x map + bias.
+    assert_eq!(boot.height(), 4 * 4);
+    let delta = boot.column("delta").unwrap().f64().unwrap();
+    for row in 0..boot.height() {
+        if metric[row] != "map" {
+            continue;
+        }
+        let ours = ["0.0", "0.5", "1.0"]
+            .iter()
+            .position(|x| *x == a[row])
+            .unwrap();
+        let theirs = if base[row] == 0.0 { 0 } else { 2 };
+        let name = format!("eval/{}/map", setting[row]);
+        let expected = cell(&name, ours) - cell(&name, theirs);
+        assert!(
+            (delta.get(row).unwrap() - expected).abs() < 1e-9,
+            "{name} row {row}"
+        );
+        let (low, high) = (
+            boot.column("ci_low")
+                .unwrap()
+                .f64()
+                .unwrap()
+                .get(row)
+                .unwrap(),
+            boot.column("ci_high")
+                .unwrap()
+                .f64()
+                .unwrap()
+                .get(row)
+                .unwrap(),
+        );
+        assert!(low <= delta.get(row).unwrap() && delta.get(row).unwrap() <= high);
+    }
+
+    for file in [
+        "main.csv",
+        "per_language.parquet",
+        "bootstrap.md",
+        "report.md",
+    ] {
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    for plot in ["eval-map.svg", "eval-bias.svg", "domains-map.svg"] {
+        let svg = std::fs::read_to_string(dir.join("plots").join(plot)).unwrap();
+        assert!(svg.starts_with("<svg"), "{plot}");
+    }
+    let csv = std::fs::read_to_string(dir.join("main.csv")).unwrap();
+    assert!(
+        csv.starts_with("alpha,eval/cross/map,eval/cross/map/ci95"),
+        "{csv}"
+    );
+
+    let printed = s.ok(&["report", dir.to_str().unwrap()]).stdout;
+    assert!(
+        printed.contains("alpha") && printed.contains(" ± "),
+        "{printed}"
+    );
+}
