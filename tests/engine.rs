@@ -425,3 +425,46 @@ fn dag_prints_text_and_dot() {
         "{instances}"
     );
 }
+
+#[test]
+fn library_stages_run_only_when_needed() {
+    let s = Scratch::new();
+    s.write(
+        "lib.toml",
+        r#"
+[stages.a]
+kind = "command"
+cmd = "echo a > {outputs.out}"
+outputs = ["out"]
+[stages.b]
+kind = "command"
+inputs.a = "a"
+cmd = "cat {inputs.a} > {outputs.out}"
+outputs = ["out"]
+[stages.unused]
+kind = "command"
+cmd = "echo never > {outputs.out}"
+outputs = ["out"]
+"#,
+    );
+    s.write(
+        "p.toml",
+        r#"
+[pipeline]
+name = "uses-a-library"
+library = ["lib.toml"]
+[stages.mine]
+kind = "command"
+inputs.b = "b"
+cmd = "cat {inputs.b} > {outputs.out}"
+outputs = ["out"]
+"#,
+    );
+    let dag = s.ok(&["dag", "p.toml"]).stdout;
+    assert!(dag.contains('a') && dag.contains("mine"), "{dag}");
+    assert!(!dag.contains("unused"), "{dag}");
+    // a, b (needed through b) and mine.
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (3, 0));
+    // The library file on its own runs everything.
+    assert_eq!(s.ok(&["run", "lib.toml"]).counts(), (1, 2));
+}

@@ -6,6 +6,8 @@
 //! name are merged key by key (sub-tables deeply), so an experiment file can
 //! be a small diff. `include = ["a.toml", ...]` adds the stages and grid
 //! variables of other files; a stage name defined twice that way is an error.
+//! `library = ["datasets.toml"]` adds them the same way, but keeps only the
+//! stages that another stage needs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +53,8 @@ pub struct StageSpec {
     pub param_locs: BTreeMap<String, Loc>,
     /// Folder of the file that declared the stage; relative paths resolve here.
     pub base_dir: PathBuf,
+    /// Came from a `library` file: runs only when another stage needs it.
+    pub library: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -98,9 +102,41 @@ pub fn load(path: &Path) -> Result<PipelineSpec, Vec<Diagnostic>> {
         description: file.description.unwrap_or_default(),
         file: path.to_path_buf(),
         grid: file.grid,
-        stages: file.stages,
+        stages: keep_needed_library_stages(file.stages),
         sources,
     })
+}
+
+/// Stages of `library` files (every dataset of `datasets.toml`, say) stay
+/// only when another stage needs them, directly or through other library
+/// stages, so a pipeline fetches and reads only the data it uses. A
+/// pipeline of nothing but library stages keeps them all.
+fn keep_needed_library_stages(stages: Vec<StageSpec>) -> Vec<StageSpec> {
+    if stages.iter().all(|s| s.library) {
+        return stages;
+    }
+    let mut needed: std::collections::HashSet<&str> = stages
+        .iter()
+        .filter(|s| !s.library)
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut frontier: Vec<&str> = needed.iter().copied().collect();
+    while let Some(name) = frontier.pop() {
+        let Some(stage) = stages.iter().find(|s| s.name == name) else {
+            continue;
+        };
+        for r in stage.inputs.iter().flat_map(|i| &i.refs) {
+            if needed.insert(r.stage.as_str()) {
+                frontier.push(r.stage.as_str());
+            }
+        }
+    }
+    let needed: std::collections::HashSet<String> =
+        needed.into_iter().map(str::to_string).collect();
+    stages
+        .into_iter()
+        .filter(|s| needed.contains(&s.name))
+        .collect()
 }
 
 /// One file after merging what it extends and includes.
@@ -216,12 +252,14 @@ fn parse_file(
     // Only stages inherited through `extends` may be overridden below; one
     // that came from an `include` is a duplicate.
     let inherited: Vec<String> = merged.stages.iter().map(|s| s.name.clone()).collect();
-    for include in &header.include {
+    let includes = header.include.iter().map(|f| (f, false));
+    for (include, library) in includes.chain(header.library.iter().map(|f| (f, true))) {
         let included = read_file(&base_dir.join(include), sources, chain)?;
         for var in included.grid {
             set_grid_var(&mut merged.grid, var);
         }
-        for stage in included.stages {
+        for mut stage in included.stages {
+            stage.library |= library;
             if let Some(existing) = merged.stages.iter().find(|s| s.name == stage.name) {
                 errors.push(duplicate_stage(sources, &stage, existing));
             } else {
@@ -306,6 +344,7 @@ struct PipelineHeader {
     description: Option<String>,
     extends: Option<String>,
     include: Vec<String>,
+    library: Vec<String>,
 }
 
 fn parse_header(
@@ -348,12 +387,17 @@ fn parse_header(
                 Ok(s) => header.extends = Some(s),
                 Err(e) => errors.push(e),
             },
-            "include" => match value.get_ref().as_array() {
+            key @ ("include" | "library") => match value.get_ref().as_array() {
                 Some(items) => {
+                    let list = if key == "include" {
+                        &mut header.include
+                    } else {
+                        &mut header.library
+                    };
                     for item in items.iter() {
                         let loc = Loc::new(file, item.span());
                         match item.get_ref().as_str() {
-                            Some(s) => header.include.push(s.to_string()),
+                            Some(s) => list.push(s.to_string()),
                             None => errors.push(sources.error(loc, &field, "expected a file path")),
                         }
                     }
@@ -363,7 +407,7 @@ fn parse_header(
             other => errors.push(sources.error(
                 Loc::new(file, key.span()),
                 &field,
-                format!("unknown key `{other}`; expected name, description, extends or include"),
+                format!("unknown key `{other}`; expected name, description, extends, include or library"),
             )),
         }
     }
@@ -465,6 +509,7 @@ fn parse_stage(
         )]);
     };
     let mut stage = StageSpec {
+        library: false,
         name: stage_name,
         loc: Loc::new(file, value.span()),
         kind: String::new(),

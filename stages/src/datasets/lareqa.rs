@@ -31,6 +31,11 @@ pub struct LareqaStage;
 struct LareqaParams {
     /// Languages to read, each from `<lang>.json` in the input folder.
     langs: Vec<String>,
+    /// Read only the first N paragraphs of each file (their sentences and
+    /// questions): a smaller set for quick runs. XQuAD-R's files are
+    /// parallel, so the subset is the same paragraphs in every language.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_paragraphs: Option<usize>,
     #[serde(default)]
     on_error: OnError,
 }
@@ -76,7 +81,7 @@ impl Stage for LareqaStage {
         let mut tables = Tables::default();
         let mut report = ReadReport::new(p.on_error);
         for lang in &p.langs {
-            read_language(dir, lang, &mut tables, &mut report)?;
+            read_language(dir, lang, p.max_paragraphs, &mut tables, &mut report)?;
         }
         report.kept = tables.q_id.len();
         write_parquet(
@@ -125,6 +130,7 @@ struct Tables {
 fn read_language(
     dir: &Path,
     lang: &str,
+    max_paragraphs: Option<usize>,
     t: &mut Tables,
     report: &mut ReadReport,
 ) -> anyhow::Result<()> {
@@ -137,95 +143,94 @@ fn read_language(
         .ok_or_else(|| anyhow::anyhow!("{file}: no `data` list: not a SQuAD-layout file"))?;
     let (mut questions, mut candidates) = (0, 0);
     let mut paragraph_index = 0usize;
-    for article in articles {
-        for paragraph in article
+    let paragraphs = articles.iter().flat_map(|article| {
+        article
             .get("paragraphs")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
+    });
+    for paragraph in paragraphs.take(max_paragraphs.unwrap_or(usize::MAX)) {
+        let id = format!("paragraph {paragraph_index}");
+        paragraph_index += 1;
+        let context = paragraph.get("context").and_then(Value::as_str);
+        let sentences = paragraph.get("sentences").and_then(Value::as_array);
+        let breaks = paragraph.get("sentence_breaks").and_then(Value::as_array);
+        let (Some(context), Some(sentences), Some(breaks)) = (context, sentences, breaks) else {
+            report.read += 1;
+            report.bad_record(
+                &file,
+                &id,
+                "missing context, sentences or sentence_breaks",
+                "",
+            )?;
+            continue;
+        };
+        let spans: Option<Vec<(u64, u64)>> = breaks
+            .iter()
+            .map(|b| Some((b.get(0)?.as_u64()?, b.get(1)?.as_u64()?)))
+            .collect();
+        let texts: Option<Vec<&str>> = sentences.iter().map(Value::as_str).collect();
+        let (Some(spans), Some(texts)) = (spans, texts) else {
+            report.read += 1;
+            report.bad_record(&file, &id, "malformed sentences or sentence_breaks", "")?;
+            continue;
+        };
+        if spans.len() != texts.len() {
+            report.read += 1;
+            report.bad_record(
+                &file,
+                &id,
+                "sentences and sentence_breaks differ in length",
+                &format!("{} vs {}", texts.len(), spans.len()),
+            )?;
+            continue;
+        }
+        let first_candidate = t.c_id.len();
+        for (s, text) in texts.iter().enumerate() {
+            t.c_lang.push(lang.to_string());
+            t.c_id.push(format!("{lang}:{}:{s}", paragraph_index - 1));
+            t.c_text.push(text.to_string());
+            t.c_context.push(context.to_string());
+            candidates += 1;
+        }
+        for qa in paragraph
+            .get("qas")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
         {
-            let id = format!("paragraph {paragraph_index}");
-            paragraph_index += 1;
-            let context = paragraph.get("context").and_then(Value::as_str);
-            let sentences = paragraph.get("sentences").and_then(Value::as_array);
-            let breaks = paragraph.get("sentence_breaks").and_then(Value::as_array);
-            let (Some(context), Some(sentences), Some(breaks)) = (context, sentences, breaks)
-            else {
-                report.read += 1;
-                report.bad_record(
-                    &file,
-                    &id,
-                    "missing context, sentences or sentence_breaks",
-                    "",
-                )?;
-                continue;
-            };
-            let spans: Option<Vec<(u64, u64)>> = breaks
-                .iter()
-                .map(|b| Some((b.get(0)?.as_u64()?, b.get(1)?.as_u64()?)))
-                .collect();
-            let texts: Option<Vec<&str>> = sentences.iter().map(Value::as_str).collect();
-            let (Some(spans), Some(texts)) = (spans, texts) else {
-                report.read += 1;
-                report.bad_record(&file, &id, "malformed sentences or sentence_breaks", "")?;
-                continue;
-            };
-            if spans.len() != texts.len() {
-                report.read += 1;
-                report.bad_record(
-                    &file,
-                    &id,
-                    "sentences and sentence_breaks differ in length",
-                    &format!("{} vs {}", texts.len(), spans.len()),
-                )?;
-                continue;
-            }
-            let first_candidate = t.c_id.len();
-            for (s, text) in texts.iter().enumerate() {
-                t.c_lang.push(lang.to_string());
-                t.c_id.push(format!("{lang}:{}:{s}", paragraph_index - 1));
-                t.c_text.push(text.to_string());
-                t.c_context.push(context.to_string());
-                candidates += 1;
-            }
-            for qa in paragraph
-                .get("qas")
+            report.read += 1;
+            let qid = qa.get("id").and_then(Value::as_str);
+            let question = qa.get("question").and_then(Value::as_str);
+            let answer = qa
+                .get("answers")
                 .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                report.read += 1;
-                let qid = qa.get("id").and_then(Value::as_str);
-                let question = qa.get("question").and_then(Value::as_str);
-                let answer = qa
-                    .get("answers")
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.first());
-                let start = answer
-                    .and_then(|a| a.get("answer_start"))
-                    .and_then(Value::as_u64);
-                let (Some(qid), Some(question), Some(start)) = (qid, question, start) else {
-                    let id = qid.unwrap_or("(no id)");
-                    report.bad_record(&file, id, "missing id, question or answer", "")?;
-                    continue;
-                };
-                let Some(s) = spans.iter().position(|&(b, e)| b <= start && start < e) else {
-                    report.bad_record(
-                        &file,
-                        qid,
-                        "answer_start is outside every sentence",
-                        &start.to_string(),
-                    )?;
-                    continue;
-                };
-                t.q_lang.push(lang.to_string());
-                t.q_id.push(qid.to_string());
-                t.q_text.push(question.to_string());
-                t.r_qid.push(qid.to_string());
-                t.r_lang.push(lang.to_string());
-                t.r_cid.push(t.c_id[first_candidate + s].clone());
-                questions += 1;
-            }
+                .and_then(|a| a.first());
+            let start = answer
+                .and_then(|a| a.get("answer_start"))
+                .and_then(Value::as_u64);
+            let (Some(qid), Some(question), Some(start)) = (qid, question, start) else {
+                let id = qid.unwrap_or("(no id)");
+                report.bad_record(&file, id, "missing id, question or answer", "")?;
+                continue;
+            };
+            let Some(s) = spans.iter().position(|&(b, e)| b <= start && start < e) else {
+                report.bad_record(
+                    &file,
+                    qid,
+                    "answer_start is outside every sentence",
+                    &start.to_string(),
+                )?;
+                continue;
+            };
+            t.q_lang.push(lang.to_string());
+            t.q_id.push(qid.to_string());
+            t.q_text.push(question.to_string());
+            t.r_qid.push(qid.to_string());
+            t.r_lang.push(lang.to_string());
+            t.r_cid.push(t.c_id[first_candidate + s].clone());
+            questions += 1;
         }
     }
     report.count(format!("questions.{lang}"), questions);
