@@ -322,3 +322,83 @@ max_questions = 2
     let questions = read_parquet(&paragraphs.join("questions.parquet")).unwrap();
     assert_eq!(questions.height(), 2);
 }
+
+#[test]
+fn adhoc_metrics_match_pytrec_eval_on_its_trec_files() {
+    let s = Scratch::new();
+    let mut rng = SplitMix64(9);
+    let mut grid = || -> [f32; 3] { [0, 1, 2].map(|_| (rng.next_u64() % 5) as f32 - 2.0) };
+    let queries: Vec<(String, String, [f32; 3])> = (0..12)
+        .map(|q| {
+            (
+                format!("q{q}"),
+                if q < 6 { "de" } else { "sw" }.to_string(),
+                grid(),
+            )
+        })
+        .collect();
+    let corpus: Vec<(String, String, [f32; 3])> = (0..160)
+        .map(|d| (format!("doc{d}"), String::new(), grid()))
+        .collect();
+    embeddings(&s, "queries", &queries);
+    embeddings(&s, "corpus", &corpus);
+    let (mut qids, mut docids, mut grades) = (vec![], vec![], vec![]);
+    for q in 0..12 {
+        for d in 0..160 {
+            if rng.next_u64().is_multiple_of(12) {
+                qids.push(format!("q{q}"));
+                docids.push(format!("doc{d}"));
+                grades.push((rng.next_u64() % 3) as i64);
+            }
+        }
+    }
+    std::fs::create_dir_all(s.path("d")).unwrap();
+    write_parquet(
+        &s.path("d/qrels.parquet"),
+        vec![
+            string_column("qid", qids),
+            string_column("docid", docids),
+            xlpipe_stages::table::int_column("relevance", grades),
+        ],
+    )
+    .unwrap();
+    s.write(
+        "p.toml",
+        r#"
+[stages.d]
+kind = "import"
+path = "d"
+[stages.queries]
+kind = "import"
+path = "queries"
+[stages.corpus]
+kind = "import"
+path = "corpus"
+[stages.eval]
+kind = "evaluate_adhoc"
+inputs.data = "d"
+inputs.queries = "queries"
+inputs.corpus = "corpus"
+"#,
+    );
+    s.ok(&["run", "p.toml"]);
+    let dir = results_dir(&s);
+    let reference = common::pytrec_eval(&dir.join("trec/adhoc.qrels"), &dir.join("trec/adhoc.run"));
+    let per_query = read_parquet(&dir.join("per_query.parquet")).unwrap();
+    let qids = strings(&per_query, "qid").unwrap();
+    assert!(qids.len() >= 10, "{qids:?}");
+    for (ours, theirs) in [
+        ("ndcg_10", "ndcg_cut_10"),
+        ("recall_100", "recall_100"),
+        ("map_100", "map"),
+        ("mrr_100", "recip_rank"),
+    ] {
+        let column = per_query.column(ours).unwrap().f64().unwrap();
+        for (row, qid) in qids.iter().enumerate() {
+            let (a, b) = (column.get(row).unwrap(), reference[qid][theirs]);
+            assert!((a - b).abs() <= 1e-6, "{qid} {ours}: {a} vs {b}");
+        }
+    }
+    let run = std::fs::read_to_string(dir.join("trec/adhoc.run")).unwrap();
+    assert_eq!(run.lines().count(), qids.len() * 100);
+}

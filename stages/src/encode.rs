@@ -90,7 +90,7 @@ impl Stage for EncodeStage {
         params: &toml::Table,
         _env: &ParamsEnv,
     ) -> Result<serde_json::Value, ParamError> {
-        let p: EncodeParams = parse_params(params)?;
+        let mut p: EncodeParams = parse_params(params)?;
         if p.batch_size == 0 {
             return Err(ParamError::new("batch_size", "must be at least 1"));
         }
@@ -100,7 +100,7 @@ impl Stage for EncodeStage {
                 "must leave room for the special tokens",
             ));
         }
-        p.device.check()?;
+        p.device = p.device.check()?;
         Ok(to_canonical(&p))
     }
 
@@ -120,8 +120,10 @@ impl Stage for EncodeStage {
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
         let p: EncodeParams = from_canonical(params)?;
-        match p.device {
-            DeviceChoice::Cpu => encode::<burn::backend::Flex>(&p, ctx, Default::default()),
+        match p.device.resolved() {
+            DeviceChoice::Cpu | DeviceChoice::Auto => {
+                encode::<burn::backend::Flex>(&p, ctx, Default::default())
+            }
             #[cfg(feature = "cuda")]
             DeviceChoice::Cuda => {
                 encode::<burn::backend::Cuda>(&p, ctx, DeviceChoice::cuda_device(ctx)?)

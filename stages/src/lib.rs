@@ -87,6 +87,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(encode::EncodeStage),
         Box::new(eval::lareqa::EvaluateLareqaStage),
         Box::new(eval::bitext::EvaluateBitextStage),
+        Box::new(eval::adhoc::EvaluateAdhocStage),
         Box::new(report::ReportStage),
     ]
 }

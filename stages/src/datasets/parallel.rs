@@ -14,7 +14,8 @@
 //! TICO-19 and Tatoeba: one set per language pair). Files of a set with
 //! different line counts are misaligned: the set is skipped and counted
 //! (or the stage fails, `on_error = "fail"`). Lines empty or not UTF-8 in
-//! any language are left out of every language.
+//! any language are left out of every language. `max_lines` keeps the
+//! first N lines of each set, for quick runs.
 //!
 //! Output folder `data`: `sentences.parquet` (sid, set, lang, id, text;
 //! `id` is the line number, shared by translations, and `sid` is
@@ -38,6 +39,9 @@ pub struct ParallelStage;
 struct ParallelParams {
     /// Set name -> language -> file in the input folder.
     sets: BTreeMap<String, BTreeMap<String, String>>,
+    /// Keep the first N lines of each set (for quick runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_lines: Option<usize>,
     #[serde(default)]
     on_error: OnError,
 }
@@ -121,7 +125,7 @@ impl Stage for ParallelStage {
                 continue;
             }
             let mut kept = 0;
-            for i in 0..n {
+            for i in 0..n.min(p.max_lines.unwrap_or(usize::MAX)) {
                 report.read += 1;
                 let row: Vec<(&str, Option<&String>)> = lines
                     .iter()

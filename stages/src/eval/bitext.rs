@@ -27,6 +27,7 @@
 //! `summary.json` (macro averages over directions, and over the into- and
 //! out-of-pivot directions), `trec/bitext.run` and `trec/bitext.qrels`
 //! (query names `set/source/target/line`, top `trec_depth`, default 10).
+//! `dataset` names the set in reports (default: the stage's name).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -62,6 +63,9 @@ struct BitextParams {
     pivot: String,
     #[serde(default = "d_depth")]
     trec_depth: usize,
+    /// The dataset's name in reports (default: the stage's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dataset: Option<String>,
 }
 
 fn d_directions() -> Directions {
@@ -127,7 +131,7 @@ impl Stage for EvaluateBitextStage {
             "no direction to score (is the pivot `{}` in the sets?)",
             p.pivot
         );
-        write_results(&ctx.output("results"), &directions, &p.pivot)
+        write_results(&ctx.output("results"), &directions, &p)
     }
 }
 
@@ -238,8 +242,9 @@ impl Direction {
 fn write_results(
     out: &std::path::Path,
     directions: &[Direction],
-    pivot: &str,
+    p: &BitextParams,
 ) -> anyhow::Result<()> {
+    let pivot = p.pivot.as_str();
     std::fs::create_dir_all(out.join("trec"))?;
     let text = |f: fn(&Direction) -> &String| -> Vec<String> {
         directions.iter().map(|d| f(d).clone()).collect()
@@ -329,6 +334,7 @@ fn write_results(
     std::fs::write(
         out.join("summary.json"),
         serde_json::to_vec_pretty(&serde_json::json!({
+            "dataset": p.dataset,
             "all": average(directions.iter().collect()),
             "into_pivot": average(directions.iter().filter(|d| d.target == pivot).collect()),
             "from_pivot": average(directions.iter().filter(|d| d.source == pivot).collect()),

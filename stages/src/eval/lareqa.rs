@@ -32,7 +32,8 @@
 //! (query names `query_lang/candidate_lang/qid`, `*` for the multilingual
 //! pool). The run files hold the top `trec_depth` (default 10; 0 = whole
 //! pool) of each ranking, for the settings in `trec_settings` (default all
-//! three); the metrics above always use the whole ranking.
+//! three); the metrics above always use the whole ranking. `dataset` names
+//! the set in reports (default: the stage's name).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -62,6 +63,10 @@ struct EvaluateParams {
     /// Settings whose TREC run and qrels files are written.
     #[serde(default = "d_trec_settings")]
     trec_settings: Vec<Setting>,
+    /// The dataset's name in reports (default: the stage's name), so that
+    /// evaluations of different models on one set line up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dataset: Option<String>,
 }
 
 fn d_k() -> usize {
@@ -78,7 +83,7 @@ impl Stage for EvaluateLareqaStage {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn summary(&self) -> &'static str {
@@ -137,7 +142,7 @@ impl Stage for EvaluateLareqaStage {
             depth: p.trec_depth,
         };
         let evaluation = evaluate(&questions, &candidates, &relevant, p.top_k, &trec)?;
-        evaluation.write(&ctx.output("results"), &trec)
+        evaluation.write(&ctx.output("results"), &trec, p.dataset.as_deref())
     }
 }
 
@@ -414,7 +419,12 @@ impl Evaluation {
         )
     }
 
-    fn write(&self, out: &std::path::Path, trec: &TrecOptions) -> anyhow::Result<()> {
+    fn write(
+        &self,
+        out: &std::path::Path,
+        trec: &TrecOptions,
+        dataset: Option<&str>,
+    ) -> anyhow::Result<()> {
         std::fs::create_dir_all(out)?;
         let cells = self.cells();
         let rows: Vec<((Setting, &str, &str), Scores, usize)> = cells
@@ -471,6 +481,7 @@ impl Evaluation {
         std::fs::write(
             out.join("summary.json"),
             serde_json::to_vec_pretty(&serde_json::json!({
+                "dataset": dataset,
                 "mono": summary(self.macro_average(Setting::Mono)),
                 "cross": summary(self.macro_average(Setting::Cross)),
                 "multi": summary(self.macro_average(Setting::Multi)),

@@ -9,28 +9,45 @@ use crate::ParamError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceChoice {
+    /// A GPU when this build has CUDA and the machine has an NVIDIA device,
+    /// else the CPU; resolved while validating, so the cache key names the
+    /// device that actually ran.
     #[default]
+    Auto,
     Cpu,
     Cuda,
 }
 
 impl DeviceChoice {
-    /// Refuse `cuda` while validating, in a build without it.
-    pub fn check(self) -> Result<(), ParamError> {
-        if self == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
+    /// `Auto` made concrete.
+    pub fn resolved(self) -> DeviceChoice {
+        match self {
+            DeviceChoice::Auto if cfg!(feature = "cuda") && nvidia_device_present() => {
+                DeviceChoice::Cuda
+            }
+            DeviceChoice::Auto => DeviceChoice::Cpu,
+            concrete => concrete,
+        }
+    }
+
+    /// The device to put in canonical params; refuses `cuda` in a build
+    /// without it.
+    pub fn check(self) -> Result<DeviceChoice, ParamError> {
+        let device = self.resolved();
+        if device == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
             return Err(ParamError::new(
                 "device",
                 "this xlpipe was built without CUDA (cargo build --features cuda)",
             ));
         }
-        Ok(())
+        Ok(device)
     }
 
     /// Resources an instance on this device holds while it runs.
     pub fn resources(self) -> BTreeMap<String, u32> {
-        match self {
-            DeviceChoice::Cpu => BTreeMap::new(),
+        match self.resolved() {
             DeviceChoice::Cuda => [("gpu".to_string(), 1)].into(),
+            _ => BTreeMap::new(),
         }
     }
 
@@ -57,5 +74,27 @@ impl DeviceChoice {
             .copied()
             .unwrap_or(0);
         Ok(CudaDevice::new(index as usize))
+    }
+}
+
+/// The NVIDIA driver's control device: present where a GPU can be used.
+fn nvidia_device_present() -> bool {
+    std::path::Path::new("/dev/nvidiactl").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_resolves_to_a_device_this_build_can_use() {
+        let device = DeviceChoice::Auto.check().unwrap();
+        if cfg!(feature = "cuda") && nvidia_device_present() {
+            assert_eq!(device, DeviceChoice::Cuda);
+        } else {
+            assert_eq!(device, DeviceChoice::Cpu);
+            assert!(DeviceChoice::Auto.resources().is_empty());
+        }
+        assert_eq!(DeviceChoice::Cuda.check().is_ok(), cfg!(feature = "cuda"));
     }
 }

@@ -12,11 +12,15 @@
 //! baselines = [0.0, 1.0] # ... and the values every point is tested against
 //! ```
 //!
-//! An evaluation's dataset is the name of its stage; its grid point is its
-//! producer's grid values minus the replicate variable. Both
+//! An evaluation's dataset is its `dataset` param or else the name of its
+//! stage; its grid point is its producer's grid values minus the replicate
+//! variable. Evaluations outside the grid (an untuned model's, say) are
+//! the row `-`. Both
 //! `evaluate_lareqa` (settings mono / cross / multi, plus the multilingual
-//! max-min rank distance as metric `bias`) and `evaluate_bitext` (setting
-//! `bitext`) results are read.
+//! max-min rank distance as metric `bias`), `evaluate_bitext` (setting
+//! `bitext`) and `evaluate_adhoc` (setting `adhoc`) results are read. A
+//! dataset whose kind lacks `metric` shows its usual one in the main table
+//! (bitext `accuracy_1`, ad-hoc `ndcg_10`).
 //!
 //! Output folder `report`:
 //! - `results.{parquet,csv}`: every number, long format (grid variables,
@@ -44,6 +48,7 @@ use polars::prelude::{Column, DataFrame};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::eval::adhoc::ADHOC_METRICS;
 use crate::table::{read_parquet, string_column, strings, write_parquet};
 use crate::{
     from_canonical, parse_params, to_canonical, InputArtifact, InputSlot, Interface, ParamError,
@@ -111,7 +116,10 @@ impl Stage for ReportStage {
         _env: &ParamsEnv,
     ) -> Result<serde_json::Value, ParamError> {
         let mut p: ReportParams = parse_params(params)?;
-        let known = LAREQA_METRICS.iter().chain(&BITEXT_METRICS);
+        let known = LAREQA_METRICS
+            .iter()
+            .chain(&BITEXT_METRICS)
+            .chain(&ADHOC_METRICS);
         if !known.clone().any(|m| *m == p.metric) {
             return Err(ParamError::new(
                 "metric",
@@ -192,6 +200,9 @@ struct Evaluation {
     per_language: BTreeMap<(String, String, String, String), f64>,
     /// (setting, metric) -> query -> value, averaged over the setting's pools.
     per_query: BTreeMap<(String, String), HashMap<String, f64>>,
+    /// The metric its main-table column shows: `metric` when it reports
+    /// that, else its kind's usual one (bitext accuracy@1, ad-hoc nDCG@10).
+    headline: String,
 }
 
 impl Evaluation {
@@ -199,13 +210,16 @@ impl Evaluation {
         let dir = &artifact.path;
         let mut grid = artifact.grid.clone();
         let replicate = grid.remove(&p.replicate);
-        let dataset = artifact
-            .producer
-            .split('[')
-            .next()
-            .unwrap_or_default()
-            .to_string();
         let summary: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)?;
+        let dataset = match summary["dataset"].as_str() {
+            Some(name) => name.to_string(),
+            None => artifact
+                .producer
+                .split('[')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        };
         let metrics = read_parquet(&dir.join("metrics.parquet"))?;
         let per_query = read_parquet(&dir.join("per_query.parquet"))?;
         let mut eval = Evaluation {
@@ -215,6 +229,7 @@ impl Evaluation {
             summary: BTreeMap::new(),
             per_language: BTreeMap::new(),
             per_query: BTreeMap::new(),
+            headline: String::new(),
         };
         if metrics.column("setting").is_ok() {
             for setting in ["mono", "cross", "multi"] {
@@ -259,7 +274,7 @@ impl Evaluation {
                     .map(|(q, (s, n))| (q, s / n as f64))
                     .collect(),
             );
-        } else {
+        } else if metrics.column("source_lang").is_ok() {
             for metric in BITEXT_METRICS {
                 if let Some(v) = summary["all"][metric].as_f64() {
                     eval.summary.insert(("bitext".into(), metric.into()), v);
@@ -273,7 +288,28 @@ impl Evaluation {
             eval.add_languages(&metrics, &settings, &langs, &BITEXT_METRICS)?;
             let settings = vec!["bitext".to_string(); per_query.height()];
             eval.add_queries(&per_query, &settings, &BITEXT_METRICS)?;
+        } else {
+            for metric in ADHOC_METRICS {
+                if let Some(v) = summary["adhoc"][metric].as_f64() {
+                    eval.summary.insert(("adhoc".into(), metric.into()), v);
+                }
+            }
+            let settings = vec!["adhoc".to_string(); metrics.height()];
+            let langs = (
+                strings(&metrics, "lang")?,
+                vec![String::new(); metrics.height()],
+            );
+            eval.add_languages(&metrics, &settings, &langs, &ADHOC_METRICS)?;
+            let settings = vec!["adhoc".to_string(); per_query.height()];
+            eval.add_queries(&per_query, &settings, &ADHOC_METRICS)?;
         }
+        eval.headline = if eval.summary.keys().any(|(_, m)| *m == p.metric) {
+            p.metric.clone()
+        } else if metrics.column("source_lang").is_ok() {
+            "accuracy_1".into()
+        } else {
+            "ndcg_10".into()
+        };
         Ok(eval)
     }
 
@@ -414,7 +450,7 @@ impl<'a> Report<'a> {
         let mut domains: BTreeSet<Cell> = BTreeSet::new();
         for e in &self.evaluations {
             for (setting, metric) in e.summary.keys() {
-                if *metric == self.p.metric || metric == BIAS {
+                if *metric == e.headline || metric == BIAS {
                     cells.insert((e.dataset.clone(), setting.clone(), metric.clone()));
                     domains.insert((
                         self.domain(&e.dataset).to_string(),

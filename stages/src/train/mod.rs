@@ -189,7 +189,7 @@ impl Stage for TrainStage {
         params: &toml::Table,
         _env: &ParamsEnv,
     ) -> Result<serde_json::Value, ParamError> {
-        let p: TrainParams = parse_params(params)?;
+        let mut p: TrainParams = parse_params(params)?;
         for (name, value) in [("alpha", Some(p.alpha)), ("alpha_end", p.alpha_end)] {
             if let Some(v) = value {
                 if !(0.0..=1.0).contains(&v) {
@@ -216,7 +216,7 @@ impl Stage for TrainStage {
                 "in-batch negatives need at least 2",
             ));
         }
-        p.device.check()?;
+        p.device = p.device.check()?;
         Ok(to_canonical(&p))
     }
 
@@ -236,8 +236,8 @@ impl Stage for TrainStage {
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
         let p: TrainParams = from_canonical(params)?;
-        match p.device {
-            DeviceChoice::Cpu => {
+        match p.device.resolved() {
+            DeviceChoice::Cpu | DeviceChoice::Auto => {
                 train::<burn::backend::Autodiff<burn::backend::Flex>>(&p, ctx, Default::default())
             }
             #[cfg(feature = "cuda")]
