@@ -98,9 +98,9 @@ enum Command {
     },
     /// List the stage kinds this build knows.
     Kinds,
-    /// Print the main table of a `report` stage's output (its folder, or a
-    /// file in it; `xlpipe show STAGE` names the folder).
-    Report { path: PathBuf },
+    /// Print the main table of a pipeline's reports: give the pipeline
+    /// file (or its name), or a `report` output folder.
+    Report { target: PathBuf },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -275,8 +275,21 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             print!("{}", maintenance::gc(&cache, &keep, dry_run)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { path } => {
-            print!("{}", xlpipe_stages::report::render_main_table(&path)?);
+        Command::Report { target } => {
+            let folders = if target.is_dir() {
+                vec![(target.display().to_string(), target)]
+            } else {
+                let name = if target.is_file() {
+                    open_pipeline(&target)?.name
+                } else {
+                    target.display().to_string()
+                };
+                maintenance::report_folders(&Cache::open(&cli.cache)?, &name)?
+            };
+            for (instance, folder) in folders {
+                println!("{instance}  ({})", folder.display());
+                print!("{}", xlpipe_stages::report::render_main_table(&folder)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Kinds => {

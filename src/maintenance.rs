@@ -85,6 +85,25 @@ pub fn show(cache: &Cache, selector: &str, pipeline: Option<&str>) -> anyhow::Re
 }
 
 /// `xlpipe status`: pipelines and cache size.
+/// Output folders of the `report` instances of pipeline `name`'s last run.
+pub fn report_folders(cache: &Cache, name: &str) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut folders = Vec::new();
+    for r in cache.refs(name) {
+        let Some(record) = cache.record(&r.key) else {
+            continue;
+        };
+        if let (true, Some(hash)) = (record.kind == "report", record.outputs.get("report")) {
+            folders.push((r.instance.clone(), cache.object_path(hash)));
+        }
+    }
+    anyhow::ensure!(
+        !folders.is_empty(),
+        "pipeline `{name}` has no report in the cache; has it run to the end?"
+    );
+    folders.sort();
+    Ok(folders)
+}
+
 pub fn status(cache: &Cache) -> String {
     let count = |dir: &str| {
         fs::read_dir(cache.root().join(dir))

@@ -292,6 +292,10 @@ kind = "answer_retrieval"
 inputs.data = ["qa"]
 unit = "paragraph"
 max_questions = 2
+[stages.one_paragraph]
+kind = "answer_retrieval"
+inputs.data = ["qa"]
+max_paragraphs = 1
 "#,
     );
     s.ok(&["run", "p.toml"]);
@@ -321,6 +325,14 @@ max_questions = 2
     assert_eq!(strings(&candidates, "cid").unwrap(), ["de:p1", "de:p2"]);
     let questions = read_parquet(&paragraphs.join("questions.parquet")).unwrap();
     assert_eq!(questions.height(), 2);
+    // One paragraph: its sentences, and only its questions.
+    let one = output("one_paragraph");
+    let candidates = read_parquet(&one.join("candidates.parquet")).unwrap();
+    let questions = read_parquet(&one.join("questions.parquet")).unwrap();
+    let cids = strings(&candidates, "cid").unwrap();
+    let expected_questions = if cids[0].starts_with("de:p1") { 2 } else { 1 };
+    assert!(cids.iter().all(|c| c[..5] == cids[0][..5]), "{cids:?}");
+    assert_eq!(questions.height(), expected_questions);
 }
 
 #[test]

@@ -19,6 +19,8 @@
 //! `max_questions` keeps a fixed pseudo-random subset of each input's
 //! questions (by a hash of the question id); every paragraph stays a
 //! candidate, so the pool is as hard as with all questions.
+//! `max_paragraphs` keeps a fixed subset of paragraphs (by a hash of their
+//! id) and only their questions: a smaller pool, for quick runs.
 //!
 //! Output folder `data`: `questions.parquet` (lang, qid, question),
 //! `candidates.parquet` (lang, cid, sentence, context), `qrels.parquet`
@@ -51,6 +53,11 @@ struct AnswerRetrievalParams {
     unit: Unit,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_questions: Option<usize>,
+    /// Keep a fixed pseudo-random subset of each input's paragraphs (by a
+    /// hash of the paragraph id), with only their questions: a smaller pool
+    /// as well as fewer questions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_paragraphs: Option<usize>,
 }
 
 fn d_unit() -> Unit {
@@ -78,6 +85,9 @@ impl Stage for AnswerRetrievalStage {
         let p: AnswerRetrievalParams = parse_params(params)?;
         if p.max_questions == Some(0) {
             return Err(ParamError::new("max_questions", "must be at least 1"));
+        }
+        if p.max_paragraphs == Some(0) {
+            return Err(ParamError::new("max_paragraphs", "must be at least 1"));
         }
         Ok(to_canonical(&p))
     }
@@ -110,15 +120,28 @@ impl Stage for AnswerRetrievalStage {
             );
             let (context_ids, contexts) = (strings(&qa, "context_id")?, strings(&qa, "context")?);
             let sentence_index = integers(&qa, "sentence_index")?;
-            let mut rows: Vec<usize> = (0..qa.height()).collect();
+            let hash = |text: &str| *blake3::hash(text.as_bytes()).as_bytes();
+            let kept_paragraphs: Option<HashSet<&str>> = p.max_paragraphs.map(|max| {
+                let mut ids: Vec<&str> = context_ids.iter().map(String::as_str).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.sort_by_cached_key(|id| hash(id));
+                ids.into_iter().take(max).collect()
+            });
+            let kept = |r: usize| {
+                kept_paragraphs
+                    .as_ref()
+                    .is_none_or(|k| k.contains(context_ids[r].as_str()))
+            };
+            let mut rows: Vec<usize> = (0..qa.height()).filter(|&r| kept(r)).collect();
             if let Some(max) = p.max_questions {
-                rows.sort_by_cached_key(|&r| *blake3::hash(qids[r].as_bytes()).as_bytes());
+                rows.sort_by_cached_key(|&r| hash(&qids[r]));
                 rows.truncate(max);
                 rows.sort_unstable();
             }
-            // Every paragraph of the input is a candidate, asked about or not.
+            // Every (kept) paragraph is a candidate, asked about or not.
             let mut paragraphs: BTreeMap<(&str, &str), &str> = BTreeMap::new();
-            for r in 0..qa.height() {
+            for r in (0..qa.height()).filter(|&r| kept(r)) {
                 paragraphs.insert((&langs[r], &context_ids[r]), &contexts[r]);
             }
             for ((lang, context_id), context) in &paragraphs {

@@ -943,13 +943,9 @@ fn csv_text(frame: &DataFrame) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// The main table of a report folder (or a report's `main.parquet`),
-/// formatted for a terminal: what `xlpipe report` prints.
-pub fn render_main_table(path: &Path) -> anyhow::Result<String> {
-    let file = if path.is_dir() {
-        path.join("main.md")
-    } else {
-        path.with_file_name("main.md")
-    };
+/// The main table of a report folder, formatted for a terminal: what
+/// `xlpipe report` prints.
+pub fn render_main_table(folder: &Path) -> anyhow::Result<String> {
+    let file = folder.join("main.md");
     std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))
 }

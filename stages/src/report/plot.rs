@@ -20,6 +20,9 @@ const COLOURS: [&str; 8] = [
 struct Series {
     label: String,
     points: Vec<(f64, f64, Option<f64>)>,
+    /// A level outside the grid (an untuned model's): drawn dashed across
+    /// the whole x range; its one point's x is ignored.
+    level: bool,
 }
 
 pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
@@ -55,7 +58,27 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
             })
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Series { label, points }
+        Series {
+            label,
+            points,
+            level: false,
+        }
+    };
+    // Evaluations outside the grid (no x): a level line per cell.
+    let levels_of = |cell: &Cell| -> Vec<Series> {
+        report
+            .points
+            .iter()
+            .filter(|p| x_of(p).is_none())
+            .filter_map(|p| {
+                let s = report.summarise(p, cell)?;
+                Some(Series {
+                    label: format!("{} {}", cell.1, super::point_label(p)),
+                    points: vec![(f64::NAN, s.mean, None)],
+                    level: true,
+                })
+            })
+            .collect()
     };
     let suffix = |rest: &Point| {
         if others.len() > 1 {
@@ -89,14 +112,16 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
                 .iter()
                 .filter(|c| c.0 == **dataset && c.2 == wanted)
                 .flat_map(|c| {
-                    others
+                    let mut lines: Vec<Series> = others
                         .iter()
                         .map(|rest| series_of(c, rest, format!("{}{}", c.1, suffix(rest))))
-                        .collect::<Vec<_>>()
+                        .collect();
+                    lines.extend(levels_of(c));
+                    lines
                 })
                 .filter(|s| !s.points.is_empty())
                 .collect();
-            if !series.is_empty() {
+            if series.iter().any(|s| !s.level) {
                 let title = format!("{dataset}: {wanted} vs {x}");
                 std::fs::write(
                     dir.join(format!("{}.svg", file_name(&name))),
@@ -174,8 +199,10 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
     let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y, ci) in all {
         let ci = ci.unwrap_or(0.0);
-        x_min = x_min.min(x);
-        x_max = x_max.max(x);
+        if x.is_finite() {
+            x_min = x_min.min(x);
+            x_max = x_max.max(x);
+        }
         y_min = y_min.min(y - ci);
         y_max = y_max.max(y + ci);
     }
@@ -230,6 +257,30 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
     );
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
+        let ly = top + 10.0 + i as f64 * 18.0;
+        let lx = left + plot_w + 12.0;
+        let dash = if s.level {
+            r#" stroke-dasharray="6 4""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
+            lx + 18.0,
+            lx + 24.0,
+            ly + 4.0,
+            escape(&s.label)
+        );
+        if s.level {
+            let y = sy(s.points[0].1);
+            let _ = writeln!(
+                svg,
+                r#"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{colour}" stroke-width="1.5"{dash}/>"#,
+                left + plot_w
+            );
+            continue;
+        }
         if s.points.iter().all(|p| p.2.is_some()) && s.points.len() > 1 {
             let upper = s
                 .points
@@ -268,16 +319,6 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
                 sy(y)
             );
         }
-        let ly = top + 10.0 + i as f64 * 18.0;
-        let lx = left + plot_w + 12.0;
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,
-            lx + 18.0,
-            lx + 24.0,
-            ly + 4.0,
-            escape(&s.label)
-        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -309,13 +350,23 @@ mod tests {
 
     #[test]
     fn chart_is_an_svg_with_a_band_per_series() {
-        let series = [Series {
-            label: "mono <en>".into(),
-            points: vec![(0.0, 0.5, Some(0.01)), (1.0, 0.6, Some(0.02))],
-        }];
+        let series = [
+            Series {
+                label: "mono <en>".into(),
+                points: vec![(0.0, 0.5, Some(0.01)), (1.0, 0.6, Some(0.02))],
+                level: false,
+            },
+            Series {
+                label: "mono -".into(),
+                points: vec![(f64::NAN, 0.45, None)],
+                level: true,
+            },
+        ];
         let svg = chart("t", "alpha", "map", &series);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(!svg.contains("NaN"), "{svg}");
         assert_eq!(svg.matches("<polygon").count(), 1);
+        assert_eq!(svg.matches("stroke-dasharray").count(), 2);
         assert!(svg.contains("mono &lt;en&gt;"));
     }
 }
