@@ -30,8 +30,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::datasets::lareqa::RetrievalTables;
 use crate::datasets::split_sentences;
-use crate::table::{integers, read_parquet, string_column, strings, write_parquet};
+use crate::table::{integers, read_parquet, strings};
 use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
@@ -98,18 +99,14 @@ impl Stage for AnswerRetrievalStage {
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
-            inputs: vec![InputSlot {
-                name: "data".into(),
-                many: true,
-                optional: false,
-            }],
+            inputs: vec![InputSlot::many("data")],
             ..Interface::producing(&["data"])
         })
     }
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
         let p: AnswerRetrievalParams = from_canonical(params)?;
-        let mut set = RetrievalSet::default();
+        let mut set = RetrievalTables::default();
         let mut seen_qids = HashSet::new();
         for input in ctx.inputs("data") {
             let qa = read_parquet(&input.path.join("qa.parquet"))?;
@@ -145,7 +142,7 @@ impl Stage for AnswerRetrievalStage {
                 paragraphs.insert((&langs[r], &context_ids[r]), &contexts[r]);
             }
             for ((lang, context_id), context) in &paragraphs {
-                set.add_paragraph(p.unit, lang, context_id, context);
+                add_paragraph(&mut set, p.unit, lang, context_id, context);
             }
             for r in rows {
                 // evaluate_lareqa reads one question id in two languages as
@@ -168,74 +165,38 @@ impl Stage for AnswerRetrievalStage {
                 set.r_cid.push(format!("{}:{cid}", langs[r]));
             }
         }
-        set.write(&ctx.output("data"))
-    }
-}
-
-#[derive(Default)]
-struct RetrievalSet {
-    q_lang: Vec<String>,
-    q_id: Vec<String>,
-    q_text: Vec<String>,
-    c_lang: Vec<String>,
-    c_id: Vec<String>,
-    c_text: Vec<String>,
-    c_context: Vec<String>,
-    r_qid: Vec<String>,
-    r_lang: Vec<String>,
-    r_cid: Vec<String>,
-}
-
-impl RetrievalSet {
-    fn add_paragraph(&mut self, unit: Unit, lang: &str, context_id: &str, context: &str) {
-        let mut push = |id: String, text: &str| {
-            self.c_lang.push(lang.to_string());
-            self.c_id.push(format!("{lang}:{id}"));
-            self.c_text.push(text.to_string());
-            self.c_context.push(context.to_string());
-        };
-        match unit {
-            Unit::Sentence => {
-                for (i, (start, end)) in split_sentences(context).into_iter().enumerate() {
-                    push(format!("{context_id}:{i}"), context[start..end].trim());
-                }
-            }
-            Unit::Paragraph => push(context_id.to_string(), context),
-        }
-    }
-
-    fn write(self, out: &std::path::Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(out)?;
+        let out = ctx.output("data");
+        std::fs::create_dir_all(&out)?;
         let counts = serde_json::json!({
-            "questions": self.q_id.len(),
-            "candidates": self.c_id.len(),
+            "questions": set.q_id.len(),
+            "candidates": set.c_id.len(),
         });
-        write_parquet(
-            &out.join("questions.parquet"),
-            vec![
-                string_column("lang", self.q_lang),
-                string_column("qid", self.q_id),
-                string_column("question", self.q_text),
-            ],
-        )?;
-        write_parquet(
-            &out.join("candidates.parquet"),
-            vec![
-                string_column("lang", self.c_lang),
-                string_column("cid", self.c_id),
-                string_column("sentence", self.c_text),
-                string_column("context", self.c_context),
-            ],
-        )?;
-        write_parquet(
-            &out.join("qrels.parquet"),
-            vec![
-                string_column("qid", self.r_qid),
-                string_column("lang", self.r_lang),
-                string_column("cid", self.r_cid),
-            ],
-        )?;
+        set.write(&out)?;
         std::fs::write(out.join("meta.json"), serde_json::to_vec_pretty(&counts)?)?;
         Ok(())
+    }
+}
+
+/// Every sentence (or the whole) of one paragraph as candidates.
+fn add_paragraph(
+    set: &mut RetrievalTables,
+    unit: Unit,
+    lang: &str,
+    context_id: &str,
+    context: &str,
+) {
+    let mut push = |id: String, text: &str| {
+        set.c_lang.push(lang.to_string());
+        set.c_id.push(format!("{lang}:{id}"));
+        set.c_text.push(text.to_string());
+        set.c_context.push(context.to_string());
+    };
+    match unit {
+        Unit::Sentence => {
+            for (i, (start, end)) in split_sentences(context).into_iter().enumerate() {
+                push(format!("{context_id}:{i}"), context[start..end].trim());
+            }
+        }
+        Unit::Paragraph => push(context_id.to_string(), context),
     }
 }

@@ -141,11 +141,7 @@ impl Stage for CommandStage {
         Ok(Interface {
             inputs: input_names
                 .iter()
-                .map(|name| InputSlot {
-                    name: name.clone(),
-                    many: true,
-                    optional: false,
-                })
+                .map(|name| InputSlot::many(name))
                 .collect(),
             outputs: p.outputs,
             resources: p.resources,

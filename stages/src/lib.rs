@@ -185,6 +185,14 @@ impl InputSlot {
             optional: false,
         }
     }
+
+    /// A required slot that takes any number of artifacts.
+    pub fn many(name: &str) -> Self {
+        InputSlot {
+            many: true,
+            ..InputSlot::one(name)
+        }
+    }
 }
 
 /// One artifact handed to a stage.

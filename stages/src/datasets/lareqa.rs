@@ -78,60 +78,69 @@ impl Stage for LareqaStage {
         let dir = ctx.input("files")?;
         let out = ctx.output("data");
         std::fs::create_dir_all(&out)?;
-        let mut tables = Tables::default();
+        let mut tables = RetrievalTables::default();
         let mut report = ReadReport::new(p.on_error);
         for lang in &p.langs {
             read_language(dir, lang, p.max_paragraphs, &mut tables, &mut report)?;
         }
         report.kept = tables.q_id.len();
+        tables.write(&out)?;
+        report.write(&out.join("meta.json"))
+    }
+}
+
+/// An answer-retrieval set in the LAReQA layout, column by column (also
+/// what `answer_retrieval` writes).
+#[derive(Default)]
+pub(crate) struct RetrievalTables {
+    pub q_lang: Vec<String>,
+    pub q_id: Vec<String>,
+    pub q_text: Vec<String>,
+    pub c_lang: Vec<String>,
+    pub c_id: Vec<String>,
+    pub c_text: Vec<String>,
+    pub c_context: Vec<String>,
+    pub r_qid: Vec<String>,
+    pub r_lang: Vec<String>,
+    pub r_cid: Vec<String>,
+}
+
+impl RetrievalTables {
+    /// `questions.parquet`, `candidates.parquet` and `qrels.parquet` in `out`.
+    pub fn write(self, out: &Path) -> anyhow::Result<()> {
         write_parquet(
             &out.join("questions.parquet"),
             vec![
-                string_column("lang", tables.q_lang),
-                string_column("qid", tables.q_id),
-                string_column("question", tables.q_text),
+                string_column("lang", self.q_lang),
+                string_column("qid", self.q_id),
+                string_column("question", self.q_text),
             ],
         )?;
         write_parquet(
             &out.join("candidates.parquet"),
             vec![
-                string_column("lang", tables.c_lang),
-                string_column("cid", tables.c_id),
-                string_column("sentence", tables.c_text),
-                string_column("context", tables.c_context),
+                string_column("lang", self.c_lang),
+                string_column("cid", self.c_id),
+                string_column("sentence", self.c_text),
+                string_column("context", self.c_context),
             ],
         )?;
         write_parquet(
             &out.join("qrels.parquet"),
             vec![
-                string_column("qid", tables.r_qid),
-                string_column("lang", tables.r_lang),
-                string_column("cid", tables.r_cid),
+                string_column("qid", self.r_qid),
+                string_column("lang", self.r_lang),
+                string_column("cid", self.r_cid),
             ],
-        )?;
-        report.write(&out.join("meta.json"))
+        )
     }
-}
-
-#[derive(Default)]
-struct Tables {
-    q_lang: Vec<String>,
-    q_id: Vec<String>,
-    q_text: Vec<String>,
-    c_lang: Vec<String>,
-    c_id: Vec<String>,
-    c_text: Vec<String>,
-    c_context: Vec<String>,
-    r_qid: Vec<String>,
-    r_lang: Vec<String>,
-    r_cid: Vec<String>,
 }
 
 fn read_language(
     dir: &Path,
     lang: &str,
     max_paragraphs: Option<usize>,
-    t: &mut Tables,
+    t: &mut RetrievalTables,
     report: &mut ReadReport,
 ) -> anyhow::Result<()> {
     let file = format!("{lang}.json");

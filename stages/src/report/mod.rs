@@ -146,11 +146,7 @@ impl Stage for ReportStage {
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
-            inputs: vec![InputSlot {
-                name: "evaluations".into(),
-                many: true,
-                optional: false,
-            }],
+            inputs: vec![InputSlot::many("evaluations")],
             ..Interface::producing(&["report"])
         })
     }
