@@ -211,3 +211,87 @@ fn a_diverging_loss_stops_with_a_clear_error() {
     assert_eq!(ran.code, 1, "{ran}");
     assert!(ran.stderr.contains("the training loss became"), "{ran}");
 }
+
+/// The optimizer against PyTorch: `clip_grad_norm_` then `torch.optim.AdamW`
+/// (no decay on the bias), golden trajectory from
+/// tests/fixtures/make_adamw_fixture.py.
+#[test]
+fn adamw_matches_pytorch() {
+    use burn::module::Param;
+    use burn::nn::Linear;
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Tensor, TensorData};
+    use xlpipe_stages::train::optim::AdamW;
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+    type Inner = burn::backend::Flex;
+
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/adamw.json")).unwrap();
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        let mut out = Vec::new();
+        let mut stack = vec![v];
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::Array(items) => stack.extend(items.iter().rev()),
+                other => out.push(other.as_f64().unwrap() as f32),
+            }
+        }
+        out
+    };
+    let device = Default::default();
+    let matrix = |v: &serde_json::Value| TensorData::new(floats(v), [3, 4]);
+    let vector = |v: &serde_json::Value| TensorData::new(floats(v), [4]);
+    let mut linear = Linear::<B> {
+        weight: Param::from_tensor(Tensor::from_data(
+            matrix(&fixture["start"]["weight"]),
+            &device,
+        )),
+        bias: Some(Param::from_tensor(Tensor::from_data(
+            vector(&fixture["start"]["bias"]),
+            &device,
+        ))),
+    };
+    let mut optimizer = AdamW::new(
+        fixture["weight_decay"].as_f64().unwrap(),
+        fixture["max_grad_norm"].as_f64(),
+    );
+    let lr = fixture["lr"].as_f64().unwrap();
+    let mut worst = 0f32;
+    for (i, step) in fixture["steps"].as_array().unwrap().iter().enumerate() {
+        let mut grads = GradientsParams::new();
+        grads.register(
+            linear.weight.id,
+            Tensor::<Inner, 2>::from_data(matrix(&step["grad_weight"]), &device),
+        );
+        grads.register(
+            linear.bias.as_ref().unwrap().id,
+            Tensor::<Inner, 1>::from_data(vector(&step["grad_bias"]), &device),
+        );
+        let (updated, report) = optimizer.step(lr, linear, grads);
+        linear = updated;
+        let expected_norm = step["grad_norm"].as_f64().unwrap();
+        assert!(
+            (report.grad_norm - expected_norm).abs() < 1e-5,
+            "step {i}: grad norm {} vs torch {expected_norm}",
+            report.grad_norm
+        );
+        let got = [
+            linear.weight.val().into_data().to_vec::<f32>().unwrap(),
+            linear
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .into_data()
+                .to_vec()
+                .unwrap(),
+        ];
+        let want = [floats(&step["weight"]), floats(&step["bias"])];
+        for (g, w) in got.iter().zip(&want) {
+            for (a, b) in g.iter().zip(w) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-6, "max abs difference from torch: {worst:e}");
+}

@@ -136,13 +136,16 @@ impl<B: Backend> Layer<B> {
     fn forward(&self, x: Tensor<B, 3>, bias: Tensor<B, 4>) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
         let head_dim = hidden / self.heads;
-        let split = |t: Tensor<B, 3>| {
+        // The dense layers see one [batch * seq, hidden] matrix: one large
+        // matrix product instead of a small one per sequence.
+        let tokens = x.reshape([batch * seq, hidden]);
+        let split = |t: Tensor<B, 2>| {
             t.reshape([batch, seq, self.heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = split(self.query.forward(x.clone()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x.clone()));
+        let q = split(self.query.forward(tokens.clone()));
+        let k = split(self.key.forward(tokens.clone()));
+        let v = split(self.value.forward(tokens.clone()));
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .div_scalar((head_dim as f64).sqrt())
@@ -151,13 +154,14 @@ impl<B: Backend> Layer<B> {
         let context = probs
             .matmul(v)
             .swap_dims(1, 2)
-            .reshape([batch, seq, hidden]);
+            .reshape([batch * seq, hidden]);
         let attended = self
             .attention_norm
-            .forward(self.dropout.forward(self.attention_out.forward(context)) + x);
+            .forward(self.dropout.forward(self.attention_out.forward(context)) + tokens);
         let inner = gelu(self.intermediate.forward(attended.clone()));
         self.output_norm
             .forward(self.dropout.forward(self.output.forward(inner)) + attended)
+            .reshape([batch, seq, hidden])
     }
 }
 

@@ -15,8 +15,9 @@
 //! One shared encoder for queries and passages with E5 prefixes, cosine
 //! similarity scaled by `scale` (1 / temperature), InfoNCE over in-batch
 //! negatives (plus the pairs' hard negatives with `hard_negatives = true`).
-//! AdamW, linear warmup then linear decay, gradient clipping by global norm,
-//! gradient accumulation. The backend is reseeded every step, so a run
+//! AdamW (`optim`: PyTorch's update, no decay on biases and LayerNorm
+//! weights), linear warmup then linear decay, gradient clipping by global
+//! norm, gradient accumulation. The backend is reseeded every step, so a run
 //! resumed from a checkpoint (kept in the state folder, written every
 //! `checkpoint_every` steps) continues exactly as an uninterrupted one.
 //! Validation loss on fixed batches of the held-out split drives early
@@ -24,18 +25,18 @@
 //! are what the stage writes.
 //!
 //! Outputs: `model` (a Hugging Face folder) and `training` (metrics.parquet:
-//! step, loss, lr, monolingual, val_loss; sampler.json: realised batch mix
+//! step, loss, lr, grad_norm, monolingual, val_loss; sampler.json: realised batch mix
 //! and languages; summary.json).
 
+pub mod optim;
 pub mod sampler;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -52,6 +53,7 @@ use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
     StageContext,
 };
+use optim::AdamW;
 use sampler::{AlphaSchedule, Batch, HybridSampler, LanguageChoice, ParallelPairs};
 
 pub struct TrainStage;
@@ -177,7 +179,9 @@ impl Stage for TrainStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: clipping by the global gradient norm, PyTorch's AdamW (eps 1e-8,
+        // no decay on biases and LayerNorm weights), grad_norm in metrics.
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -408,6 +412,11 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
 }
 
+/// `max_grad_norm` as a clipping threshold: 0 or less turns clipping off.
+fn clip_norm(max_grad_norm: f64) -> Option<f64> {
+    (max_grad_norm > 0.0).then_some(max_grad_norm)
+}
+
 /// Learning rate at `step`: linear warmup, then linear decay to zero.
 fn learning_rate(p: &TrainParams, step: usize) -> f64 {
     let warmup = ((p.steps as f64) * p.warmup_ratio).round() as usize;
@@ -432,6 +441,7 @@ struct MetricRow {
     step: usize,
     loss: f64,
     lr: f64,
+    grad_norm: f64,
     monolingual: bool,
     val_loss: Option<f64>,
 }
@@ -463,10 +473,7 @@ fn train<B: AutodiffBackend>(
             EncoderConfig::from_file(&model_dir.join("config.json"), p.pooling)?.init(&device)
         }
     };
-    let mut optimizer = AdamWConfig::new()
-        .with_weight_decay(p.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(p.max_grad_norm as f32)))
-        .init::<B, Encoder<B>>();
+    let mut optimizer = AdamW::new(p.weight_decay, clip_norm(p.max_grad_norm));
 
     let schedule = AlphaSchedule {
         start: p.alpha,
@@ -504,7 +511,7 @@ fn train<B: AutodiffBackend>(
     if let Ok(text) = std::fs::read_to_string(checkpoints.join("progress.json")) {
         progress = serde_json::from_str(&text)?;
         encoder = encoder.load_record(recorder.load(checkpoints.join("model"), &device)?);
-        optimizer = optimizer.load_record(recorder.load(checkpoints.join("optimizer"), &device)?);
+        optimizer.load(&checkpoints.join("optimizer.bin"))?;
         // The sampler is a pure function of the seed: replay it.
         for micro in 0..progress.step * p.grad_accumulation {
             sampler.next_batch(micro, micro_steps);
@@ -546,12 +553,14 @@ fn train<B: AutodiffBackend>(
             );
             accumulator.accumulate(&encoder, grads);
         }
-        encoder = optimizer.step(lr, encoder, accumulator.grads());
+        let (updated, report) = optimizer.step(lr, encoder, accumulator.grads());
+        encoder = updated;
         step += 1;
         let mut row = MetricRow {
             step,
             loss: loss_sum / p.grad_accumulation as f64,
             lr,
+            grad_norm: report.grad_norm,
             monolingual,
             val_loss: None,
         };
@@ -618,6 +627,10 @@ fn train<B: AutodiffBackend>(
             ),
             Column::new("lr".into(), rows.iter().map(|r| r.lr).collect::<Vec<_>>()),
             Column::new(
+                "grad_norm".into(),
+                rows.iter().map(|r| r.grad_norm).collect::<Vec<_>>(),
+            ),
+            Column::new(
                 "monolingual".into(),
                 rows.iter().map(|r| r.monolingual).collect::<Vec<_>>(),
             ),
@@ -647,11 +660,11 @@ fn train<B: AutodiffBackend>(
     Ok(())
 }
 
-fn checkpoint<B: AutodiffBackend, O: Optimizer<Encoder<B>, B>>(
+fn checkpoint<B: AutodiffBackend>(
     dir: &Path,
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
     encoder: &Encoder<B>,
-    optimizer: &O,
+    optimizer: &AdamW,
     progress: &Progress,
 ) -> anyhow::Result<()> {
     // Write everything under a fresh name, then swap, so a kill never leaves
@@ -660,7 +673,7 @@ fn checkpoint<B: AutodiffBackend, O: Optimizer<Encoder<B>, B>>(
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)?;
     recorder.record(encoder.clone().into_record(), partial.join("model"))?;
-    recorder.record(optimizer.to_record(), partial.join("optimizer"))?;
+    optimizer.save(&partial.join("optimizer.bin"))?;
     std::fs::write(partial.join("progress.json"), serde_json::to_vec(progress)?)?;
     if dir.join("best").is_dir() {
         copy_tree(&dir.join("best"), &partial.join("best"))?;
@@ -697,10 +710,7 @@ pub fn benchmark_cpu_steps(
     let device = Default::default();
     let tokenizer = TextTokenizer::for_model(model_dir)?;
     let mut encoder: Encoder<B> = load_encoder(model_dir, Pooling::Mean, &device)?;
-    let mut optimizer = AdamWConfig::new()
-        .with_weight_decay(0.01)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init::<B, Encoder<B>>();
+    let mut optimizer = AdamW::new(0.01, Some(1.0));
     let q = tokenizer.encode(queries, lengths.0)?;
     let p = tokenizer.encode(passages, lengths.1)?;
     let tokens_per_step = (q.mask.iter().sum::<i64>() + p.mask.iter().sum::<i64>()) as usize;
@@ -711,7 +721,7 @@ pub fn benchmark_cpu_steps(
         let (pi, pm) = p.tensors::<B>(&device);
         let loss = info_nce(encoder.embed(qi, qm), encoder.embed(pi, pm), 20.0);
         let grads = GradientsParams::from_grads(loss.backward(), &encoder);
-        encoder = optimizer.step(3e-5, encoder, grads);
+        encoder = optimizer.step(3e-5, encoder, grads).0;
         // Reading a weight waits for the step to finish on any backend.
         let _ = scalar(encoder.embeddings.norm.gamma.val().sum());
         if step > 0 {
