@@ -215,9 +215,14 @@ bootstrap_samples = 200
     ] {
         assert!(dir.join(file).is_file(), "{file}");
     }
-    for plot in ["eval-map.svg", "eval-bias.svg", "domains-map.svg"] {
-        let svg = std::fs::read_to_string(dir.join("plots").join(plot)).unwrap();
+    for plot in ["eval-map", "eval-bias", "domains-map"] {
+        let svg = std::fs::read_to_string(dir.join("plots").join(format!("{plot}.svg"))).unwrap();
         assert!(svg.starts_with("<svg"), "{plot}");
+        // The PNG: its signature, and the IHDR size, twice the SVG's 640 x 400.
+        let png = std::fs::read(dir.join("plots").join(format!("{plot}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{plot}");
+        let be = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+        assert_eq!((be(16), be(20)), (1280, 800), "{plot}");
     }
     let csv = std::fs::read_to_string(dir.join("main.csv")).unwrap();
     assert!(

@@ -35,7 +35,7 @@
 //!   setting is its mean over that setting's language pools (so with
 //!   parallel queries, as in XQuAD-R, the mean over queries is the macro
 //!   average), averaged over replicates.
-//! - `report.md`: the tables above for reading; `plots/*.svg`.
+//! - `report.md`: the tables above for reading; `plots/*.svg` and `*.png`.
 
 mod plot;
 pub mod stats;

@@ -1,8 +1,9 @@
 //! SVG line charts of a report: a metric against the grid's `x` variable,
 //! one line per series with its 95% CI band over replicates.
 //!
-//! Written directly as SVG (a few elements per series): the charts need no
-//! font or raster backend, and open in any browser or Markdown viewer.
+//! Written directly as SVG (a few elements per series), which opens in any
+//! browser or Markdown viewer, plus a PNG of each rendered by resvg with
+//! the machine's fonts, for slides and papers.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -26,6 +27,7 @@ struct Series {
 }
 
 pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    let canvas = Canvas::new();
     let x = &report.p.x;
     // Plots need x to vary numerically; every other variable splits lines.
     let others: Vec<Point> = {
@@ -123,10 +125,7 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
                 .collect();
             if series.iter().any(|s| !s.level) {
                 let title = format!("{dataset}: {wanted} vs {x}");
-                std::fs::write(
-                    dir.join(format!("{}.svg", file_name(&name))),
-                    chart(&title, x, &y_label, &series),
-                )?;
+                canvas.write(dir, &file_name(&name), &chart(&title, x, &y_label, &series))?;
             }
         }
     }
@@ -143,9 +142,10 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
         .filter(|s| !s.points.is_empty())
         .collect();
     if !domain_series.is_empty() {
-        std::fs::write(
-            dir.join(format!("domains-{}.svg", file_name(metric))),
-            chart(
+        canvas.write(
+            dir,
+            &format!("domains-{}", file_name(metric)),
+            &chart(
                 &format!("in-domain vs out-of-domain: {metric} vs {x}"),
                 x,
                 metric,
@@ -154,6 +154,52 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Writes each chart as `STEM.svg` and, rendered at twice its size,
+/// `STEM.png`.
+struct Canvas {
+    options: resvg::usvg::Options<'static>,
+}
+
+impl Canvas {
+    fn new() -> Canvas {
+        let mut options = resvg::usvg::Options::default();
+        let fonts = options.fontdb_mut();
+        fonts.load_system_fonts();
+        // The charts ask for `sans-serif`, which fontdb maps to Arial unless
+        // told otherwise; Linux machines rarely have Arial.
+        let families: Vec<String> = fonts
+            .faces()
+            .flat_map(|face| face.families.iter().map(|(name, _)| name.clone()))
+            .collect();
+        let preferred = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "Arial"];
+        match preferred
+            .iter()
+            .find(|p| families.iter().any(|f| f == *p))
+            .map(|p| p.to_string())
+            .or_else(|| families.first().cloned())
+        {
+            Some(family) => fonts.set_sans_serif_family(family),
+            None => tracing::warn!("no fonts on this machine: the PNG plots have no text"),
+        }
+        Canvas { options }
+    }
+
+    fn write(&self, dir: &Path, stem: &str, svg: &str) -> anyhow::Result<()> {
+        std::fs::write(dir.join(format!("{stem}.svg")), svg)?;
+        let tree = resvg::usvg::Tree::from_str(svg, &self.options)?;
+        let size = tree.size().to_int_size();
+        let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width() * 2, size.height() * 2)
+            .ok_or_else(|| anyhow::anyhow!("chart {stem} has no area"))?;
+        resvg::render(
+            &tree,
+            resvg::tiny_skia::Transform::from_scale(2.0, 2.0),
+            &mut pixmap.as_mut(),
+        );
+        pixmap.save_png(dir.join(format!("{stem}.png")))?;
+        Ok(())
+    }
 }
 
 fn file_name(name: &str) -> String {
