@@ -71,21 +71,33 @@ impl TrecOrder {
     /// The first `depth` members of `pool` in ranked order (all when
     /// `depth` is 0 or exceeds the pool).
     pub fn top(&self, scores: &[f32], pool: &[usize], depth: usize) -> Vec<usize> {
-        let mut members = pool.to_vec();
         let depth = if depth == 0 {
-            members.len()
+            pool.len()
         } else {
-            depth.min(members.len())
+            depth.min(pool.len())
         };
-        if depth == 0 {
+        if depth * 8 >= pool.len() {
+            let mut members = pool.to_vec();
+            if depth < members.len() {
+                members.select_nth_unstable_by(depth - 1, |&a, &b| self.compare(scores, a, b));
+                members.truncate(depth);
+            }
+            members.sort_unstable_by(|&a, &b| self.compare(scores, a, b));
             return members;
         }
-        if depth < members.len() {
-            members.select_nth_unstable_by(depth - 1, |&a, &b| self.compare(scores, a, b));
-            members.truncate(depth);
+        // A short head of a long pool: one pass that keeps the best `depth`
+        // seen so far in ranked order; most members lose to the last of
+        // them in one comparison.
+        let mut best: Vec<usize> = Vec::with_capacity(depth + 1);
+        for &c in pool {
+            if best.len() == depth && self.compare(scores, c, best[depth - 1]).is_ge() {
+                continue;
+            }
+            let at = best.partition_point(|&b| self.compare(scores, b, c).is_lt());
+            best.insert(at, c);
+            best.truncate(depth);
         }
-        members.sort_unstable_by(|&a, &b| self.compare(scores, a, b));
-        members
+        best
     }
 }
 
@@ -170,5 +182,21 @@ mod tests {
         assert_eq!(order.top(&scores, &pool, 0).len(), 6);
         // A sub-pool ranks only its members.
         assert_eq!(order.ranks(&scores, &[0, 3], &[3]), vec![2]);
+    }
+
+    #[test]
+    fn short_head_of_a_long_pool_is_the_sorted_prefix() {
+        // Many ties (scores in 50 steps), so the id tie-break decides often.
+        let ids: Vec<String> = (0..2000).map(|i| format!("d{i}")).collect();
+        let scores: Vec<f32> = (0..2000u64)
+            .map(|i| ((i.wrapping_mul(2654435761) >> 7) % 50) as f32 / 50.0)
+            .collect();
+        let order = TrecOrder::new(&ids);
+        let pool: Vec<usize> = (0..2000).rev().collect();
+        let mut sorted = pool.clone();
+        sorted.sort_by(|&a, &b| order.compare(&scores, a, b));
+        for depth in [1, 10, 100] {
+            assert_eq!(order.top(&scores, &pool, depth), sorted[..depth], "{depth}");
+        }
     }
 }
