@@ -27,7 +27,6 @@ struct Series {
 }
 
 pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
-    let canvas = Canvas::new();
     let x = &report.p.x;
     // Plots need x to vary numerically; every other variable splits lines.
     let others: Vec<Point> = {
@@ -49,6 +48,8 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
     if !report.points.iter().any(|p| x_of(p).is_some()) {
         return Ok(());
     }
+    // Scanning the system fonts only when there is something to draw.
+    let canvas = Canvas::new();
     let series_of = |cell: &Cell, rest: &Point, label: String| -> Series {
         let mut points: Vec<(f64, f64, Option<f64>)> = report
             .points
