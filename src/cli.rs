@@ -59,7 +59,18 @@ enum Command {
         /// Run this stage or instance even if cached. Repeatable.
         #[arg(long)]
         force: Vec<String>,
+        /// Where stages that name no `executor` run: `local`, `slurm`, or
+        /// an [executors.NAME] of the pipeline.
+        #[arg(long, env = "XLPIPE_EXECUTOR")]
+        executor: Option<String>,
+        /// Seconds between two questions to Slurm about the run's jobs
+        /// (one `squeue` for all of them).
+        #[arg(long, env = "XLPIPE_SLURM_POLL", default_value_t = 10.0)]
+        slurm_poll: f64,
     },
+    /// Compute one instance described by a task file (what a Slurm job runs).
+    #[command(hide = true)]
+    ExecJob { task: PathBuf },
     /// Show what a run would do, instance by instance, and why.
     Plan {
         file: PathBuf,
@@ -195,9 +206,14 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             only,
             until,
             force,
+            executor,
+            slurm_poll,
         } => {
             let pipeline = open_pipeline(&file)?;
             let cache = Cache::open(&cli.cache)?;
+            if !(slurm_poll.is_finite() && slurm_poll > 0.0) {
+                anyhow::bail!("--slurm-poll must be a positive number of seconds");
+            }
             let options = RunOptions {
                 jobs,
                 gpus,
@@ -208,11 +224,20 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     mirrors: cli.mirror,
                     offline: cli.offline,
                 },
+                executor,
+                slurm_poll: std::time::Duration::from_secs_f64(slurm_poll),
             };
             let clock = std::time::Instant::now();
             let summary = run(&pipeline, &cache, &options, progress)?;
+            let on_slurm = match (summary.slurm_submitted, summary.slurm_adopted) {
+                (0, 0) => String::new(),
+                (submitted, 0) => format!(" ({submitted} as Slurm jobs)"),
+                (submitted, adopted) => {
+                    format!(" ({submitted} as Slurm jobs, {adopted} adopted from an earlier run)")
+                }
+            };
             println!(
-                "{}: ran {}, cached {}, failed {}, skipped {} ({:.2}s)",
+                "{}: ran {}{on_slurm}, cached {}, failed {}, skipped {} ({:.2}s)",
                 pipeline.name,
                 summary.executed.len(),
                 summary.cached,
@@ -237,6 +262,11 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::ExecJob { task } => {
+            let cache = Cache::open(&cli.cache)?;
+            crate::run::execute_task_file(&cache, &task, &kinds(), progress)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Plan { file, force } => {
             let pipeline = open_pipeline(&file)?;

@@ -4,23 +4,27 @@
 //! The scheduler lives on the calling thread. An instance becomes ready when
 //! all its producers are done; its key is computed then (it needs their
 //! output hashes), and it is either found in the cache or handed to a worker
-//! thread, as long as a job slot and its resources (e.g. a GPU) are free.
+//! thread, as long as a job slot and its resources (e.g. a GPU) are free,
+//! or submitted to Slurm when its stage's executor says so ([`crate::slurm`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use xlpipe_stages::{FetchSettings, InputArtifact, Stage, StageContext};
 
 use crate::cache::{remove_path, Cache, InputRecord, InstanceRef, Record};
 use crate::diag::nearest;
+use crate::executor::{self, ExecutorConfig};
 use crate::pipeline::Pipeline;
 use crate::plan::{instance_key, why_run};
+use crate::slurm::SlurmExecutor;
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -37,6 +41,10 @@ pub struct RunOptions {
     pub force: Vec<String>,
     /// Mirrors and offline mode for stages that fetch data.
     pub fetch: FetchSettings,
+    /// Executor of the stages that name none (default `local`).
+    pub executor: Option<String>,
+    /// How often the states of Slurm jobs are asked for.
+    pub slurm_poll: Duration,
 }
 
 #[derive(Debug)]
@@ -53,6 +61,9 @@ pub struct RunSummary {
     pub failed: Vec<Failure>,
     /// Instances not run because something they need failed.
     pub skipped: Vec<String>,
+    /// Instances sent to Slurm: submitted, and adopted from an earlier run.
+    pub slurm_submitted: usize,
+    pub slurm_adopted: usize,
 }
 
 /// Instances named by `selectors` (stage names or exact instance names).
@@ -106,13 +117,19 @@ struct Job {
     inputs: BTreeMap<String, Vec<InputRecord>>,
 }
 
-enum Outcome {
+pub enum Outcome {
     Ran(Record),
     /// Another run computed the key while this one waited for its lock.
     FoundCached(Record),
 }
 
-type JobResult = (usize, Result<Outcome, Failure>);
+pub type JobResult = (usize, Result<Outcome, Failure>);
+
+/// Where a started instance runs, and what it holds there.
+enum Slot {
+    Local(BTreeMap<String, Vec<u32>>),
+    Slurm(String),
+}
 
 pub fn run(
     pipeline: &Pipeline,
@@ -133,9 +150,36 @@ pub fn run(
         (vec![true; n], vec![true; n])
     };
 
+    let default_executor = options.executor.as_deref().unwrap_or(executor::DEFAULT);
+    if !pipeline.executors.contains_key(default_executor) {
+        let hint = nearest(
+            default_executor,
+            pipeline.executors.keys().map(String::as_str),
+        )
+        .map(|n| format!("; did you mean `{n}`?"))
+        .unwrap_or_default();
+        anyhow::bail!("--executor: no executor named `{default_executor}`{hint}");
+    }
+    let executor_of: Vec<&ExecutorConfig> = (0..n)
+        .map(|i| {
+            let name = pipeline.stage_of(i).executor.as_deref();
+            &pipeline.executors[name.unwrap_or(default_executor)]
+        })
+        .collect();
+    let executor_name = |i: usize| {
+        pipeline
+            .stage_of(i)
+            .executor
+            .clone()
+            .unwrap_or_else(|| default_executor.to_string())
+    };
+
     let mut capacity: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     capacity.insert("gpu".into(), (0..options.gpus).collect());
-    for instance in &pipeline.instances {
+    for (i, instance) in pipeline.instances.iter().enumerate() {
+        if *executor_of[i] != ExecutorConfig::Local {
+            continue;
+        }
         for (resource, &amount) in &instance.resources {
             let free = capacity.entry(resource.clone()).or_insert_with(|| vec![0]);
             if amount as usize > free.len() {
@@ -173,9 +217,22 @@ pub fn run(
         .filter(|&i| relevant[i] && waiting_on[i] == 0)
         .collect();
     let mut runnable: Vec<Job> = Vec::new();
-    let mut running: BTreeMap<usize, BTreeMap<String, Vec<u32>>> = BTreeMap::new();
+    let mut running: BTreeMap<usize, Slot> = BTreeMap::new();
+    let mut local_running = 0;
+    let mut slurm_running: BTreeMap<String, usize> = BTreeMap::new();
     let (sender, receiver) = mpsc::channel::<JobResult>();
     let jobs = options.jobs.max(1);
+    let uses_slurm =
+        (0..n).any(|i| relevant[i] && matches!(executor_of[i], ExecutorConfig::Slurm(_)));
+    let mut slurm = if uses_slurm {
+        Some(SlurmExecutor::start(
+            cache,
+            options.slurm_poll,
+            sender.clone(),
+        )?)
+    } else {
+        None
+    };
 
     loop {
         while let Some(i) = ready.pop_front() {
@@ -217,32 +274,84 @@ pub fn run(
             });
         }
 
-        while running.len() < jobs {
-            let Some(pos) = runnable
-                .iter()
-                .position(|job| fits(&pipeline.instances[job.instance].resources, &capacity))
-            else {
-                break;
+        let mut pos = 0;
+        while pos < runnable.len() {
+            let i = runnable[pos].instance;
+            let startable = match executor_of[i] {
+                ExecutorConfig::Local => {
+                    local_running < jobs && fits(&pipeline.instances[i].resources, &capacity)
+                }
+                ExecutorConfig::Slurm(slurm_options) => slurm_options.max_jobs.is_none_or(|max| {
+                    slurm_running.get(&executor_name(i)).copied().unwrap_or(0) < max
+                }),
             };
+            if !startable {
+                pos += 1;
+                continue;
+            }
             let job = runnable.remove(pos);
-            let devices = take(&pipeline.instances[job.instance].resources, &mut capacity);
-            state[job.instance] = State::Running;
-            running.insert(job.instance, devices.clone());
-            let names: Vec<&str> = running
-                .keys()
-                .map(|&r| pipeline.instances[r].name.as_str())
-                .collect();
-            bar.set_message(names.join(", "));
-            spawn_job(
-                pipeline,
-                cache,
-                job,
-                devices,
-                options,
-                progress,
-                sender.clone(),
-            )?;
+            match executor_of[i] {
+                ExecutorConfig::Local => {
+                    let devices = take(&pipeline.instances[i].resources, &mut capacity);
+                    state[i] = State::Running;
+                    local_running += 1;
+                    running.insert(i, Slot::Local(devices.clone()));
+                    let task = Task {
+                        spec: task_spec(pipeline, job, devices, &options.fetch),
+                        stage: pipeline.stage_of(i).kind.clone(),
+                        progress: progress.clone(),
+                        cache: cache.clone(),
+                    };
+                    spawn_job(i, task, sender.clone())?;
+                }
+                ExecutorConfig::Slurm(slurm_options) => {
+                    let gpus = pipeline.instances[i]
+                        .resources
+                        .get("gpu")
+                        .copied()
+                        .unwrap_or(0);
+                    // Inside its allocation a job sees its GPUs as 0..N.
+                    let devices = match gpus {
+                        0 => BTreeMap::new(),
+                        n => BTreeMap::from([("gpu".to_string(), (0..n).collect())]),
+                    };
+                    let spec = task_spec(pipeline, job, devices, &options.fetch);
+                    let spec = spec.with_absolute_paths()?;
+                    let executor = slurm
+                        .as_mut()
+                        .expect("started when any instance uses Slurm");
+                    match executor.submit(i, &spec, slurm_options, gpus) {
+                        Ok(adopted) => {
+                            if adopted {
+                                summary.slurm_adopted += 1;
+                            } else {
+                                summary.slurm_submitted += 1;
+                            }
+                            state[i] = State::Running;
+                            let name = executor_name(i);
+                            *slurm_running.entry(name.clone()).or_default() += 1;
+                            running.insert(i, Slot::Slurm(name));
+                        }
+                        Err(failure) => {
+                            tracing::error!("{} failed: {}", failure.instance, failure.error);
+                            state[i] = State::Failed;
+                            bar.inc(1);
+                            summary.failed.push(failure);
+                        }
+                    }
+                }
+            }
         }
+        let local: Vec<&str> = running
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Local(_)))
+            .map(|(&r, _)| pipeline.instances[r].name.as_str())
+            .collect();
+        let on_slurm = running.len() - local.len();
+        bar.set_message(match on_slurm {
+            0 => local.join(", "),
+            n => format!("{n} on Slurm; {}", local.join(", ")),
+        });
 
         if running.is_empty() {
             debug_assert!(runnable.is_empty() && ready.is_empty());
@@ -250,8 +359,17 @@ pub fn run(
         }
 
         let (i, result) = receiver.recv().context("a worker thread vanished")?;
-        let devices = running.remove(&i).expect("finished job was running");
-        give_back(devices, &mut capacity);
+        match running.remove(&i).expect("finished job was running") {
+            Slot::Local(devices) => {
+                local_running -= 1;
+                give_back(devices, &mut capacity);
+            }
+            Slot::Slurm(name) => {
+                *slurm_running
+                    .get_mut(&name)
+                    .expect("counted when submitted") -= 1;
+            }
+        }
         bar.inc(1);
         match result {
             Ok(Outcome::Ran(record)) => {
@@ -354,21 +472,18 @@ fn give_back(devices: BTreeMap<String, Vec<u32>>, capacity: &mut BTreeMap<String
     }
 }
 
-fn spawn_job(
+fn task_spec(
     pipeline: &Pipeline,
-    cache: &Cache,
     job: Job,
     devices: BTreeMap<String, Vec<u32>>,
-    options: &RunOptions,
-    progress: &MultiProgress,
-    sender: mpsc::Sender<JobResult>,
-) -> anyhow::Result<()> {
+    fetch: &FetchSettings,
+) -> TaskSpec {
     let i = job.instance;
     let instance = &pipeline.instances[i];
     let stage = pipeline.stage_of(i);
-    // Everything the worker needs, owned, so it does not borrow the pipeline.
-    let task = Task {
-        kind: stage.kind.clone(),
+    TaskSpec {
+        kind: stage.kind.kind().to_string(),
+        version: stage.kind.version(),
         params: instance.params.clone(),
         instance: instance.name.clone(),
         key: job.key,
@@ -389,12 +504,13 @@ fn spawn_job(
         outputs: instance.outputs.clone(),
         base_dir: stage.base_dir.clone(),
         devices,
-        fetch: options.fetch.clone(),
-        progress: progress.clone(),
-        cache: cache.clone(),
-    };
+        fetch: fetch.clone(),
+    }
+}
+
+fn spawn_job(i: usize, task: Task, sender: mpsc::Sender<JobResult>) -> anyhow::Result<()> {
     std::thread::Builder::new()
-        .name(format!("stage {}", instance.name))
+        .name(format!("stage {}", task.spec.instance))
         .spawn(move || {
             let result = task.execute();
             // The receiver only goes away if the scheduler itself failed.
@@ -404,40 +520,105 @@ fn spawn_job(
     Ok(())
 }
 
+/// Everything needed to compute one instance's key, owned and serialisable:
+/// a local worker gets it directly, a Slurm job as `task.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub kind: String,
+    /// The kind's version the key was computed with.
+    pub version: u32,
+    pub params: serde_json::Value,
+    pub instance: String,
+    pub key: String,
+    pub forced: bool,
+    pub inputs: BTreeMap<String, Vec<InputRecord>>,
+    pub producers_grid: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    pub outputs: Vec<String>,
+    pub base_dir: PathBuf,
+    pub devices: BTreeMap<String, Vec<u32>>,
+    pub fetch: FetchSettings,
+}
+
+impl TaskSpec {
+    /// For a process started elsewhere (a Slurm job): relative paths would
+    /// resolve against its own working folder.
+    fn with_absolute_paths(mut self) -> anyhow::Result<TaskSpec> {
+        self.base_dir = std::path::absolute(&self.base_dir)?;
+        for mirror in &mut self.fetch.mirrors {
+            *mirror = std::path::absolute(&*mirror)?;
+        }
+        Ok(self)
+    }
+}
+
+/// Compute the instance a Slurm job's `task.json` describes (`xlpipe
+/// exec-job`). Like a local worker it takes the key's lock, so a key is never
+/// computed twice at once, and its record is the only thing that says it
+/// succeeded.
+pub fn execute_task_file(
+    cache: &Cache,
+    file: &std::path::Path,
+    kinds: &[Arc<dyn Stage>],
+    progress: &MultiProgress,
+) -> anyhow::Result<()> {
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let spec: TaskSpec =
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let stage = kinds
+        .iter()
+        .find(|k| k.kind() == spec.kind)
+        .cloned()
+        .with_context(|| format!("this xlpipe has no stage kind `{}`", spec.kind))?;
+    if stage.version() != spec.version {
+        anyhow::bail!(
+            "this xlpipe has version {} of stage kind `{}`, the run expects {}: \
+             the nodes must run the same xlpipe as the machine that submits",
+            stage.version(),
+            spec.kind,
+            spec.version
+        );
+    }
+    let _cache_lock = cache.lock_shared()?;
+    let task = Task {
+        spec,
+        stage,
+        progress: progress.clone(),
+        cache: cache.clone(),
+    };
+    match task.execute() {
+        Ok(_) => Ok(()),
+        Err(failure) => Err(anyhow::anyhow!("{}", failure.error)),
+    }
+}
+
 struct Task {
-    kind: Arc<dyn Stage>,
-    params: serde_json::Value,
-    instance: String,
-    key: String,
-    forced: bool,
-    inputs: BTreeMap<String, Vec<InputRecord>>,
-    producers_grid: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
-    outputs: Vec<String>,
-    base_dir: PathBuf,
-    devices: BTreeMap<String, Vec<u32>>,
-    fetch: FetchSettings,
+    spec: TaskSpec,
+    stage: Arc<dyn Stage>,
     progress: MultiProgress,
     cache: Cache,
 }
 
 impl Task {
     fn execute(self) -> Result<Outcome, Failure> {
-        let log_path = self.cache.log_path(&self.key);
+        let log_path = self.cache.log_path(&self.spec.key);
         let fail = |error: anyhow::Error, log: Option<PathBuf>| Failure {
-            instance: self.instance.clone(),
+            instance: self.spec.instance.clone(),
             error: format!("{error:#}"),
             log,
         };
         let _key_lock = self
             .cache
-            .lock_key(&self.key, &self.instance)
+            .lock_key(&self.spec.key, &self.spec.instance)
             .map_err(|e| fail(e, None))?;
-        if !self.forced {
-            if let Some(record) = self.cache.record(&self.key) {
+        if !self.spec.forced {
+            if let Some(record) = self.cache.record(&self.spec.key) {
                 return Ok(Outcome::FoundCached(record));
             }
         }
-        let temp = self.cache.temp_dir(&self.key).map_err(|e| fail(e, None))?;
+        let temp = self
+            .cache
+            .temp_dir(&self.spec.key)
+            .map_err(|e| fail(e, None))?;
         let result = self.execute_in(&temp, &log_path);
         if let Err(err) = remove_path(&temp) {
             tracing::warn!("could not remove {}: {err}", temp.display());
@@ -453,7 +634,7 @@ impl Task {
         log_path: &std::path::Path,
     ) -> anyhow::Result<Record> {
         let mut inputs = BTreeMap::new();
-        for (slot, records) in &self.inputs {
+        for (slot, records) in &self.spec.inputs {
             let mut artifacts = Vec::new();
             for r in records {
                 artifacts.push(InputArtifact {
@@ -461,6 +642,7 @@ impl Task {
                     hash: r.hash.clone(),
                     producer: r.producer.clone(),
                     grid: self
+                        .spec
                         .producers_grid
                         .get(&r.producer)
                         .cloned()
@@ -476,19 +658,19 @@ impl Task {
         std::fs::create_dir_all(log_path.parent().expect("log path has a parent"))?;
         std::fs::write(
             log_path,
-            format!("# {} (key {})\n", self.instance, self.key),
+            format!("# {} (key {})\n", self.spec.instance, self.spec.key),
         )?;
         let context = StageContext {
-            instance: self.instance.clone(),
-            key: self.key.clone(),
+            instance: self.spec.instance.clone(),
+            key: self.spec.key.clone(),
             inputs,
             output_dir: output_dir.clone(),
             work_dir,
-            base_dir: self.base_dir.clone(),
+            base_dir: self.spec.base_dir.clone(),
             log_path: log_path.to_path_buf(),
-            devices: self.devices.clone(),
-            fetch: self.fetch.clone(),
-            state_dir: self.cache.state_dir(self.kind.kind())?,
+            devices: self.spec.devices.clone(),
+            fetch: self.spec.fetch.clone(),
+            state_dir: self.cache.state_dir(self.stage.kind())?,
             progress: self.progress.clone(),
         };
         let started = SystemTime::now()
@@ -497,9 +679,12 @@ impl Task {
             .unwrap_or(0.0);
         let clock = Instant::now();
         let span =
-            tracing::info_span!("stage", instance = %self.instance, log = %log_path.display());
-        let outcome = span
-            .in_scope(|| catch_unwind(AssertUnwindSafe(|| self.kind.run(&self.params, &context))));
+            tracing::info_span!("stage", instance = %self.spec.instance, log = %log_path.display());
+        let outcome = span.in_scope(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                self.stage.run(&self.spec.params, &context)
+            }))
+        });
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(err)) => return Err(err),
@@ -514,7 +699,7 @@ impl Task {
         }
         let seconds = clock.elapsed().as_secs_f64();
         let mut stored = BTreeMap::new();
-        for name in &self.outputs {
+        for name in &self.spec.outputs {
             let path = output_dir.join(name);
             if !path.exists() {
                 anyhow::bail!("stage finished without writing its output `{name}`");
@@ -522,12 +707,12 @@ impl Task {
             stored.insert(name.clone(), self.cache.store(&path)?);
         }
         let record = Record {
-            key: self.key.clone(),
-            instance: self.instance.clone(),
-            kind: self.kind.kind().to_string(),
-            version: self.kind.version(),
-            params: self.params.clone(),
-            inputs: self.inputs.clone(),
+            key: self.spec.key.clone(),
+            instance: self.spec.instance.clone(),
+            kind: self.stage.kind().to_string(),
+            version: self.stage.version(),
+            params: self.spec.params.clone(),
+            inputs: self.spec.inputs.clone(),
             outputs: stored,
             started,
             seconds,

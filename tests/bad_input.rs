@@ -197,3 +197,33 @@ fn unknown_top_level_table() {
         &["p.toml:1:2: stage: unknown top-level table"],
     );
 }
+
+#[test]
+fn bad_executor_tables_and_names() {
+    refused(
+        &format!("[executors.gpu]\npartiton = \"gpu\"\n{OK_STAGE}"),
+        &["p.toml:2:1: executors.gpu.partiton: unknown Slurm option `partiton`; did you mean `partition`?"],
+    );
+    refused(
+        &format!("[executors.gpu]\ncpus_per_task = \"eight\"\n{OK_STAGE}"),
+        &["p.toml:2:1: executors.gpu.cpus_per_task:", "expected u32"],
+    );
+    refused(
+        &format!("[executors.gpu]\ntype = \"kubernetes\"\n{OK_STAGE}"),
+        &["p.toml:2:1: executors.gpu.type: unknown executor type `kubernetes`"],
+    );
+    refused(
+        &format!("{OK_STAGE}executor = \"slrum\"\n"),
+        &["p.toml:5:12: stages.a.executor: no executor named `slrum`; did you mean `slurm`?"],
+    );
+    // `--executor` is checked before anything runs, too.
+    let s = Scratch::new();
+    s.write("p.toml", OK_STAGE);
+    let ran = s.xlpipe(&["run", "p.toml", "--executor", "gpu"]);
+    assert_eq!(ran.code, 1, "{ran}");
+    assert!(
+        ran.stderr.contains("--executor: no executor named `gpu`"),
+        "{ran}"
+    );
+    assert_eq!(s.records(), 0);
+}

@@ -20,6 +20,7 @@ use xlpipe_stages::{Interface, ParamError, ParamsEnv, Stage};
 
 use super::load::{GridVar, OutputRef, PipelineSpec, StageSpec};
 use crate::diag::{nearest, Diagnostic, Diagnostics, Loc, Sources};
+use crate::executor::{self, ExecutorConfig};
 
 /// A validated pipeline, expanded over its grid.
 pub struct Pipeline {
@@ -31,6 +32,8 @@ pub struct Pipeline {
     pub stages: Vec<StageDef>,
     /// Instances in dependency order (every input's producer comes first).
     pub instances: Vec<Instance>,
+    /// Executors stages may name (built-in `local` and `slurm` included).
+    pub executors: BTreeMap<String, ExecutorConfig>,
 }
 
 pub struct StageDef {
@@ -42,6 +45,8 @@ pub struct StageDef {
     pub upstream: Vec<(usize, bool)>,
     pub instances: Vec<usize>,
     pub base_dir: PathBuf,
+    /// `executor = "NAME"` (validated); none: the run's default.
+    pub executor: Option<String>,
 }
 
 pub struct Instance {
@@ -126,6 +131,29 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
             }
         }
     }
+    let executors = match executor::resolve(&spec.executors, sources) {
+        Ok(executors) => executors,
+        Err(mut e) => {
+            errors.append(&mut e);
+            BTreeMap::new()
+        }
+    };
+    for stage in &spec.stages {
+        if let Some((name, loc)) = &stage.executor {
+            if !executors.is_empty() && !executors.contains_key(name) {
+                let mut message = format!("no executor named `{name}`");
+                match nearest(name, executors.keys().map(String::as_str)) {
+                    Some(near) => message.push_str(&format!("; did you mean `{near}`?")),
+                    None => message.push_str("; declare it as [executors.NAME]"),
+                }
+                errors.push(sources.error(
+                    *loc,
+                    &format!("stages.{}.executor", stage.name),
+                    message,
+                ));
+            }
+        }
+    }
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
     }
@@ -192,6 +220,7 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
             upstream: Vec::new(),
             instances: Vec::new(),
             base_dir: stage.base_dir.clone(),
+            executor: stage.executor.as_ref().map(|(name, _)| name.clone()),
         };
         for input in &stage.inputs {
             for r in &input.refs {
@@ -257,6 +286,7 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
         grid: spec.grid,
         stages: built.stages,
         instances: built.instances,
+        executors,
     })
 }
 

@@ -7,7 +7,9 @@
 //! be a small diff. `include = ["a.toml", ...]` adds the stages and grid
 //! variables of other files; a stage name defined twice that way is an error.
 //! `library = ["datasets.toml"]` adds them the same way, but keeps only the
-//! stages that another stage needs.
+//! stages that another stage needs. `[executors.NAME]` tables (where stage
+//! instances run: this machine or a Slurm cluster) merge key by key across
+//! all of these, so a site's `cluster.toml` can be included anywhere.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,19 @@ pub struct PipelineSpec {
     pub file: PathBuf,
     pub grid: Vec<GridVar>,
     pub stages: Vec<StageSpec>,
+    /// `[executors.NAME]` tables, validated by `expand`.
+    pub executors: Vec<ExecutorSpec>,
     pub sources: Sources,
+}
+
+/// An `[executors.NAME]` table as written (merged over bases and includes).
+#[derive(Debug, Clone)]
+pub struct ExecutorSpec {
+    pub name: String,
+    pub loc: Loc,
+    pub table: toml::Table,
+    /// Location of each key, for errors.
+    pub key_locs: BTreeMap<String, Loc>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +69,9 @@ pub struct StageSpec {
     pub base_dir: PathBuf,
     /// Came from a `library` file: runs only when another stage needs it.
     pub library: bool,
+    /// `executor = "NAME"`: where its instances run. Not a param: it never
+    /// changes what a stage computes, so it stays out of the cache key.
+    pub executor: Option<(String, Loc)>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +120,7 @@ pub fn load(path: &Path) -> Result<PipelineSpec, Vec<Diagnostic>> {
         file: path.to_path_buf(),
         grid: file.grid,
         stages: keep_needed_library_stages(file.stages),
+        executors: file.executors,
         sources,
     })
 }
@@ -145,6 +163,7 @@ struct FileSpec {
     description: Option<String>,
     grid: Vec<GridVar>,
     stages: Vec<StageSpec>,
+    executors: Vec<ExecutorSpec>,
 }
 
 fn read_file(
@@ -202,6 +221,7 @@ fn parse_file(
     let mut header = PipelineHeader::default();
     let mut own_grid = Vec::new();
     let mut own_stages = Vec::new();
+    let mut own_executors = Vec::new();
     for (key, value) in root.get_ref() {
         let loc = Loc::new(file, key.span());
         match key.get_ref().as_ref() {
@@ -228,10 +248,14 @@ fn parse_file(
                     "expected a table of stages, e.g. [stages.train]",
                 )),
             },
+            "executors" => match parse_executors(file, value, sources) {
+                Ok(e) => own_executors = e,
+                Err(mut e) => errors.append(&mut e),
+            },
             other => errors.push(sources.error(
                 loc,
                 other,
-                "unknown top-level table; expected [pipeline], [grid] or [stages.NAME]",
+                "unknown top-level table; expected [pipeline], [grid], [stages.NAME] or [executors.NAME]",
             )),
         }
     }
@@ -247,6 +271,7 @@ fn parse_file(
             description: None,
             grid: Vec::new(),
             stages: Vec::new(),
+            executors: Vec::new(),
         },
     };
     // Only stages inherited through `extends` may be overridden below; one
@@ -257,6 +282,9 @@ fn parse_file(
         let included = read_file(&base_dir.join(include), sources, chain)?;
         for var in included.grid {
             set_grid_var(&mut merged.grid, var);
+        }
+        for executor in included.executors {
+            merge_executor(&mut merged.executors, executor);
         }
         for mut stage in included.stages {
             stage.library |= library;
@@ -269,6 +297,9 @@ fn parse_file(
     }
     for var in own_grid {
         set_grid_var(&mut merged.grid, var);
+    }
+    for executor in own_executors {
+        merge_executor(&mut merged.executors, executor);
     }
     for stage in own_stages {
         match merged.stages.iter_mut().find(|s| s.name == stage.name) {
@@ -310,7 +341,21 @@ fn set_grid_var(grid: &mut Vec<GridVar>, var: GridVar) {
     }
 }
 
+fn merge_executor(executors: &mut Vec<ExecutorSpec>, child: ExecutorSpec) {
+    match executors.iter_mut().find(|e| e.name == child.name) {
+        Some(existing) => {
+            deep_merge(&mut existing.table, child.table);
+            existing.key_locs.extend(child.key_locs);
+            existing.loc = child.loc;
+        }
+        None => executors.push(child),
+    }
+}
+
 fn override_stage(base: &mut StageSpec, child: StageSpec) {
+    if child.executor.is_some() {
+        base.executor = child.executor;
+    }
     if !child.kind.is_empty() {
         base.kind = child.kind;
         base.kind_loc = child.kind_loc;
@@ -518,6 +563,7 @@ fn parse_stage(
         params: toml::Table::new(),
         param_locs: BTreeMap::new(),
         base_dir: base_dir.to_path_buf(),
+        executor: None,
     };
     let mut errors = Vec::new();
     for (key, value) in table {
@@ -539,6 +585,14 @@ fn parse_stage(
                 Ok(inputs) => stage.inputs = inputs,
                 Err(mut e) => errors.append(&mut e),
             },
+            "executor" => match value.get_ref().as_str() {
+                Some(name) => stage.executor = Some((name.to_string(), Loc::new(file, value.span()))),
+                None => errors.push(sources.error(
+                    Loc::new(file, value.span()),
+                    &format!("{field}.executor"),
+                    "expected a string naming an executor (`local`, `slurm` or an [executors.NAME])",
+                )),
+            },
             _ => {
                 record_locs(file, &key_name, key_loc, value, &mut stage.param_locs);
                 stage.params.insert(key_name, to_value(value));
@@ -547,6 +601,58 @@ fn parse_stage(
     }
     if errors.is_empty() {
         Ok(stage)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_executors(
+    file: u32,
+    value: &Spanned<DeValue>,
+    sources: &Sources,
+) -> Result<Vec<ExecutorSpec>, Vec<Diagnostic>> {
+    let Some(table) = value.get_ref().as_table() else {
+        return Err(vec![sources.error(
+            Loc::new(file, value.span()),
+            "executors",
+            "expected a table of executors, e.g. [executors.gpu]",
+        )]);
+    };
+    let mut executors = Vec::new();
+    let mut errors = Vec::new();
+    for (name, body) in table {
+        let field = format!("executors.{}", name.get_ref());
+        if !is_identifier(name.get_ref()) {
+            errors.push(sources.error(
+                Loc::new(file, name.span()),
+                &field,
+                "executor names use letters, digits, `_` and `-` only",
+            ));
+            continue;
+        }
+        let Some(fields) = body.get_ref().as_table() else {
+            errors.push(sources.error(
+                Loc::new(file, body.span()),
+                &field,
+                "expected a table, e.g. { type = \"slurm\", partition = \"gpu\" }",
+            ));
+            continue;
+        };
+        let mut spec = ExecutorSpec {
+            name: name.get_ref().to_string(),
+            loc: Loc::new(file, name.span()),
+            table: toml::Table::new(),
+            key_locs: BTreeMap::new(),
+        };
+        for (key, item) in fields {
+            spec.key_locs
+                .insert(key.get_ref().to_string(), Loc::new(file, key.span()));
+            spec.table.insert(key.get_ref().to_string(), to_value(item));
+        }
+        executors.push(spec);
+    }
+    if errors.is_empty() {
+        Ok(executors)
     } else {
         Err(errors)
     }

@@ -166,11 +166,12 @@ impl Stage for CommandStage {
             command.env(env_name("XLPIPE_OUT_", name), &path);
             vars.insert(format!("outputs.{name}"), shell_quote(&path));
         }
-        for (resource, ids) in &ctx.devices {
-            let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
-            if resource == "gpu" {
-                command.env("CUDA_VISIBLE_DEVICES", ids.join(","));
-            }
+        if let Some(ids) = ctx.devices.get("gpu") {
+            let inherited = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+            command.env(
+                "CUDA_VISIBLE_DEVICES",
+                visible_gpus(ids, inherited.as_deref()),
+            );
         }
         let line = expand_placeholders(&p.cmd, &vars);
         let log = OpenOptions::new()
@@ -243,6 +244,29 @@ fn placeholders(cmd: &str) -> Vec<&str> {
     found
 }
 
+/// `CUDA_VISIBLE_DEVICES` for a command granted GPUs `ids`. The ids count
+/// the GPUs this process sees: where it sees only some of them (a Slurm
+/// allocation sets `CUDA_VISIBLE_DEVICES=2,3`), id 0 is the first of those,
+/// not the machine's GPU 0.
+fn visible_gpus(ids: &[u32], inherited: Option<&str>) -> String {
+    let seen: Vec<&str> = inherited
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let ids: Vec<String> = ids
+        .iter()
+        .map(|&id| match seen.get(id as usize) {
+            Some(device) => device.to_string(),
+            None => id.to_string(),
+        })
+        .collect();
+    ids.join(",")
+}
+
 fn expand_placeholders(cmd: &str, vars: &BTreeMap<String, String>) -> String {
     let mut line = cmd.to_string();
     for (name, value) in vars {
@@ -263,6 +287,14 @@ mod tests {
     fn finds_placeholders_and_ignores_shell_braces() {
         let cmd = "for f in {inputs.a}; do echo ${HOME} {x}; done > {outputs.b}";
         assert_eq!(placeholders(cmd), vec!["inputs.a", "outputs.b"]);
+    }
+
+    #[test]
+    fn granted_gpus_index_the_visible_ones() {
+        assert_eq!(visible_gpus(&[0, 1], None), "0,1");
+        assert_eq!(visible_gpus(&[0], Some("2,3")), "2");
+        assert_eq!(visible_gpus(&[1], Some("2, 3")), "3");
+        assert_eq!(visible_gpus(&[0], Some("")), "0");
     }
 
     #[test]

@@ -209,7 +209,7 @@ pub struct InputArtifact {
 }
 
 /// How stages that fetch data may reach it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct FetchSettings {
     /// Folders laid out as `DIR/HOST/PATH` (a copy of `https://HOST/PATH`),
     /// tried in order before the network.
