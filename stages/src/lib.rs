@@ -17,6 +17,7 @@ pub mod eval;
 mod hf_model;
 mod import;
 pub mod model;
+pub mod nmt;
 pub mod qa_pairs;
 pub mod report;
 pub mod table;
