@@ -461,3 +461,149 @@ pub fn search(repeat: usize, python: &str) -> anyhow::Result<String> {
     );
     Ok(out)
 }
+
+/// Decoding settings of `bench translate`.
+pub struct TranslateBench<'a> {
+    pub model: &'a Path,
+    pub target: &'a str,
+    pub sentences: usize,
+    pub beams: usize,
+    pub max_length: usize,
+    pub batch: usize,
+    pub python: &'a str,
+}
+
+/// `bench translate`: the burn M2M100 / NLLB model's decoding throughput
+/// next to transformers' `generate` on the same model, texts, batches and
+/// threads, in the same run; also says whether both produced the same text.
+pub fn translate(b: &TranslateBench) -> anyhow::Result<String> {
+    use xlpipe_stages::nmt::GenerationConfig;
+    let words: Vec<&str> = BENCH_TEXT.split_whitespace().collect();
+    let texts: Vec<String> = (0..b.sentences)
+        .map(|i| {
+            let n = 6 + (i * 5) % 24;
+            (0..n)
+                .map(|k| words[(i * 11 + k) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = GenerationConfig {
+        beams: b.beams,
+        max_length: b.max_length,
+        ..GenerationConfig::default()
+    };
+    let (ours, our_seconds) =
+        xlpipe_stages::nmt::translator::benchmark_cpu(b.model, b.target, config, b.batch, &texts)?;
+
+    let dir = std::env::temp_dir().join(format!("xlpipe-bench-translate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("generate.py");
+    std::fs::write(&script, TRANSFORMERS_GENERATE)?;
+    let data = dir.join("texts.json");
+    std::fs::write(
+        &data,
+        serde_json::to_vec(&serde_json::json!({
+            "texts": texts, "target": b.target, "beams": b.beams,
+            "max_length": b.max_length, "batch": b.batch, "threads": threads,
+        }))?,
+    )?;
+    let output = Command::new(b.python)
+        .arg(&script)
+        .arg(b.model)
+        .arg(&data)
+        .output()
+        .with_context(|| format!("running {}", b.python))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    anyhow::ensure!(
+        output.status.success(),
+        "the transformers baseline failed (needs torch and transformers in {}):\n{}",
+        b.python,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(
+        output
+            .stdout
+            .split(|&b| b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap_or_default(),
+    )?;
+    let their_seconds = theirs["seconds"].as_f64().unwrap_or(f64::NAN);
+    let their_texts: Vec<String> =
+        serde_json::from_value(theirs["outputs"].clone()).unwrap_or_default();
+    let same = their_texts
+        .iter()
+        .zip(&ours)
+        .filter(|(a, b)| a == b)
+        .count();
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "translate benchmark: {} on CPU, {} sentences, beams {}, max_length {}, batch {}, {threads} threads",
+        b.model.display(),
+        b.sentences,
+        b.beams,
+        b.max_length,
+        b.batch
+    );
+    let _ = writeln!(
+        out,
+        "  xlpipe (burn flex)            {:>8.3} s  {:>8.1} sentences/s",
+        our_seconds,
+        b.sentences as f64 / our_seconds
+    );
+    let _ = writeln!(
+        out,
+        "  transformers {:<8} generate {:>8.3} s  {:>8.1} sentences/s",
+        theirs["transformers"].as_str().unwrap_or("?"),
+        their_seconds,
+        b.sentences as f64 / their_seconds
+    );
+    let _ = writeln!(
+        out,
+        "  speed ratio xlpipe / transformers: {:.2}x (above 1 is faster)",
+        their_seconds / our_seconds
+    );
+    let _ = writeln!(out, "  identical translations: {same} of {}", b.sentences);
+    Ok(out)
+}
+
+/// The transformers side of `bench translate`: the same length-sorted
+/// batches, source layout (`[language token] tokens </s>`) and settings.
+const TRANSFORMERS_GENERATE: &str = r#"
+import json, sys, time
+import torch, transformers
+model_dir, data = sys.argv[1], json.load(open(sys.argv[2]))
+torch.set_num_threads(data["threads"])
+tok = transformers.PreTrainedTokenizerFast(tokenizer_file=f"{model_dir}/tokenizer.json")
+model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+def lang_id(code):
+    for t in [code, {"es": "spa_Latn", "de": "deu_Latn", "zh": "zho_Hans", "en": "eng_Latn"}.get(code, code), f"__{code}__"]:
+        i = tok.convert_tokens_to_ids(t)
+        if i is not None and i != tok.unk_token_id:
+            return i
+    raise SystemExit(f"no language token for {code}")
+src, tgt = lang_id("en"), lang_id(data["target"])
+eos, pad = model.config.eos_token_id, model.config.pad_token_id
+rows = [[src] + tok(t, add_special_tokens=False).input_ids + [eos] for t in data["texts"]]
+order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+def run(indices):
+    out = {}
+    for start in range(0, len(indices), data["batch"]):
+        chunk = indices[start:start + data["batch"]]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in chunk])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=(ids != pad).long(), forced_bos_token_id=tgt,
+                                 num_beams=data["beams"], max_length=data["max_length"], do_sample=False)
+        for i, text in zip(chunk, tok.batch_decode(gen, skip_special_tokens=True)):
+            out[i] = text
+    return out
+run(order[:data["batch"]])
+start = time.perf_counter()
+out = run(order)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "outputs": [out[i] for i in range(len(rows))], "transformers": transformers.__version__}))
+"#;

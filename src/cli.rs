@@ -154,6 +154,27 @@ enum BenchCommand {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Decoding throughput of the burn M2M100 / NLLB model on this CPU,
+    /// next to transformers' generate on the same model in the same run.
+    Translate {
+        /// An M2M100 / NLLB folder (e.g. tests/fixtures/tiny-m2m100).
+        model: PathBuf,
+        /// Target language (ISO code or the model's own language token).
+        #[arg(long, default_value = "es")]
+        target: String,
+        #[arg(long, default_value_t = 64)]
+        sentences: usize,
+        #[arg(long, default_value_t = 4)]
+        beams: usize,
+        #[arg(long, default_value_t = 64)]
+        max_length: usize,
+        /// Sentences decoded together.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Python with torch and transformers for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
 }
 
 fn default_jobs() -> usize {
@@ -355,6 +376,32 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                 },
         } => {
             print!("{}", bench::train(&model, batch, steps, &python)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which:
+                BenchCommand::Translate {
+                    model,
+                    target,
+                    sentences,
+                    beams,
+                    max_length,
+                    batch,
+                    python,
+                },
+        } => {
+            print!(
+                "{}",
+                bench::translate(&bench::TranslateBench {
+                    model: &model,
+                    target: &target,
+                    sentences,
+                    beams,
+                    max_length,
+                    batch,
+                    python: &python,
+                })?
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

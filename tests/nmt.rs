@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use serde_json::Value;
-use xlpipe_stages::nmt::{generate, EarlyStopping, GenerationConfig, M2m100};
+use xlpipe_stages::nmt::{generate, EarlyStopping, GenerationConfig, M2m100, NeuralTranslator};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-m2m100")
@@ -28,7 +28,13 @@ fn rows(v: &Value) -> Vec<Vec<i64>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
@@ -38,13 +44,22 @@ fn sources(golden: &Value) -> Vec<Vec<i64>> {
     let mask = rows(&golden["attention_mask"]);
     ids.iter()
         .zip(&mask)
-        .map(|(row, m)| row.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect())
+        .map(|(row, m)| {
+            row.iter()
+                .zip(m)
+                .filter(|(_, &m)| m == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        })
         .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -52,7 +67,13 @@ fn encoder_states_and_logits_match_transformers() {
     let golden = golden();
     let model = M2m100::<Flex>::load(&fixture(), &Default::default()).unwrap();
     let encoded = model.encode(&sources(&golden));
-    let hidden: Vec<f32> = encoded.hidden.clone().into_data().convert::<f32>().into_vec().unwrap();
+    let hidden: Vec<f32> = encoded
+        .hidden
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap();
     // Padded positions differ by design (transformers computes them too);
     // compare real tokens only.
     let mask = rows(&golden["attention_mask"]);
@@ -117,11 +138,62 @@ fn greedy_and_beam_search_match_transformers_generate() {
         let config = GenerationConfig {
             beams: run["num_beams"].as_u64().unwrap() as usize,
             max_length: run["max_length"].as_u64().unwrap() as usize,
-            length_penalty: run.get("length_penalty").and_then(Value::as_f64).unwrap_or(1.0) as f32,
+            length_penalty: run
+                .get("length_penalty")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0) as f32,
             early_stopping,
         };
         let target = run["forced_bos"].as_i64().unwrap();
         let output = generate(&model, &sources, target, &config);
         assert_eq!(output, rows(&run["output"]), "{config:?}, target {target}");
     }
+}
+
+#[test]
+fn texts_translate_as_transformers_batch_decode() {
+    let golden = golden();
+    for case in golden["translations"].as_array().unwrap() {
+        let texts: Vec<String> = case["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        let config = GenerationConfig {
+            beams: 2,
+            max_length: 10,
+            ..GenerationConfig::default()
+        };
+        let lang = case["lang"].as_str().unwrap();
+        // Batches of 3 in length order: batching must not change a translation.
+        let translator =
+            NeuralTranslator::<Flex>::load(&fixture(), "en", lang, config, 3, &Default::default())
+                .unwrap();
+        let expected: Vec<String> = case["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            translator.translate_texts(&texts).unwrap(),
+            expected,
+            "{lang}"
+        );
+    }
+    let err = NeuralTranslator::<Flex>::load(
+        &fixture(),
+        "en",
+        "xx",
+        GenerationConfig::default(),
+        1,
+        &Default::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("no language token for `xx`"),
+        "{err}"
+    );
 }

@@ -260,3 +260,89 @@ langs.es = {{ backend = "command", cmd = "apertium -u eng-spa" }}
         "{spanish:?}"
     );
 }
+
+#[test]
+fn nllb_backend_translates_with_the_burn_model() {
+    let s = Scratch::new();
+    s.write(
+        "p.toml",
+        &format!(
+            r#"[pipeline]
+name = "nllb-test"
+include = ["{}"]
+
+[stages.pairs]
+kind = "qa_pairs"
+inputs.qa = "squad_dev"
+inputs.exclude = ["xquad_r"]
+max_pairs = 6
+
+[stages.tiny_m2m100]
+kind = "import"
+path = "{}"
+
+[stages.translate]
+kind = "translate"
+inputs.pairs = "pairs"
+inputs.nmt_model = "tiny_m2m100"
+langs.es = {{ backend = "nllb", beams = 2, max_length = 10, batch_size = 4 }}
+langs.zh = {{ backend = "nllb", max_length = 8 }}
+"#,
+            repo("pipelines/datasets.toml"),
+            repo("tests/fixtures/tiny-m2m100")
+        ),
+    );
+    run(&s, "p.toml", "translate");
+    let out = output(&s, "translate", "pairs", "nllb-test");
+    let m = meta(&out);
+    let n = m["kept"].as_u64().unwrap();
+    assert!(n >= 5, "{m}");
+    for lang in ["en", "es", "zh"] {
+        assert_eq!(m["counts"][format!("pairs.{lang}")], n, "{lang}: {m}");
+    }
+    assert!(
+        m["counts"]["translated_now.es"].as_u64().unwrap() >= n,
+        "{m}"
+    );
+
+    // What the stage wrote is what the model says, sentence by sentence.
+    let frame = read_parquet(&out.join("pairs.parquet")).unwrap();
+    let langs = strings(&frame, "lang").unwrap();
+    let questions = strings(&frame, "question").unwrap();
+    let of = |lang: &str| -> Vec<String> {
+        questions
+            .iter()
+            .zip(&langs)
+            .filter(|(_, l)| *l == lang)
+            .map(|(q, _)| q.clone())
+            .collect()
+    };
+    let config = xlpipe_stages::nmt::GenerationConfig {
+        beams: 2,
+        max_length: 10,
+        ..Default::default()
+    };
+    let translator = xlpipe_stages::nmt::NeuralTranslator::<burn::backend::Flex>::load(
+        std::path::Path::new(&repo("tests/fixtures/tiny-m2m100")),
+        "en",
+        "es",
+        config,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(translator.translate_texts(&of("en")).unwrap(), of("es"));
+
+    // A second pipeline asking for the same translations finds them in the memory.
+    s.write(
+        "q.toml",
+        &std::fs::read_to_string(s.path("p.toml"))
+            .unwrap()
+            .replace("nllb-test", "nllb-test-2")
+            .replace("batch_size = 4", "batch_size = 2"),
+    );
+    run(&s, "q.toml", "translate");
+    let m = meta(&output(&s, "translate", "pairs", "nllb-test-2"));
+    assert_eq!(m["counts"]["translated_now.es"], 0, "{m}");
+    assert_eq!(m["counts"]["translated_now.zh"], 0, "{m}");
+}

@@ -10,13 +10,17 @@
 //! langs.it = { backend = "precomputed" }
 //! langs.de = { backend = "dictionary", file = "en-de.dict" }
 //! langs.es_apertium = { backend = "command", cmd = "apertium -u eng-spa", lang = "es" }
+//! inputs.nmt_model = "nllb"                    # an M2M100 / NLLB folder (hf_model, import)
+//! langs.zh = { backend = "nllb", beams = 4, device = "cuda" }
 //! ```
 //!
 //! Backends: `precomputed` takes the question and passage of the same
 //! question id from a translated SQuAD (no MT run at all); `command` pipes
 //! texts, one per line, through any line-in line-out program; `dictionary`
 //! translates word by word with a MUSE bilingual dictionary (crude, but real
-//! and available for every language). A neural backend plugs in through the
+//! and available for every language); `nllb` runs an M2M100 / NLLB-200
+//! model in burn (`crate::nmt`: beam search as transformers' `generate`,
+//! length-sorted batches, CPU or CUDA). Other engines plug in through the
 //! [`Translator`] trait.
 //!
 //! A translation memory keyed by (backend identity, source text, target
@@ -37,6 +41,8 @@ use std::process::{Command, Stdio};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::model::DeviceChoice;
+use crate::nmt::{EarlyStopping, GenerationConfig, NeuralTranslator};
 use crate::qa_pairs::Unit;
 use crate::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
 use crate::{
@@ -79,13 +85,52 @@ enum LangSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lang: Option<String>,
     },
+    /// The `nmt_model` input: M2M100 or NLLB-200.
+    Nllb {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lang: Option<String>,
+        /// The model's target-language token (`spa_Latn`, `__es__`);
+        /// default: looked up from the language code.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        #[serde(default = "default_source")]
+        source: String,
+        #[serde(default = "default_beams")]
+        beams: usize,
+        #[serde(default = "default_max_length")]
+        max_length: usize,
+        #[serde(default = "default_length_penalty")]
+        length_penalty: f32,
+        /// Sentences decoded together.
+        #[serde(default = "default_nmt_batch")]
+        batch_size: usize,
+        #[serde(default)]
+        device: DeviceChoice,
+    },
+}
+
+fn default_source() -> String {
+    "en".into()
+}
+fn default_beams() -> usize {
+    4
+}
+fn default_max_length() -> usize {
+    200
+}
+fn default_length_penalty() -> f32 {
+    1.0
+}
+fn default_nmt_batch() -> usize {
+    16
 }
 
 impl LangSpec {
     fn code(&self, name: &str) -> String {
         let (LangSpec::Precomputed { lang }
         | LangSpec::Command { lang, .. }
-        | LangSpec::Dictionary { lang, .. }) = self;
+        | LangSpec::Dictionary { lang, .. }
+        | LangSpec::Nllb { lang, .. }) = self;
         lang.clone().unwrap_or_else(|| name.to_string())
     }
 }
@@ -108,7 +153,7 @@ impl Stage for TranslateStage {
     }
 
     fn summary(&self) -> &'static str {
-        "translate English QA pairs (precomputed, command or dictionary backends) with a translation memory"
+        "translate English QA pairs (precomputed, command, dictionary or NLLB / M2M100 backends) with a translation memory"
     }
 
     fn canonical_params(
@@ -116,7 +161,27 @@ impl Stage for TranslateStage {
         params: &toml::Table,
         _env: &ParamsEnv,
     ) -> Result<serde_json::Value, ParamError> {
-        let p: TranslateParams = parse_params(params)?;
+        let mut p: TranslateParams = parse_params(params)?;
+        for (name, spec) in &mut p.langs {
+            if let LangSpec::Nllb {
+                beams,
+                max_length,
+                batch_size,
+                device,
+                ..
+            } = spec
+            {
+                if *beams == 0 || *batch_size == 0 || *max_length < 3 {
+                    return Err(ParamError::new(
+                        format!("langs.{name}"),
+                        "beams and batch_size must be at least 1, max_length at least 3",
+                    ));
+                }
+                *device = device
+                    .check()
+                    .map_err(|e| ParamError::new(format!("langs.{name}.device"), e.to_string()))?;
+            }
+        }
         if p.langs.is_empty() {
             return Err(ParamError::new(
                 "langs",
@@ -158,10 +223,21 @@ impl Stage for TranslateStage {
             many: false,
             optional: !needs(|b| matches!(b, LangSpec::Dictionary { .. })),
         });
+        inputs.push(InputSlot {
+            name: "nmt_model".into(),
+            many: false,
+            optional: !needs(|b| matches!(b, LangSpec::Nllb { .. })),
+        });
+        let mut resources = BTreeMap::new();
+        for spec in p.langs.values() {
+            if let LangSpec::Nllb { device, .. } = spec {
+                resources.extend(device.resources());
+            }
+        }
         Ok(Interface {
             inputs,
             outputs: vec!["pairs".into()],
-            ..Interface::default()
+            resources,
         })
     }
 
@@ -204,6 +280,29 @@ impl Stage for TranslateStage {
                     );
                     rows
                 }
+                LangSpec::Nllb { device, .. } => match device.resolved() {
+                    DeviceChoice::Cpu | DeviceChoice::Auto => nllb::<burn::backend::Flex>(
+                        spec,
+                        &code,
+                        &english,
+                        p.batch,
+                        ctx,
+                        &mut report,
+                        Default::default(),
+                    )?,
+                    #[cfg(feature = "cuda")]
+                    DeviceChoice::Cuda => nllb::<burn::backend::Cuda>(
+                        spec,
+                        &code,
+                        &english,
+                        p.batch,
+                        ctx,
+                        &mut report,
+                        DeviceChoice::cuda_device(ctx)?,
+                    )?,
+                    #[cfg(not(feature = "cuda"))]
+                    DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),
+                },
             };
             let missing = rows.iter().filter(|r| r.is_none()).count();
             report.count(format!("untranslatable.{code}"), missing);
@@ -318,6 +417,77 @@ fn precomputed(
             .collect());
     }
     anyhow::bail!("no `precomputed` input has language `{lang}`")
+}
+
+/// The `nllb` backend: load the model once, then translate what the memory lacks.
+fn nllb<B: burn::tensor::backend::Backend>(
+    spec: &LangSpec,
+    lang: &str,
+    english: &English,
+    batch: usize,
+    ctx: &StageContext,
+    report: &mut ReadReport,
+    device: B::Device,
+) -> anyhow::Result<Vec<Option<[String; 3]>>> {
+    let LangSpec::Nllb {
+        code,
+        source,
+        beams,
+        max_length,
+        length_penalty,
+        batch_size,
+        ..
+    } = spec
+    else {
+        unreachable!("called for nllb languages only")
+    };
+    let model = match ctx.inputs("nmt_model") {
+        [one] => one,
+        _ => anyhow::bail!("the nllb backend needs one `nmt_model` input"),
+    };
+    let generation = GenerationConfig {
+        beams: *beams,
+        max_length: *max_length,
+        length_penalty: *length_penalty,
+        early_stopping: EarlyStopping::Heuristic,
+    };
+    let target = code.as_deref().unwrap_or(lang);
+    let translator = NeuralTranslator::<B>::load(
+        &model.path,
+        source,
+        target,
+        generation,
+        *batch_size,
+        &device,
+    )?;
+    let mut engine = NllbEngine {
+        translator,
+        identity: format!(
+            "nllb model={} source={source} target={target} beams={beams} max_length={max_length} length_penalty={length_penalty}",
+            model.hash
+        ),
+    };
+    with_memory(&mut engine, lang, english, batch, ctx, report)
+}
+
+struct NllbEngine<B: burn::tensor::backend::Backend> {
+    translator: NeuralTranslator<B>,
+    identity: String,
+}
+
+impl<B: burn::tensor::backend::Backend> Translator for NllbEngine<B> {
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+
+    fn translate(&mut self, texts: &[String]) -> anyhow::Result<Vec<Option<String>>> {
+        Ok(self
+            .translator
+            .translate_texts(texts)?
+            .into_iter()
+            .map(Some)
+            .collect())
+    }
 }
 
 /// Translate every English text through `engine`, consulting and then

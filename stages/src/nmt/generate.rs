@@ -197,14 +197,22 @@ fn beam_search<B: Backend>(
     // Row r of the decoder batch: sentence active[r / k], beam r % k.
     let encoded_once = model.encode(sources);
     let mut active: Vec<usize> = (0..sources.len()).collect();
-    let repeat: Vec<usize> = active.iter().flat_map(|&s| std::iter::repeat_n(s, k)).collect();
+    let repeat: Vec<usize> = active
+        .iter()
+        .flat_map(|&s| std::iter::repeat_n(s, k))
+        .collect();
     let mut encoded = encoded_once.select(rows_index::<B>(&repeat, model.device()));
     let mut cache = model.start_cache(&encoded);
     let mut length = 1;
     loop {
         let last: Vec<Vec<i64>> = active
             .iter()
-            .flat_map(|&s| states[s].running.iter().map(|(t, _)| vec![*t.last().unwrap()]))
+            .flat_map(|&s| {
+                states[s]
+                    .running
+                    .iter()
+                    .map(|(t, _)| vec![*t.last().unwrap()])
+            })
             .collect();
         let logits = model.decode(&last, &encoded, &mut cache, true);
         let log_probs = next_log_probs(logits, length, target_token);
@@ -238,8 +246,8 @@ fn beam_search<B: Backend>(
             // Finished: the top `k` candidates that stopped, length-penalised,
             // merged with the finished slots; blocked once no improvement is possible.
             let all_full = state.finished.iter().all(|f| f.2);
-            let blocked = (all_full && config.early_stopping == EarlyStopping::WhenFull)
-                || !state.improvable;
+            let blocked =
+                (all_full && config.early_stopping == EarlyStopping::WhenFull) || !state.improvable;
             let penalty = ((length + 1 - prompt) as f32).powf(config.length_penalty);
             let mut merged: Vec<(f32, Vec<i64>, bool)> = state
                 .finished
@@ -282,13 +290,12 @@ fn beam_search<B: Backend>(
                 .collect();
 
             // transformers' early-stopping heuristic, at the new length.
-            let hypothetical = if config.early_stopping == EarlyStopping::Never
-                && config.length_penalty > 0.0
-            {
-                config.max_length - prompt
-            } else {
-                length + 1 - prompt
-            };
+            let hypothetical =
+                if config.early_stopping == EarlyStopping::Never && config.length_penalty > 0.0 {
+                    config.max_length - prompt
+                } else {
+                    length + 1 - prompt
+                };
             let best_possible =
                 state.running[0].1 / (hypothetical as f32).powf(config.length_penalty);
             let worst_finished = state

@@ -69,8 +69,8 @@ impl M2m100Config {
             config.activation_function
         );
         anyhow::ensure!(
-            config.d_model % config.encoder_attention_heads == 0
-                && config.d_model % config.decoder_attention_heads == 0,
+            config.d_model.is_multiple_of(config.encoder_attention_heads)
+                && config.d_model.is_multiple_of(config.decoder_attention_heads),
             "{}: d_model must divide by the attention heads",
             path.display()
         );
@@ -217,7 +217,11 @@ impl<B: Backend> DecoderCache<B> {
             )
         };
         DecoderCache {
-            self_kv: self.self_kv.iter().map(|kv| kv.as_ref().map(pick)).collect(),
+            self_kv: self
+                .self_kv
+                .iter()
+                .map(|kv| kv.as_ref().map(pick))
+                .collect(),
             cross_kv: self.cross_kv.iter().map(pick).collect(),
             length: self.length,
         }
@@ -509,7 +513,10 @@ impl<B: Backend> DecoderLayer<B> {
         let normed = self.self_attn_layer_norm.forward(x.clone());
         let (k, v) = self.self_attn.keys_values(normed.clone());
         let (k, v) = match self_kv.take() {
-            Some((past_k, past_v)) => (Tensor::cat(vec![past_k, k], 2), Tensor::cat(vec![past_v, v], 2)),
+            Some((past_k, past_v)) => (
+                Tensor::cat(vec![past_k, k], 2),
+                Tensor::cat(vec![past_v, v], 2),
+            ),
             None => (k, v),
         };
         *self_kv = Some((k.clone(), v.clone()));
