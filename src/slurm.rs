@@ -100,6 +100,8 @@ impl SlurmExecutor {
         results: mpsc::Sender<JobResult>,
     ) -> anyhow::Result<SlurmExecutor> {
         install_cancel_handler();
+        // A zero interval (RunOptions::default()) would ask squeue non-stop.
+        let poll = poll.max(Duration::from_millis(100));
         let cache_root = std::path::absolute(cache.root())?;
         let adoptable = earlier_jobs(cache)?;
         let (tracker, submissions) = mpsc::channel();

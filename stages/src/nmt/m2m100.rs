@@ -69,8 +69,12 @@ impl M2m100Config {
             config.activation_function
         );
         anyhow::ensure!(
-            config.d_model.is_multiple_of(config.encoder_attention_heads)
-                && config.d_model.is_multiple_of(config.decoder_attention_heads),
+            config
+                .d_model
+                .is_multiple_of(config.encoder_attention_heads)
+                && config
+                    .d_model
+                    .is_multiple_of(config.decoder_attention_heads),
             "{}: d_model must divide by the attention heads",
             path.display()
         );
