@@ -225,38 +225,20 @@ pub fn train(model: &Path, batch: usize, steps: usize, python: &str) -> anyhow::
     let ours =
         xlpipe_stages::train::benchmark_cpu_steps(model, &queries, &passages, lengths, steps)?;
 
-    let dir = std::env::temp_dir().join(format!("xlpipe-bench-train-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let script = dir.join("torch_step.py");
-    std::fs::write(&script, TORCH_TRAIN_STEP)?;
-    let data = dir.join("batch.json");
-    std::fs::write(
-        &data,
-        serde_json::to_vec(&serde_json::json!({
+    let torch = python_baseline(
+        &PythonBaseline {
+            python,
+            name: "train",
+            script: TORCH_TRAIN_STEP,
+            what: "PyTorch",
+            needs: "torch and sentence-transformers",
+        },
+        model,
+        &serde_json::json!({
             "queries": queries, "passages": passages,
             "query_len": lengths.0, "passage_len": lengths.1,
-        }))?,
-    )?;
-    let output = Command::new(python)
-        .arg(&script)
-        .arg(model)
-        .arg(&data)
-        .arg(steps.to_string())
-        .arg(threads.to_string())
-        .output()
-        .with_context(|| format!("running {python}"))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    anyhow::ensure!(
-        output.status.success(),
-        "the PyTorch baseline failed (needs torch and sentence-transformers in {python}):\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let torch: serde_json::Value = serde_json::from_slice(
-        output
-            .stdout
-            .split(|&b| b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap_or_default(),
+        }),
+        &[steps.to_string(), threads.to_string()],
     )?;
     let torch_seconds = torch["median_seconds"].as_f64().unwrap_or(f64::NAN);
     let torch_tokens = torch["tokens_per_step"].as_u64().unwrap_or(0) as usize;
@@ -462,6 +444,57 @@ pub fn search(repeat: usize, python: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// A Python script that measures the same work as a benchmark, in the same run.
+struct PythonBaseline<'a> {
+    python: &'a str,
+    /// Names its temporary folder.
+    name: &'a str,
+    script: &'a str,
+    /// What it runs, and what its Python needs, for the error message.
+    what: &'a str,
+    needs: &'a str,
+}
+
+/// Run `python SCRIPT MODEL DATA.json EXTRA...` and parse the JSON object
+/// on the last line it prints.
+fn python_baseline(
+    b: &PythonBaseline,
+    model: &Path,
+    data: &serde_json::Value,
+    extra: &[String],
+) -> anyhow::Result<serde_json::Value> {
+    let dir = std::env::temp_dir().join(format!("xlpipe-bench-{}-{}", b.name, std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = dir.join("baseline.py");
+    std::fs::write(&script, b.script)?;
+    let data_file = dir.join("data.json");
+    std::fs::write(&data_file, serde_json::to_vec(data)?)?;
+    let output = Command::new(b.python)
+        .arg(&script)
+        .arg(model)
+        .arg(&data_file)
+        .args(extra)
+        .output()
+        .with_context(|| format!("running {}", b.python));
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = output?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the {} baseline failed (needs {} in {}):\n{}",
+        b.what,
+        b.needs,
+        b.python,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(serde_json::from_slice(
+        output
+            .stdout
+            .split(|&b| b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .unwrap_or_default(),
+    )?)
+}
+
 /// Decoding settings of `bench translate`.
 pub struct TranslateBench<'a> {
     pub model: &'a Path,
@@ -497,37 +530,20 @@ pub fn translate(b: &TranslateBench) -> anyhow::Result<String> {
     let (ours, our_seconds) =
         xlpipe_stages::nmt::translator::benchmark_cpu(b.model, b.target, config, b.batch, &texts)?;
 
-    let dir = std::env::temp_dir().join(format!("xlpipe-bench-translate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let script = dir.join("generate.py");
-    std::fs::write(&script, TRANSFORMERS_GENERATE)?;
-    let data = dir.join("texts.json");
-    std::fs::write(
-        &data,
-        serde_json::to_vec(&serde_json::json!({
+    let theirs = python_baseline(
+        &PythonBaseline {
+            python: b.python,
+            name: "translate",
+            script: TRANSFORMERS_GENERATE,
+            what: "transformers",
+            needs: "torch and transformers",
+        },
+        b.model,
+        &serde_json::json!({
             "texts": texts, "target": b.target, "beams": b.beams,
             "max_length": b.max_length, "batch": b.batch, "threads": threads,
-        }))?,
-    )?;
-    let output = Command::new(b.python)
-        .arg(&script)
-        .arg(b.model)
-        .arg(&data)
-        .output()
-        .with_context(|| format!("running {}", b.python))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    anyhow::ensure!(
-        output.status.success(),
-        "the transformers baseline failed (needs torch and transformers in {}):\n{}",
-        b.python,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let theirs: serde_json::Value = serde_json::from_slice(
-        output
-            .stdout
-            .split(|&b| b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .unwrap_or_default(),
+        }),
+        &[],
     )?;
     let their_seconds = theirs["seconds"].as_f64().unwrap_or(f64::NAN);
     let their_texts: Vec<String> =

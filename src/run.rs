@@ -128,7 +128,7 @@ pub type JobResult = (usize, Result<Outcome, Failure>);
 /// Where a started instance runs, and what it holds there.
 enum Slot {
     Local(BTreeMap<String, Vec<u32>>),
-    Slurm(String),
+    Slurm,
 }
 
 pub fn run(
@@ -160,19 +160,19 @@ pub fn run(
         .unwrap_or_default();
         anyhow::bail!("--executor: no executor named `{default_executor}`{hint}");
     }
-    let executor_of: Vec<&ExecutorConfig> = (0..n)
+    let executor_name: Vec<&str> = (0..n)
         .map(|i| {
-            let name = pipeline.stage_of(i).executor.as_deref();
-            &pipeline.executors[name.unwrap_or(default_executor)]
+            pipeline
+                .stage_of(i)
+                .executor
+                .as_deref()
+                .unwrap_or(default_executor)
         })
         .collect();
-    let executor_name = |i: usize| {
-        pipeline
-            .stage_of(i)
-            .executor
-            .clone()
-            .unwrap_or_else(|| default_executor.to_string())
-    };
+    let executor_of: Vec<&ExecutorConfig> = executor_name
+        .iter()
+        .map(|name| &pipeline.executors[*name])
+        .collect();
 
     let mut capacity: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     capacity.insert("gpu".into(), (0..options.gpus).collect());
@@ -219,7 +219,7 @@ pub fn run(
     let mut runnable: Vec<Job> = Vec::new();
     let mut running: BTreeMap<usize, Slot> = BTreeMap::new();
     let mut local_running = 0;
-    let mut slurm_running: BTreeMap<String, usize> = BTreeMap::new();
+    let mut slurm_running: BTreeMap<&str, usize> = BTreeMap::new();
     let (sender, receiver) = mpsc::channel::<JobResult>();
     let jobs = options.jobs.max(1);
     let uses_slurm =
@@ -282,7 +282,7 @@ pub fn run(
                     local_running < jobs && fits(&pipeline.instances[i].resources, &capacity)
                 }
                 ExecutorConfig::Slurm(slurm_options) => slurm_options.max_jobs.is_none_or(|max| {
-                    slurm_running.get(&executor_name(i)).copied().unwrap_or(0) < max
+                    slurm_running.get(executor_name[i]).copied().unwrap_or(0) < max
                 }),
             };
             if !startable {
@@ -328,9 +328,8 @@ pub fn run(
                                 summary.slurm_submitted += 1;
                             }
                             state[i] = State::Running;
-                            let name = executor_name(i);
-                            *slurm_running.entry(name.clone()).or_default() += 1;
-                            running.insert(i, Slot::Slurm(name));
+                            *slurm_running.entry(executor_name[i]).or_default() += 1;
+                            running.insert(i, Slot::Slurm);
                         }
                         Err(failure) => {
                             tracing::error!("{} failed: {}", failure.instance, failure.error);
@@ -364,9 +363,9 @@ pub fn run(
                 local_running -= 1;
                 give_back(devices, &mut capacity);
             }
-            Slot::Slurm(name) => {
+            Slot::Slurm => {
                 *slurm_running
-                    .get_mut(&name)
+                    .get_mut(executor_name[i])
                     .expect("counted when submitted") -= 1;
             }
         }

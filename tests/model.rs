@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
+use common::{floats, max_abs_diff};
 use serde_json::Value;
 use xlpipe_stages::model::{load_encoder, save_encoder, Pooling, TextTokenizer};
 
@@ -21,13 +22,6 @@ fn json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(items) => items.iter().flat_map(floats).collect(),
-        other => vec![other.as_f64().unwrap() as f32],
-    }
-}
-
 fn ints(v: &Value) -> (Vec<i64>, [usize; 2]) {
     let rows = v.as_array().unwrap();
     let flat: Vec<i64> = rows
@@ -36,14 +30,6 @@ fn ints(v: &Value) -> (Vec<i64>, [usize; 2]) {
         .collect();
     let shape = [rows.len(), flat.len() / rows.len()];
     (flat, shape)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn int_tensor(v: &Value) -> Tensor<Flex, 2, Int> {

@@ -3,9 +3,12 @@
 //! outputs `tests/fixtures/make_m2m100_fixtures.py` wrote (logits to 1e-4,
 //! generated tokens exactly, greedy and beam search).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
+use common::{floats, max_abs_diff};
 use serde_json::Value;
 use xlpipe_stages::nmt::{generate, EarlyStopping, GenerationConfig, M2m100, NeuralTranslator};
 
@@ -15,13 +18,6 @@ fn fixture() -> PathBuf {
 
 fn golden() -> Value {
     serde_json::from_slice(&std::fs::read(fixture().join("golden.json")).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(items) => items.iter().flat_map(floats).collect(),
-        other => vec![other.as_f64().unwrap() as f32],
-    }
 }
 
 fn rows(v: &Value) -> Vec<Vec<i64>> {
@@ -52,14 +48,6 @@ fn sources(golden: &Value) -> Vec<Vec<i64>> {
                 .collect()
         })
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -31,6 +31,19 @@ fn meta(dir: &std::path::Path) -> Value {
     serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap()
 }
 
+/// The questions of one language in a translate output, in table order.
+fn questions_in(out: &std::path::Path, lang: &str) -> Vec<String> {
+    let frame = read_parquet(&out.join("pairs.parquet")).unwrap();
+    let langs = strings(&frame, "lang").unwrap();
+    strings(&frame, "question")
+        .unwrap()
+        .into_iter()
+        .zip(&langs)
+        .filter(|(_, l)| *l == lang)
+        .map(|(q, _)| q)
+        .collect()
+}
+
 fn run(s: &Scratch, file: &str, until: &str) -> common::Ran {
     s.ok(&[
         "run",
@@ -234,21 +247,8 @@ langs.es = {{ backend = "command", cmd = "apertium -u eng-spa" }}
     );
     run(&s, "p.toml", "translate");
     let out = output(&s, "translate", "pairs", "apertium-test");
-    let frame = read_parquet(&out.join("pairs.parquet")).unwrap();
-    let langs = strings(&frame, "lang").unwrap();
-    let questions = strings(&frame, "question").unwrap();
-    let english: Vec<&String> = questions
-        .iter()
-        .zip(&langs)
-        .filter(|(_, l)| *l == "en")
-        .map(|(q, _)| q)
-        .collect();
-    let spanish: Vec<&String> = questions
-        .iter()
-        .zip(&langs)
-        .filter(|(_, l)| *l == "es")
-        .map(|(q, _)| q)
-        .collect();
+    let english = questions_in(&out, "en");
+    let spanish = questions_in(&out, "es");
     assert_eq!(english.len(), spanish.len());
     assert!(english.len() >= 30);
     let changed = english.iter().zip(&spanish).filter(|(e, s)| e != s).count();
@@ -306,17 +306,6 @@ langs.zh = {{ backend = "nllb", max_length = 8 }}
     );
 
     // What the stage wrote is what the model says, sentence by sentence.
-    let frame = read_parquet(&out.join("pairs.parquet")).unwrap();
-    let langs = strings(&frame, "lang").unwrap();
-    let questions = strings(&frame, "question").unwrap();
-    let of = |lang: &str| -> Vec<String> {
-        questions
-            .iter()
-            .zip(&langs)
-            .filter(|(_, l)| *l == lang)
-            .map(|(q, _)| q.clone())
-            .collect()
-    };
     let config = xlpipe_stages::nmt::GenerationConfig {
         beams: 2,
         max_length: 10,
@@ -331,7 +320,12 @@ langs.zh = {{ backend = "nllb", max_length = 8 }}
         &Default::default(),
     )
     .unwrap();
-    assert_eq!(translator.translate_texts(&of("en")).unwrap(), of("es"));
+    assert_eq!(
+        translator
+            .translate_texts(&questions_in(&out, "en"))
+            .unwrap(),
+        questions_in(&out, "es")
+    );
 
     // A second pipeline asking for the same translations finds them in the memory.
     s.write(

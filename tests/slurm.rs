@@ -105,12 +105,7 @@ impl Cluster {
     }
 
     fn xlpipe(&self, s: &Scratch, args: &[&str]) -> Ran {
-        let out = self.command(s, args).output().unwrap();
-        Ran {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        self.command(s, args).output().unwrap().into()
     }
 
     fn spawn(&self, s: &Scratch, args: &[&str]) -> Child {
@@ -138,12 +133,7 @@ impl Drop for Cluster {
 }
 
 fn finished(child: Child) -> Ran {
-    let out = child.wait_with_output().unwrap();
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    child.wait_with_output().unwrap().into()
 }
 
 fn signal(child: &Child, signal: &str) {

@@ -36,6 +36,16 @@ impl Ran {
     }
 }
 
+impl From<Output> for Ran {
+    fn from(out: Output) -> Ran {
+        Ran {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl std::fmt::Display for Ran {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -102,12 +112,7 @@ impl Scratch {
     }
 
     pub fn xlpipe(&self, args: &[&str]) -> Ran {
-        let out: Output = self.command(args).output().unwrap();
-        Ran {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        self.command(args).output().unwrap().into()
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
@@ -298,4 +303,20 @@ pub fn qrels(s: &Scratch, rows: &[(String, String, String)]) {
         ],
     )
     .unwrap();
+}
+
+/// Every number of a (nested) JSON array, flattened, as f32.
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().flat_map(floats).collect(),
+        other => vec![other.as_f64().unwrap() as f32],
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
