@@ -185,3 +185,60 @@ fn texts_translate_as_transformers_batch_decode() {
         "{err}"
     );
 }
+
+/// A copy of the fixture whose embedding matrix is stored as `name`, the
+/// way some hub conversions keep one of its tied copies instead.
+fn fixture_with_embedding_named(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture().join(file), dir.path().join(file)).unwrap();
+    }
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    let matrix = header.remove("model.shared.weight").unwrap();
+    header.insert(name.to_string(), matrix);
+    let mut header = serde_json::to_vec(&header).unwrap();
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(&bytes[8 + length..]);
+    std::fs::write(dir.path().join("model.safetensors"), out).unwrap();
+    dir
+}
+
+#[test]
+fn embedding_matrix_found_under_its_tied_names() {
+    let golden = golden();
+    let device = Default::default();
+    let hidden = |model: &M2m100<Flex>| -> Vec<f32> {
+        model
+            .encode(&sources(&golden))
+            .hidden
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap()
+    };
+    let reference = hidden(&M2m100::<Flex>::load(&fixture(), &device).unwrap());
+    for name in [
+        "model.encoder.embed_tokens.weight",
+        "model.decoder.embed_tokens.weight",
+        "lm_head.weight",
+    ] {
+        let dir = fixture_with_embedding_named(name);
+        let model = M2m100::<Flex>::load(dir.path(), &device).unwrap();
+        assert_eq!(hidden(&model), reference, "{name}");
+    }
+    let dir = fixture_with_embedding_named("model.unrelated.weight");
+    let error = M2m100::<Flex>::load(dir.path(), &device)
+        .expect_err("a checkpoint without its embedding matrix is refused")
+        .to_string();
+    assert!(
+        error.contains("has no embedding matrix") && error.contains("model.shared.weight"),
+        "{error}"
+    );
+}

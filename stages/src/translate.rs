@@ -517,6 +517,7 @@ fn with_memory(
     report.count(format!("from_memory.{lang}"), distinct.len() - todo.len());
     report.count(format!("translated_now.{lang}"), todo.len());
     let bar = ctx.progress_bar(todo.len() as u64, &format!("translating to {lang}"));
+    let started = std::time::Instant::now();
     for chunk in todo.chunks(batch) {
         let translated = engine.translate(chunk)?;
         anyhow::ensure!(
@@ -529,6 +530,14 @@ fn with_memory(
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
+    if !todo.is_empty() {
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            "translated {} texts to {lang} in {seconds:.1} s ({:.1} texts/s)",
+            todo.len(),
+            todo.len() as f64 / seconds.max(1e-9)
+        );
+    }
     let look = |t: &String| -> Option<String> {
         if t.is_empty() {
             Some(String::new())

@@ -7,8 +7,6 @@
 //! the members scoring at least the weakest relevant one can be, so one
 //! pass over the pool collects those few and the ranks come from them.
 
-use burn::backend::Flex;
-use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::encode::Embeddings;
@@ -37,33 +35,50 @@ impl TrecOrder {
             || (scores[a] == scores[b] && self.id_position[a] > self.id_position[b])
     }
 
+    /// `before` as an ordering. Adding 0.0 turns -0.0 into 0.0, which
+    /// `total_cmp` would otherwise order apart although they are equal.
     fn compare(&self, scores: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
-        scores[b]
-            .total_cmp(&scores[a])
+        (scores[b] + 0.0)
+            .total_cmp(&(scores[a] + 0.0))
             .then(self.id_position[b].cmp(&self.id_position[a]))
     }
 
     /// 1-based ranks of `relevant` (members of `pool`) within `pool`, in the
     /// order given.
     pub fn ranks(&self, scores: &[f32], pool: &[usize], relevant: &[usize]) -> Vec<usize> {
-        let Some(&weakest) = relevant
-            .iter()
-            .max_by(|&&a, &&b| self.compare(scores, a, b))
-        else {
+        let mut sorted = relevant.to_vec();
+        sorted.sort_unstable_by(|&a, &b| self.compare(scores, a, b));
+        let Some(&weakest) = sorted.last() else {
             return Vec::new();
         };
-        let contenders: Vec<usize> = pool
-            .iter()
-            .copied()
-            .filter(|&c| c == weakest || self.before(scores, c, weakest))
-            .collect();
+        let floor = scores[weakest];
+        // A member `c` is ordered before sorted[j] exactly when j >= p(c),
+        // p(c) being how many of the relevant are `c` or ordered before it;
+        // so rank(sorted[j]) = 1 + #{c : p(c) <= j}. Members scoring below
+        // the weakest relevant one have p = k and count for none: one float
+        // comparison dismisses most of the pool.
+        let mut members_at = vec![0usize; sorted.len() + 1];
+        for &c in pool {
+            if scores[c] < floor || scores[c].is_nan() {
+                continue;
+            }
+            let p = sorted.partition_point(|&r| r == c || self.before(scores, r, c));
+            members_at[p] += 1;
+        }
+        let mut rank_of_sorted = Vec::with_capacity(sorted.len());
+        let mut before = 0;
+        for &count in &members_at[..sorted.len()] {
+            before += count;
+            rank_of_sorted.push(1 + before);
+        }
         relevant
             .iter()
-            .map(|&r| {
-                1 + contenders
+            .map(|r| {
+                let j = sorted
                     .iter()
-                    .filter(|&&c| self.before(scores, c, r))
-                    .count()
+                    .position(|s| s == r)
+                    .expect("every relevant candidate is in the sorted copy");
+                rank_of_sorted[j]
             })
             .collect()
     }
@@ -89,13 +104,21 @@ impl TrecOrder {
         // seen so far in ranked order; most members lose to the last of
         // them in one comparison.
         let mut best: Vec<usize> = Vec::with_capacity(depth + 1);
+        let mut floor = f32::NEG_INFINITY;
         for &c in pool {
-            if best.len() == depth && self.compare(scores, c, best[depth - 1]).is_ge() {
+            // `floor` is the score of the last of the best, once there are
+            // `depth` of them: a member below it cannot enter.
+            if scores[c] < floor
+                || (best.len() == depth && self.compare(scores, c, best[depth - 1]).is_ge())
+            {
                 continue;
             }
             let at = best.partition_point(|&b| self.compare(scores, b, c).is_lt());
             best.insert(at, c);
             best.truncate(depth);
+            if best.len() == depth {
+                floor = scores[best[depth - 1]];
+            }
         }
         best
     }
@@ -104,6 +127,12 @@ impl TrecOrder {
 /// Score every query against every candidate and call `visit(query, scores)`
 /// with the query's row of cosine scores (the vectors are L2-normalised),
 /// in parallel; the results come back in query order.
+///
+/// Each parallel task multiplies a block of queries by all candidates with
+/// a single-threaded `gemm` into its own buffer and visits those rows while
+/// they are still in cache. On the XQuAD-R pool this ran at 1.2x the speed
+/// of one multi-threaded product per block, and at twice the speed of
+/// burn's matmul (which copied the transposed candidates and the scores).
 pub fn for_each_query<T: Send>(
     queries: &Embeddings,
     candidates: &Embeddings,
@@ -116,37 +145,72 @@ pub fn for_each_query<T: Send>(
         candidates.dim
     );
     let (dim, n) = (queries.dim, candidates.ids.len());
-    let device = Default::default();
-    let candidate_matrix: Tensor<Flex, 2> = Tensor::from_data(
-        TensorData::new(candidates.vectors.clone(), [n, dim]),
-        &device,
-    )
-    .transpose();
-    // Blocks bound the score matrix held at once (block x candidates floats).
-    const BLOCK: usize = 1024;
-    let mut results = Vec::with_capacity(queries.ids.len());
-    for start in (0..queries.ids.len()).step_by(BLOCK) {
-        let end = (start + BLOCK).min(queries.ids.len());
-        let block: Tensor<Flex, 2> = Tensor::from_data(
-            TensorData::new(
-                queries.vectors[start * dim..end * dim].to_vec(),
-                [end - start, dim],
-            ),
-            &device,
-        );
-        let scores: Vec<f32> = block
-            .matmul(candidate_matrix.clone())
-            .into_data()
-            .to_vec()
-            .map_err(|e| anyhow::anyhow!("reading scores: {e:?}"))?;
-        results.par_extend(
-            scores
-                .par_chunks(n.max(1))
-                .enumerate()
-                .map(|(row, s)| visit(start + row, s)),
+    for (what, set) in [("query", queries), ("candidate", candidates)] {
+        anyhow::ensure!(
+            set.vectors.len() == set.ids.len() * dim,
+            "{} {what} vectors of {dim} floats need {} floats, found {}",
+            set.ids.len(),
+            set.ids.len() * dim,
+            set.vectors.len()
         );
     }
-    Ok(results)
+    if n == 0 || dim == 0 {
+        let zeros = vec![0.0f32; n];
+        return Ok((0..queries.ids.len())
+            .into_par_iter()
+            .map(|q| visit(q, &zeros))
+            .collect());
+    }
+    // 256 rows keep gemm at full speed; a huge corpus gets fewer, so that a
+    // task's scores stay within 64 MiB.
+    let rows_per_task = ((16usize << 20) / n).clamp(1, 256);
+    let per_task: Vec<Vec<T>> = queries
+        .vectors
+        .par_chunks(rows_per_task * dim)
+        .enumerate()
+        .map_init(Vec::new, |scores: &mut Vec<f32>, (task, block)| {
+            let rows = block.len() / dim;
+            scores.clear();
+            scores.reserve(rows * n);
+            // SAFETY: `scores` has room for `rows` x `n` floats (row stride
+            // n), `block` holds `rows` x `dim` (row stride dim), the
+            // candidates `n` x `dim`, read as their transpose `dim` x `n`
+            // (column stride dim); the lengths were checked above, and the
+            // buffer is this task's alone. With `read_dst` false gemm only
+            // writes `scores`, every one of its `rows * n` floats, so they
+            // are initialised when the length is set.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    block.as_ptr(),
+                    1,
+                    dim as isize,
+                    candidates.vectors.as_ptr(),
+                    dim as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                scores.set_len(rows * n);
+            }
+            scores
+                .chunks(n)
+                .enumerate()
+                .map(|(row, s)| visit(task * rows_per_task + row, s))
+                .collect()
+        })
+        .collect();
+    Ok(per_task.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
@@ -198,5 +262,55 @@ mod tests {
         for depth in [1, 10, 100] {
             assert_eq!(order.top(&scores, &pool, depth), sorted[..depth], "{depth}");
         }
+        let rank_of = |c: usize| 1 + sorted.iter().position(|&s| s == c).unwrap();
+        for relevant in [
+            vec![5usize],
+            vec![1999, 0, 1000],
+            (0..2000).step_by(97).collect(),
+        ] {
+            let expected: Vec<usize> = relevant.iter().map(|&c| rank_of(c)).collect();
+            assert_eq!(order.ranks(&scores, &pool, &relevant), expected);
+        }
+    }
+
+    #[test]
+    fn negative_zero_ties_with_zero() {
+        let ids: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let scores = [0.0f32, -0.0, 0.0];
+        let order = TrecOrder::new(&ids);
+        // All three tie, so the ids decide: c, b, a.
+        assert_eq!(order.top(&scores, &[0, 1, 2], 2), vec![2, 1]);
+        assert_eq!(order.ranks(&scores, &[0, 1, 2], &[0, 1, 2]), vec![3, 2, 1]);
+    }
+
+    #[test]
+    fn scores_are_the_dot_products_in_query_order() {
+        // More queries than one task takes, and a ragged last task.
+        let (queries, candidates, dim) = (601, 7, 5);
+        let set = |n: usize, salt: u64| Embeddings {
+            ids: (0..n).map(|i| format!("{salt}-{i}")).collect(),
+            langs: vec!["xx".into(); n],
+            dim,
+            vectors: (0..n * dim)
+                .map(|i| ((i as u64 * 2654435761 + salt) % 1000) as f32 / 500.0 - 1.0)
+                .collect(),
+        };
+        let (q, c) = (set(queries, 1), set(candidates, 2));
+        let rows = for_each_query(&q, &c, |i, scores| (i, scores.to_vec())).unwrap();
+        assert_eq!(rows.len(), queries);
+        for (i, (query, scores)) in rows.into_iter().enumerate() {
+            assert_eq!(query, i);
+            for (j, score) in scores.into_iter().enumerate() {
+                let dot: f32 = (0..dim)
+                    .map(|d| q.vectors[i * dim + d] * c.vectors[j * dim + d])
+                    .sum();
+                assert!((score - dot).abs() < 1e-5, "{i} {j}: {score} vs {dot}");
+            }
+        }
+        let none = set(0, 3);
+        assert_eq!(
+            for_each_query(&q, &none, |_, s| s.len()).unwrap(),
+            vec![0; queries]
+        );
     }
 }

@@ -232,6 +232,43 @@ impl<B: Backend> DecoderCache<B> {
     }
 }
 
+/// Where checkpoints keep the one embedding matrix that the encoder, the
+/// decoder and the output layer share, in order of preference: transformers
+/// saves it once as `model.shared.weight`, but some conversions on the hub
+/// kept only one of its tied copies.
+const SHARED_EMBEDDING_NAMES: [&str; 4] = [
+    "model.shared.weight",
+    "model.encoder.embed_tokens.weight",
+    "model.decoder.embed_tokens.weight",
+    "lm_head.weight",
+];
+
+/// The tensor names in a safetensors file, from its header (an 8-byte
+/// little-endian length, then that many bytes of JSON).
+fn safetensors_names(path: &Path) -> anyhow::Result<Vec<String>> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)
+        .with_context(|| format!("{}: not a safetensors file (too short)", path.display()))?;
+    let length = u64::from_le_bytes(length);
+    anyhow::ensure!(
+        length <= 100 << 20 && length <= file.metadata()?.len(),
+        "{}: not a safetensors file (header of {length} bytes)",
+        path.display()
+    );
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: unreadable safetensors header", path.display()))?;
+    Ok(header
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name != "__metadata__")
+        .collect())
+}
+
 impl<B: Backend> M2m100<B> {
     /// Load a Hugging Face folder (`config.json`, `model.safetensors`).
     pub fn load(dir: &Path, device: &B::Device) -> anyhow::Result<M2m100<B>> {
@@ -242,9 +279,25 @@ impl<B: Backend> M2m100<B> {
             "{} has no model.safetensors",
             dir.display()
         );
+        let names = safetensors_names(&weights_file)?;
+        let Some(embedding) = SHARED_EMBEDDING_NAMES
+            .iter()
+            .find(|name| names.iter().any(|n| n == *name))
+        else {
+            anyhow::bail!(
+                "{} has no embedding matrix (looked for {})",
+                weights_file.display(),
+                SHARED_EMBEDDING_NAMES.join(", ")
+            );
+        };
+        let mut patterns = vec![(
+            format!("^{}$", embedding.replace('.', r"\.")),
+            "shared.weight",
+        )];
+        patterns.push((r"^model\.".to_string(), ""));
         let mut weights = config.init::<B>(device);
         let mut store = SafetensorsStore::from_file(&weights_file)
-            .remap(KeyRemapper::from_patterns(vec![(r"^model\.", "")])?)
+            .remap(KeyRemapper::from_patterns(patterns)?)
             .with_from_adapter(PyTorchToBurnAdapter)
             .allow_partial(true);
         let result = weights
