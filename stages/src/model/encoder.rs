@@ -7,15 +7,13 @@
 //! numbers; `tests/model.rs` checks that against golden outputs.
 
 use burn::module::Module;
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig,
-};
-use burn::tensor::activation::{gelu, softmax};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::config::{EncoderConfig, Pooling};
+use super::cpu_kernels::{dropout, gelu};
 
 #[derive(Module, Debug)]
 pub struct Encoder<B: Backend> {
@@ -33,7 +31,8 @@ pub struct Embeddings<B: Backend> {
     pub position: Embedding<B>,
     pub token_type: Embedding<B>,
     pub norm: LayerNorm<B>,
-    pub dropout: Dropout,
+    /// Dropout probability (while training).
+    pub dropout: f64,
 }
 
 #[derive(Module, Debug)]
@@ -46,8 +45,10 @@ pub struct Layer<B: Backend> {
     pub intermediate: Linear<B>,
     pub output: Linear<B>,
     pub output_norm: LayerNorm<B>,
-    pub dropout: Dropout,
-    pub attention_dropout: Dropout,
+    /// Dropout probabilities (while training): after the dense layers, and
+    /// on the attention weights.
+    pub dropout: f64,
+    pub attention_dropout: f64,
     pub heads: usize,
 }
 
@@ -60,14 +61,13 @@ impl EncoderConfig {
                 .with_epsilon(self.layer_norm_eps)
                 .init(device)
         };
-        let dropout = || DropoutConfig::new(self.hidden_dropout_prob).init();
         Encoder {
             embeddings: Embeddings {
                 word: EmbeddingConfig::new(self.vocab_size, h).init(device),
                 position: EmbeddingConfig::new(self.max_position_embeddings, h).init(device),
                 token_type: EmbeddingConfig::new(self.type_vocab_size.max(1), h).init(device),
                 norm: norm(),
-                dropout: dropout(),
+                dropout: self.hidden_dropout_prob,
             },
             layers: (0..self.num_hidden_layers)
                 .map(|_| Layer {
@@ -79,8 +79,8 @@ impl EncoderConfig {
                     intermediate: LinearConfig::new(h, self.intermediate_size).init(device),
                     output: LinearConfig::new(self.intermediate_size, h).init(device),
                     output_norm: norm(),
-                    dropout: dropout(),
-                    attention_dropout: DropoutConfig::new(self.attention_probs_dropout_prob).init(),
+                    dropout: self.hidden_dropout_prob,
+                    attention_dropout: self.attention_probs_dropout_prob,
                     heads: self.num_attention_heads,
                 })
                 .collect(),
@@ -114,7 +114,7 @@ impl<B: Backend> Encoder<B> {
         let mut x = e.word.forward(input_ids)
             + e.position.forward(positions)
             + e.token_type.forward(token_types);
-        x = e.dropout.forward(e.norm.forward(x));
+        x = dropout(e.norm.forward(x), e.dropout);
         // Additive mask: 0 where attended, the most negative f32 elsewhere.
         let bias = (mask.float().neg() + 1.0)
             .mul_scalar(f32::MIN)
@@ -150,17 +150,17 @@ impl<B: Backend> Layer<B> {
             .matmul(k.swap_dims(2, 3))
             .div_scalar((head_dim as f64).sqrt())
             + bias;
-        let probs = self.attention_dropout.forward(softmax(scores, 3));
+        let probs = dropout(softmax(scores, 3), self.attention_dropout);
         let context = probs
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch * seq, hidden]);
         let attended = self
             .attention_norm
-            .forward(self.dropout.forward(self.attention_out.forward(context)) + tokens);
+            .forward(dropout(self.attention_out.forward(context), self.dropout) + tokens);
         let inner = gelu(self.intermediate.forward(attended.clone()));
         self.output_norm
-            .forward(self.dropout.forward(self.output.forward(inner)) + attended)
+            .forward(dropout(self.output.forward(inner), self.dropout) + attended)
             .reshape([batch, seq, hidden])
     }
 }

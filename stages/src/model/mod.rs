@@ -3,6 +3,7 @@
 //! `tokenizer.json`).
 
 pub mod config;
+pub mod cpu_kernels;
 pub mod device;
 pub mod encoder;
 pub mod load;
