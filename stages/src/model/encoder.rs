@@ -116,9 +116,14 @@ impl<B: Backend> Encoder<B> {
             + e.token_type.forward(token_types);
         x = dropout(e.norm.forward(x), e.dropout);
         // Additive mask: 0 where attended, the most negative f32 elsewhere.
-        let bias = (mask.float().neg() + 1.0)
-            .mul_scalar(f32::MIN)
-            .reshape([batch, 1, 1, seq]);
+        // Spelled out to the scores' full shape once, here: every layer adds
+        // it, and a broadcasting add walks strided indices on the CPU (4% of
+        // a training step), where a same-shape add runs vectorised.
+        let heads = self.layers.first().map_or(1, |l| l.heads);
+        let bias = Tensor::<B, 4>::zeros([batch, heads, seq, seq], &device)
+            + (mask.float().neg() + 1.0)
+                .mul_scalar(f32::MIN)
+                .reshape([batch, 1, 1, seq]);
         for layer in &self.layers {
             x = layer.forward(x, bias.clone());
         }
@@ -143,13 +148,17 @@ impl<B: Backend> Layer<B> {
             t.reshape([batch, seq, self.heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = split(self.query.forward(tokens.clone()));
+        // Queries are scaled by 1 / sqrt(head_dim) before the product rather
+        // than the scores after it: the same up to rounding, on a tensor
+        // seq / head_dim times smaller.
+        let q = split(
+            self.query
+                .forward(tokens.clone())
+                .div_scalar((head_dim as f64).sqrt()),
+        );
         let k = split(self.key.forward(tokens.clone()));
         let v = split(self.value.forward(tokens.clone()));
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .div_scalar((head_dim as f64).sqrt())
-            + bias;
+        let scores = q.matmul(k.swap_dims(2, 3)) + bias;
         let probs = dropout(softmax(scores, 3), self.attention_dropout);
         let context = probs
             .matmul(v)
