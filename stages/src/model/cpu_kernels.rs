@@ -13,9 +13,9 @@
 //! GELU: exact-erf GELU forward and backward took 10% of an mE5-small step
 //! on the CPU, in one-threaded libm `erff`. Here the values and the
 //! derivative are computed in parallel on the host, and the result is
-//! built from them as `gelu(x) + (x - x) * gelu'(x)`, with the first and
-//! last terms and the subtracted `x` constants: the value is exactly
-//! gelu(x), and autodiff sees a gradient of exactly gelu'(x).
+//! built from them as `gelu(x) + (x - detached x) * gelu'(x)`, the first
+//! and last terms constants: the value is exactly gelu(x), and autodiff
+//! sees a gradient of exactly gelu'(x).
 
 use std::any::TypeId;
 
@@ -67,32 +67,27 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     }
     let device = x.device();
     let shape = x.shape();
-    let values: Vec<f32> = x.clone().into_data().into_vec().expect("f32 tensor data");
+    let mut values: Vec<f32> = x.clone().into_data().into_vec().expect("f32 tensor data");
     let tensor =
         |v: Vec<f32>| Tensor::<B, D>::from_data(TensorData::new(v, shape.clone()), &device);
-    let mut value = vec![0.0f32; values.len()];
     if !B::ad_enabled(&device) {
-        value
-            .par_chunks_mut(CHUNK)
-            .zip(values.par_chunks(CHUNK))
-            .for_each(|(out, x)| {
-                out.iter_mut()
-                    .zip(x)
-                    .for_each(|(o, &x)| *o = gelu_and_slope(x).0)
-            });
-        return tensor(value);
-    }
-    let mut slope = vec![0.0f32; values.len()];
-    value
-        .par_chunks_mut(CHUNK)
-        .zip(slope.par_chunks_mut(CHUNK))
-        .zip(values.par_chunks(CHUNK))
-        .for_each(|((value, slope), x)| {
-            for ((v, s), &x) in value.iter_mut().zip(slope.iter_mut()).zip(x) {
-                (*v, *s) = gelu_and_slope(x);
+        values.par_chunks_mut(CHUNK).for_each(|chunk| {
+            for v in chunk {
+                *v = gelu_and_slope(*v).0;
             }
         });
-    tensor(value) + (x - tensor(values)) * tensor(slope)
+        return tensor(values);
+    }
+    let mut slope = vec![0.0f32; values.len()];
+    values
+        .par_chunks_mut(CHUNK)
+        .zip(slope.par_chunks_mut(CHUNK))
+        .for_each(|(values, slope)| {
+            for (v, s) in values.iter_mut().zip(slope.iter_mut()) {
+                (*v, *s) = gelu_and_slope(*v);
+            }
+        });
+    tensor(values) + (x.clone() - x.detach()) * tensor(slope)
 }
 
 /// gelu(x) = x Phi(x) and its derivative Phi(x) + x phi(x).
