@@ -26,7 +26,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{load_encoder, DeviceChoice, Pooling, TextTokenizer};
+use crate::model::{load_encoder, DeviceChoice, OnBackend, Pooling, TextTokenizer};
 use crate::table::{read_parquet, string_column, strings, write_parquet};
 use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
@@ -120,17 +120,20 @@ impl Stage for EncodeStage {
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
         let p: EncodeParams = from_canonical(params)?;
-        match p.device.resolved() {
-            DeviceChoice::Cpu | DeviceChoice::Auto => {
-                encode::<burn::backend::Flex>(&p, ctx, Default::default())
-            }
-            #[cfg(feature = "cuda")]
-            DeviceChoice::Cuda => {
-                encode::<burn::backend::Cuda>(&p, ctx, DeviceChoice::cuda_device(ctx)?)
-            }
-            #[cfg(not(feature = "cuda"))]
-            DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),
-        }
+        p.device.run(ctx, Encoding { p: &p, ctx })
+    }
+}
+
+/// An encode stage's run, for [`DeviceChoice::run`].
+struct Encoding<'a> {
+    p: &'a EncodeParams,
+    ctx: &'a StageContext,
+}
+
+impl OnBackend for Encoding<'_> {
+    type Output = ();
+    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        encode::<B>(self.p, self.ctx, device)
     }
 }
 

@@ -41,7 +41,7 @@ use std::process::{Command, Stdio};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::model::DeviceChoice;
+use crate::model::{DeviceChoice, OnBackend};
 use crate::nmt::{EarlyStopping, GenerationConfig, NeuralTranslator};
 use crate::qa_pairs::Unit;
 use crate::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
@@ -280,29 +280,17 @@ impl Stage for TranslateStage {
                     );
                     rows
                 }
-                LangSpec::Nllb { device, .. } => match device.resolved() {
-                    DeviceChoice::Cpu | DeviceChoice::Auto => nllb::<burn::backend::Flex>(
+                LangSpec::Nllb { device, .. } => device.run(
+                    ctx,
+                    NllbTranslation {
                         spec,
-                        &code,
-                        &english,
-                        p.batch,
+                        lang: &code,
+                        english: &english,
+                        batch: p.batch,
                         ctx,
-                        &mut report,
-                        Default::default(),
-                    )?,
-                    #[cfg(feature = "cuda")]
-                    DeviceChoice::Cuda => nllb::<burn::backend::Cuda>(
-                        spec,
-                        &code,
-                        &english,
-                        p.batch,
-                        ctx,
-                        &mut report,
-                        DeviceChoice::cuda_device(ctx)?,
-                    )?,
-                    #[cfg(not(feature = "cuda"))]
-                    DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),
-                },
+                        report: &mut report,
+                    },
+                )?,
             };
             let missing = rows.iter().filter(|r| r.is_none()).count();
             report.count(format!("untranslatable.{code}"), missing);
@@ -419,55 +407,71 @@ fn precomputed(
     anyhow::bail!("no `precomputed` input has language `{lang}`")
 }
 
-/// The `nllb` backend: load the model once, then translate what the memory lacks.
-fn nllb<B: burn::tensor::backend::Backend>(
-    spec: &LangSpec,
-    lang: &str,
-    english: &English,
+/// The `nllb` backend for one language, for [`DeviceChoice::run`]: load the
+/// model once, then translate what the memory lacks.
+struct NllbTranslation<'a> {
+    spec: &'a LangSpec,
+    lang: &'a str,
+    english: &'a English,
     batch: usize,
-    ctx: &StageContext,
-    report: &mut ReadReport,
-    device: B::Device,
-) -> anyhow::Result<Vec<Option<[String; 3]>>> {
-    let LangSpec::Nllb {
-        code,
-        source,
-        beams,
-        max_length,
-        length_penalty,
-        batch_size,
-        ..
-    } = spec
-    else {
-        unreachable!("called for nllb languages only")
-    };
-    let model = match ctx.inputs("nmt_model") {
-        [one] => one,
-        _ => anyhow::bail!("the nllb backend needs one `nmt_model` input"),
-    };
-    let generation = GenerationConfig {
-        beams: *beams,
-        max_length: *max_length,
-        length_penalty: *length_penalty,
-        early_stopping: EarlyStopping::Heuristic,
-    };
-    let target = code.as_deref().unwrap_or(lang);
-    let translator = NeuralTranslator::<B>::load(
-        &model.path,
-        source,
-        target,
-        generation,
-        *batch_size,
-        &device,
-    )?;
-    let mut engine = NllbEngine {
-        translator,
-        identity: format!(
-            "nllb model={} source={source} target={target} beams={beams} max_length={max_length} length_penalty={length_penalty}",
-            model.hash
-        ),
-    };
-    with_memory(&mut engine, lang, english, batch, ctx, report)
+    ctx: &'a StageContext,
+    report: &'a mut ReadReport,
+}
+
+impl OnBackend for NllbTranslation<'_> {
+    type Output = Vec<Option<[String; 3]>>;
+    fn run<B: burn::tensor::backend::Backend>(
+        self,
+        device: B::Device,
+    ) -> anyhow::Result<Self::Output> {
+        let NllbTranslation {
+            spec,
+            lang,
+            english,
+            batch,
+            ctx,
+            report,
+        } = self;
+        let LangSpec::Nllb {
+            code,
+            source,
+            beams,
+            max_length,
+            length_penalty,
+            batch_size,
+            ..
+        } = spec
+        else {
+            unreachable!("called for nllb languages only")
+        };
+        let model = match ctx.inputs("nmt_model") {
+            [one] => one,
+            _ => anyhow::bail!("the nllb backend needs one `nmt_model` input"),
+        };
+        let generation = GenerationConfig {
+            beams: *beams,
+            max_length: *max_length,
+            length_penalty: *length_penalty,
+            early_stopping: EarlyStopping::Heuristic,
+        };
+        let target = code.as_deref().unwrap_or(lang);
+        let translator = NeuralTranslator::<B>::load(
+            &model.path,
+            source,
+            target,
+            generation,
+            *batch_size,
+            &device,
+        )?;
+        let mut engine = NllbEngine {
+            translator,
+            identity: format!(
+                "nllb model={} source={source} target={target} beams={beams} max_length={max_length} length_penalty={length_penalty}",
+                model.hash
+            ),
+        };
+        with_memory(&mut engine, lang, english, batch, ctx, report)
+    }
 }
 
 struct NllbEngine<B: burn::tensor::backend::Backend> {

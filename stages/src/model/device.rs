@@ -51,12 +51,31 @@ impl DeviceChoice {
         }
     }
 
+    /// Run `work` on burn's CPU backend, or on CUDA (the GPU the engine
+    /// granted) in a build with it.
+    pub fn run<W: OnBackend>(
+        self,
+        ctx: &crate::StageContext,
+        work: W,
+    ) -> anyhow::Result<W::Output> {
+        match self.resolved() {
+            DeviceChoice::Cpu | DeviceChoice::Auto => {
+                work.run::<burn::backend::Flex>(Default::default())
+            }
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda => work.run::<burn::backend::Cuda>(Self::cuda_device(ctx)?),
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda => {
+                let _ = ctx;
+                anyhow::bail!("this xlpipe was built without CUDA")
+            }
+        }
+    }
+
     /// The GPU the engine granted this instance, once a probe shows that a
     /// CUDA driver works: without one, burn panics on a device thread.
     #[cfg(feature = "cuda")]
-    pub fn cuda_device(
-        ctx: &crate::StageContext,
-    ) -> anyhow::Result<burn::backend::cuda::CudaDevice> {
+    fn cuda_device(ctx: &crate::StageContext) -> anyhow::Result<burn::backend::cuda::CudaDevice> {
         use burn::backend::cuda::CudaDevice;
         use burn::backend::Cuda;
         let probe = std::panic::catch_unwind(|| {
@@ -75,6 +94,17 @@ impl DeviceChoice {
             .unwrap_or(0);
         Ok(CudaDevice::new(index as usize))
     }
+}
+
+/// Work that a stage runs on whichever burn backend its `device` param
+/// names (see [`DeviceChoice::run`]); a training stage wraps the backend in
+/// `Autodiff` itself.
+pub trait OnBackend {
+    type Output;
+    fn run<B: burn::tensor::backend::Backend>(
+        self,
+        device: B::Device,
+    ) -> anyhow::Result<Self::Output>;
 }
 
 /// The NVIDIA driver's control device: present where a GPU can be used.

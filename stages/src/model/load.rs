@@ -6,11 +6,12 @@
 //! weights and renames LayerNorm `weight`/`bias` to `gamma`/`beta`. Loading
 //! insists that every encoder tensor was found.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::store::{
-    BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+    ApplyResult, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter,
+    SafetensorsStore,
 };
 use burn::tensor::backend::Backend;
 
@@ -101,25 +102,32 @@ fn unused_is_fine(name: &str) -> bool {
         || name.starts_with("cls.")
 }
 
-/// Load the encoder of a Hugging Face model folder.
-pub fn load_encoder<B: Backend>(
-    dir: &Path,
-    pooling: Pooling,
-    device: &B::Device,
-) -> anyhow::Result<Encoder<B>> {
-    let config = EncoderConfig::from_file(&dir.join("config.json"), pooling)?;
-    let mut encoder = config.init::<B>(device);
+/// The `model.safetensors` of a Hugging Face model folder.
+pub fn safetensors_file(dir: &Path) -> anyhow::Result<PathBuf> {
     let weights = dir.join("model.safetensors");
     anyhow::ensure!(
         weights.is_file(),
         "{} has no model.safetensors",
         dir.display()
     );
-    let mut store = SafetensorsStore::from_file(&weights)
-        .remap(KeyRemapper::from_patterns(HF_TO_BURN.to_vec())?)
+    Ok(weights)
+}
+
+/// Load the tensors of a Hugging Face safetensors file into `module`, their
+/// names mapped by `names`. Every tensor the module has must be found (an
+/// error lists those that were not, naming the module as `what`); the
+/// result tells which of the file's tensors went unused.
+pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    weights: &Path,
+    names: KeyRemapper,
+    what: &str,
+) -> anyhow::Result<ApplyResult> {
+    let mut store = SafetensorsStore::from_file(weights)
+        .remap(names)
         .with_from_adapter(PyTorchToBurnAdapter)
         .allow_partial(true);
-    let result = encoder
+    let result = module
         .load_from(&mut store)
         .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", weights.display()))?;
     anyhow::ensure!(
@@ -130,10 +138,28 @@ pub fn load_encoder<B: Backend>(
     );
     anyhow::ensure!(
         result.missing.is_empty(),
-        "{} lacks encoder tensors: {:?}",
+        "{} lacks {what} tensors: {:?}",
         weights.display(),
         result.missing.iter().map(|(p, _)| p).collect::<Vec<_>>()
     );
+    Ok(result)
+}
+
+/// Load the encoder of a Hugging Face model folder.
+pub fn load_encoder<B: Backend>(
+    dir: &Path,
+    pooling: Pooling,
+    device: &B::Device,
+) -> anyhow::Result<Encoder<B>> {
+    let config = EncoderConfig::from_file(&dir.join("config.json"), pooling)?;
+    let mut encoder = config.init::<B>(device);
+    let weights = safetensors_file(dir)?;
+    let result = load_safetensors(
+        &mut encoder,
+        &weights,
+        KeyRemapper::from_patterns(HF_TO_BURN.to_vec())?,
+        "encoder",
+    )?;
     // burn-store finds LayerNorm gamma/beta under their PyTorch names but
     // still lists those names as unused: they were used if the twin applied.
     let applied_as = |name: &str| {

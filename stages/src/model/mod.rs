@@ -10,7 +10,7 @@ pub mod load;
 pub mod tokenize;
 
 pub use config::{EncoderConfig, Pooling};
-pub use device::DeviceChoice;
+pub use device::{DeviceChoice, OnBackend};
 pub use encoder::Encoder;
 pub use load::{load_encoder, save_encoder};
 pub use tokenize::{TextTokenizer, TokenBatch};

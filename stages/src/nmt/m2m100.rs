@@ -14,11 +14,13 @@ use std::path::Path;
 use anyhow::Context;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::store::{KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::store::KeyRemapper;
 use burn::tensor::activation::{gelu, relu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
+
+use crate::model::load::{load_safetensors, safetensors_file};
 
 /// The fields of an M2M100 / NLLB `config.json` the model uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -273,12 +275,7 @@ impl<B: Backend> M2m100<B> {
     /// Load a Hugging Face folder (`config.json`, `model.safetensors`).
     pub fn load(dir: &Path, device: &B::Device) -> anyhow::Result<M2m100<B>> {
         let config = M2m100Config::from_file(&dir.join("config.json"))?;
-        let weights_file = dir.join("model.safetensors");
-        anyhow::ensure!(
-            weights_file.is_file(),
-            "{} has no model.safetensors",
-            dir.display()
-        );
+        let weights_file = safetensors_file(dir)?;
         let names = safetensors_names(&weights_file)?;
         let Some(embedding) = SHARED_EMBEDDING_NAMES
             .iter()
@@ -290,31 +287,20 @@ impl<B: Backend> M2m100<B> {
                 SHARED_EMBEDDING_NAMES.join(", ")
             );
         };
-        let mut patterns = vec![(
-            format!("^{}$", embedding.replace('.', r"\.")),
-            "shared.weight",
-        )];
-        patterns.push((r"^model\.".to_string(), ""));
+        let patterns = vec![
+            (
+                format!("^{}$", embedding.replace('.', r"\.")),
+                "shared.weight",
+            ),
+            (r"^model\.".to_string(), ""),
+        ];
         let mut weights = config.init::<B>(device);
-        let mut store = SafetensorsStore::from_file(&weights_file)
-            .remap(KeyRemapper::from_patterns(patterns)?)
-            .with_from_adapter(PyTorchToBurnAdapter)
-            .allow_partial(true);
-        let result = weights
-            .load_from(&mut store)
-            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", weights_file.display()))?;
-        anyhow::ensure!(
-            result.errors.is_empty(),
-            "loading {}: {:?}",
-            weights_file.display(),
-            result.errors
-        );
-        anyhow::ensure!(
-            result.missing.is_empty(),
-            "{} lacks M2M100 tensors: {:?}",
-            weights_file.display(),
-            result.missing.iter().map(|(p, _)| p).collect::<Vec<_>>()
-        );
+        load_safetensors(
+            &mut weights,
+            &weights_file,
+            KeyRemapper::from_patterns(patterns)?,
+            "M2M100",
+        )?;
         Ok(M2m100 {
             weights,
             config,

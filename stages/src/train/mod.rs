@@ -46,7 +46,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::content::copy_tree;
 use crate::model::{
-    load_encoder, save_encoder, DeviceChoice, Encoder, EncoderConfig, Pooling, TextTokenizer,
+    load_encoder, save_encoder, DeviceChoice, Encoder, EncoderConfig, OnBackend, Pooling,
+    TextTokenizer,
 };
 use crate::table::{read_parquet, strings, write_parquet};
 use crate::{
@@ -240,19 +241,21 @@ impl Stage for TrainStage {
 
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
         let p: TrainParams = from_canonical(params)?;
-        match p.device.resolved() {
-            DeviceChoice::Cpu | DeviceChoice::Auto => {
-                train::<burn::backend::Autodiff<burn::backend::Flex>>(&p, ctx, Default::default())
-            }
-            #[cfg(feature = "cuda")]
-            DeviceChoice::Cuda => train::<burn::backend::Autodiff<burn::backend::Cuda>>(
-                &p,
-                ctx,
-                DeviceChoice::cuda_device(ctx)?,
-            ),
-            #[cfg(not(feature = "cuda"))]
-            DeviceChoice::Cuda => anyhow::bail!("this xlpipe was built without CUDA"),
-        }
+        p.device.run(ctx, Training { p: &p, ctx })
+    }
+}
+
+/// A train stage's run, for [`DeviceChoice::run`]: on the backend it is
+/// given, with autodiff.
+struct Training<'a> {
+    p: &'a TrainParams,
+    ctx: &'a StageContext,
+}
+
+impl OnBackend for Training<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        train::<burn::backend::Autodiff<B>>(self.p, self.ctx, device)
     }
 }
 
