@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
+use burn::tensor::Tensor;
 use common::{floats, max_abs_diff};
 use serde_json::Value;
 use xlpipe_stages::nmt::{generate, EarlyStopping, GenerationConfig, M2m100, NeuralTranslator};
@@ -34,6 +35,11 @@ fn rows(v: &Value) -> Vec<Vec<i64>> {
         .collect()
 }
 
+/// A tensor's values as f32.
+fn values<const D: usize>(tensor: Tensor<Flex, D>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().into_vec().unwrap()
+}
+
 /// Sources without their right padding.
 fn sources(golden: &Value) -> Vec<Vec<i64>> {
     let ids = rows(&golden["input_ids"]);
@@ -55,13 +61,7 @@ fn encoder_states_and_logits_match_transformers() {
     let golden = golden();
     let model = M2m100::<Flex>::load(&fixture(), &Default::default()).unwrap();
     let encoded = model.encode(&sources(&golden));
-    let hidden: Vec<f32> = encoded
-        .hidden
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .unwrap();
+    let hidden = values(encoded.hidden.clone());
     // Padded positions differ by design (transformers computes them too);
     // compare real tokens only.
     let mask = rows(&golden["attention_mask"]);
@@ -84,12 +84,7 @@ fn encoder_states_and_logits_match_transformers() {
     let targets = rows(&golden["decoder_input_ids"]);
     let expected = floats(&golden["logits"]);
     let mut cache = model.start_cache(&encoded);
-    let logits: Vec<f32> = model
-        .decode(&targets, &encoded, &mut cache, false)
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .unwrap();
+    let logits = values(model.decode(&targets, &encoded, &mut cache, false));
     let worst = max_abs_diff(&logits, &expected);
     assert!(worst < 1e-4, "logits differ by {worst}");
 
@@ -98,12 +93,7 @@ fn encoder_states_and_logits_match_transformers() {
     let mut cache = model.start_cache(&encoded);
     for t in 0..targets[1].len() {
         let step: Vec<Vec<i64>> = targets.iter().map(|r| vec![r[t]]).collect();
-        let out: Vec<f32> = model
-            .decode(&step, &encoded, &mut cache, true)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap();
+        let out = values(model.decode(&step, &encoded, &mut cache, true));
         // Row 1 has no padding: its incremental logits equal the full pass.
         let width = targets[1].len();
         let at = (width + t) * vocab;
@@ -214,15 +204,7 @@ fn fixture_with_embedding_named(name: &str) -> tempfile::TempDir {
 fn embedding_matrix_found_under_its_tied_names() {
     let golden = golden();
     let device = Default::default();
-    let hidden = |model: &M2m100<Flex>| -> Vec<f32> {
-        model
-            .encode(&sources(&golden))
-            .hidden
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap()
-    };
+    let hidden = |model: &M2m100<Flex>| values(model.encode(&sources(&golden)).hidden);
     let reference = hidden(&M2m100::<Flex>::load(&fixture(), &device).unwrap());
     for name in [
         "model.encoder.embed_tokens.weight",
