@@ -8,12 +8,11 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::config::{EncoderConfig, Pooling};
-use super::cpu_kernels::{dropout, gelu};
+use super::cpu_kernels::{dropout, gelu, layer_norm, linear, self_attention, Heads};
 
 #[derive(Module, Debug)]
 pub struct Encoder<B: Backend> {
@@ -31,6 +30,8 @@ pub struct Embeddings<B: Backend> {
     pub position: Embedding<B>,
     pub token_type: Embedding<B>,
     pub norm: LayerNorm<B>,
+    /// The norm's epsilon (burn's `LayerNorm` keeps its own private).
+    pub norm_epsilon: f64,
     /// Dropout probability (while training).
     pub dropout: f64,
 }
@@ -45,6 +46,8 @@ pub struct Layer<B: Backend> {
     pub intermediate: Linear<B>,
     pub output: Linear<B>,
     pub output_norm: LayerNorm<B>,
+    /// The norms' epsilon (burn's `LayerNorm` keeps its own private).
+    pub norm_epsilon: f64,
     /// Dropout probabilities (while training): after the dense layers, and
     /// on the attention weights.
     pub dropout: f64,
@@ -67,6 +70,7 @@ impl EncoderConfig {
                 position: EmbeddingConfig::new(self.max_position_embeddings, h).init(device),
                 token_type: EmbeddingConfig::new(self.type_vocab_size.max(1), h).init(device),
                 norm: norm(),
+                norm_epsilon: self.layer_norm_eps,
                 dropout: self.hidden_dropout_prob,
             },
             layers: (0..self.num_hidden_layers)
@@ -79,6 +83,7 @@ impl EncoderConfig {
                     intermediate: LinearConfig::new(h, self.intermediate_size).init(device),
                     output: LinearConfig::new(self.intermediate_size, h).init(device),
                     output_norm: norm(),
+                    norm_epsilon: self.layer_norm_eps,
                     dropout: self.hidden_dropout_prob,
                     attention_dropout: self.attention_probs_dropout_prob,
                     heads: self.num_attention_heads,
@@ -111,21 +116,16 @@ impl<B: Backend> Encoder<B> {
         };
         let token_types = Tensor::<B, 2, Int>::zeros([batch, seq], &device);
         let e = &self.embeddings;
-        let mut x = e.word.forward(input_ids)
+        let x = e.word.forward(input_ids)
             + e.position.forward(positions)
             + e.token_type.forward(token_types);
-        x = dropout(e.norm.forward(x), e.dropout);
-        // Additive mask: 0 where attended, the most negative f32 elsewhere.
-        // Spelled out to the scores' full shape once, here: every layer adds
-        // it, and a broadcasting add walks strided indices on the CPU (4% of
-        // a training step), where a same-shape add runs vectorised.
-        let heads = self.layers.first().map_or(1, |l| l.heads);
-        let bias = Tensor::<B, 4>::zeros([batch, heads, seq, seq], &device)
-            + (mask.float().neg() + 1.0)
-                .mul_scalar(f32::MIN)
-                .reshape([batch, 1, 1, seq]);
+        let hidden = x.dims()[2];
+        let x = layer_norm(&e.norm, e.norm_epsilon, x.reshape([batch * seq, hidden]));
+        let mut x = dropout(x, e.dropout).reshape([batch, seq, hidden]);
+        // Additive key mask: 0 on tokens, the most negative f32 on padding.
+        let key_bias = (mask.float().neg() + 1.0).mul_scalar(f32::MIN);
         for layer in &self.layers {
-            x = layer.forward(x, bias.clone());
+            x = layer.forward(x, key_bias.clone());
         }
         x
     }
@@ -138,40 +138,51 @@ impl<B: Backend> Encoder<B> {
 }
 
 impl<B: Backend> Layer<B> {
-    fn forward(&self, x: Tensor<B, 3>, bias: Tensor<B, 4>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, key_bias: Tensor<B, 2>) -> Tensor<B, 3> {
         let [batch, seq, hidden] = x.dims();
-        let head_dim = hidden / self.heads;
         // The dense layers see one [batch * seq, hidden] matrix: one large
         // matrix product instead of a small one per sequence.
         let tokens = x.reshape([batch * seq, hidden]);
-        let split = |t: Tensor<B, 2>| {
-            t.reshape([batch, seq, self.heads, head_dim])
-                .swap_dims(1, 2)
+        // Queries, keys and values from one product with the three weight
+        // matrices side by side: one pass over the tokens, and one gradient
+        // for them instead of three to add up.
+        let parts = [&self.query, &self.key, &self.value];
+        let weight = Tensor::cat(parts.iter().map(|l| l.weight.val()).collect(), 1);
+        let bias = Tensor::cat(parts.iter().map(|l| bias(l)).collect(), 0);
+        let qkv = linear(tokens.clone(), weight, bias);
+        let shape = Heads {
+            batch,
+            seq,
+            heads: self.heads,
+            head_dim: hidden / self.heads,
         };
-        // Queries are scaled by 1 / sqrt(head_dim) before the product rather
-        // than the scores after it: the same up to rounding, on a tensor
-        // seq / head_dim times smaller.
-        let q = split(
-            self.query
-                .forward(tokens.clone())
-                .div_scalar((head_dim as f64).sqrt()),
+        let context = self_attention(qkv, key_bias, shape, self.attention_dropout);
+        let attended = layer_norm(
+            &self.attention_norm,
+            self.norm_epsilon,
+            dropout(dense(&self.attention_out, context), self.dropout) + tokens,
         );
-        let k = split(self.key.forward(tokens.clone()));
-        let v = split(self.value.forward(tokens.clone()));
-        let scores = q.matmul(k.swap_dims(2, 3)) + bias;
-        let probs = dropout(softmax(scores, 3), self.attention_dropout);
-        let context = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch * seq, hidden]);
-        let attended = self
-            .attention_norm
-            .forward(dropout(self.attention_out.forward(context), self.dropout) + tokens);
-        let inner = gelu(self.intermediate.forward(attended.clone()));
-        self.output_norm
-            .forward(dropout(self.output.forward(inner), self.dropout) + attended)
-            .reshape([batch, seq, hidden])
+        let inner = gelu(dense(&self.intermediate, attended.clone()));
+        layer_norm(
+            &self.output_norm,
+            self.norm_epsilon,
+            dropout(dense(&self.output, inner), self.dropout) + attended,
+        )
+        .reshape([batch, seq, hidden])
     }
+}
+
+/// A dense layer's bias, zeros where it has none.
+fn bias<B: Backend>(layer: &Linear<B>) -> Tensor<B, 1> {
+    match &layer.bias {
+        Some(bias) => bias.val(),
+        None => Tensor::zeros([layer.weight.dims()[1]], &layer.weight.device()),
+    }
+}
+
+/// `layer` applied to rows of `x`.
+fn dense<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    linear(x, layer.weight.val(), bias(layer))
 }
 
 /// Mean over real tokens, or the first token's state.

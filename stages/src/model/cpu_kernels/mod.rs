@@ -1,0 +1,121 @@
+//! The encoder's operations on burn's CPU backend, forward and, under
+//! autodiff, backward, as parallel host loops and direct matrix products;
+//! burn's own kernels on every other backend.
+//!
+//! Why: under the CPU backend burn runs element-wise operations on the
+//! calling thread while the other cores wait, spells softmax, layer norm
+//! and GELU out in a dozen tracked whole-tensor passes each, and builds
+//! every product's output through a zeroed buffer that it then copies. At
+//! the start this was over half of an mE5-small training step. Each
+//! operation here is one autodiff node (burn-autodiff's `Backward`) whose
+//! forward and backward passes run on all cores:
+//!
+//! - `linear`: `x W + b`, the product accumulating onto the bias rows;
+//! - `self_attention`: per (sequence, head) task, scores, mask, softmax,
+//!   dropout and context in cache, from the fused QKV projection;
+//! - `layer_norm`: one sweep over the rows each way;
+//! - `dropout`, `gelu`: element-wise, the backward pass a product with the
+//!   saved slope. Dropout's mask is drawn from SplitMix64 streams, one per
+//!   chunk, seeded from the backend's generator (runs stay reproducible
+//!   under `Backend::seed`, for any thread count); GELU's erf is Eigen's
+//!   rational approximation, which vectorises.
+//!
+//! Sums across rows (bias, gamma and beta gradients) add fixed blocks in a
+//! fixed order, so results do not depend on the thread count. Each
+//! module's tests check value and gradients against burn's own operations.
+
+mod attention;
+mod layer_norm;
+mod linear;
+mod pointwise;
+
+pub use attention::{self_attention, Heads};
+pub use layer_norm::layer_norm;
+pub use linear::linear;
+pub use pointwise::{dropout, gelu};
+
+use std::any::{Any, TypeId};
+use std::borrow::Cow;
+use std::marker::PhantomData;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
+
+/// A tensor of burn's CPU backend under autodiff.
+type TrackedTensor = burn::tensor::ops::FloatTensor<Autodiff<Flex>>;
+
+/// Where a tensor lives: burn's CPU backend, plain or under autodiff (f32
+/// only), or elsewhere.
+enum OnCpu<B: Backend, const D: usize> {
+    Plain(FlexTensor, Back<B>),
+    Tracked(TrackedTensor, Back<B>),
+    Elsewhere(Tensor<B, D>),
+}
+
+/// Turns a result of the CPU path back into a tensor of `B`.
+struct Back<B>(PhantomData<B>);
+
+impl<B: Backend> Back<B> {
+    /// `primitive` is `B`'s float primitive (`on_cpu` checked `B`).
+    fn wrap<T: 'static, const D: usize>(&self, primitive: T) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(cast(primitive)))
+    }
+}
+
+fn on_cpu<B: Backend, const D: usize>(x: Tensor<B, D>) -> OnCpu<B, D> {
+    let backend = TypeId::of::<B>();
+    if x.dtype() != DType::F32 {
+        OnCpu::Elsewhere(x)
+    } else if backend == TypeId::of::<Flex>() {
+        OnCpu::Plain(cast(x.into_primitive().tensor()), Back(PhantomData))
+    } else if backend == TypeId::of::<Autodiff<Flex>>() {
+        OnCpu::Tracked(cast(x.into_primitive().tensor()), Back(PhantomData))
+    } else {
+        OnCpu::Elsewhere(x)
+    }
+}
+
+/// `value` as the type it is (checked by the callers through `TypeId`).
+fn cast<T: 'static, U: 'static>(value: T) -> U {
+    *(Box::new(value) as Box<dyn Any>)
+        .downcast::<U>()
+        .unwrap_or_else(|_| unreachable!("the backend's type was checked"))
+}
+
+/// The values of a CPU tensor in row-major order, copied only when its
+/// layout is not already that.
+fn flex_values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(values) => Cow::Borrowed(values),
+        None => Cow::Owned(
+            t.to_contiguous()
+                .into_data()
+                .into_vec()
+                .expect("f32 tensor"),
+        ),
+    }
+}
+
+fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// Held by the tests that draw from the backend's generator (dropout
+/// seeds), which is shared by all the tests running at the same time.
+#[cfg(test)]
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Inputs for the kernels' tests, drawn on the host (see `GENERATOR`).
+#[cfg(test)]
+fn test_tensor<B: Backend, const D: usize>(
+    dims: [usize; D],
+    seed: u64,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let mut rng = crate::train::sampler::SplitMix64(seed);
+    let n = dims.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
+    Tensor::from_data(TensorData::new(values, dims), device)
+}
