@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use super::config::{EncoderConfig, Pooling};
-use super::cpu_kernels::{dropout, gelu, layer_norm, linear, self_attention, Heads};
+use super::cpu_kernels::{dropout, embedding, gelu, layer_norm, linear, self_attention, Heads};
 
 #[derive(Module, Debug)]
 pub struct Encoder<B: Backend> {
@@ -116,7 +116,7 @@ impl<B: Backend> Encoder<B> {
         };
         let token_types = Tensor::<B, 2, Int>::zeros([batch, seq], &device);
         let e = &self.embeddings;
-        let x = e.word.forward(input_ids)
+        let x = embedding(&e.word, input_ids)
             + e.position.forward(positions)
             + e.token_type.forward(token_types);
         let hidden = x.dims()[2];

@@ -28,7 +28,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::pointwise::{dropout, dropout_seed, mask};
-use super::{flex_tensor, flex_values, on_cpu, OnCpu};
+use super::{flex_tensor, flex_values, on_cpu, product_output, zeros, OnCpu};
 
 /// The shape of one attention call: `batch` sequences of `seq` tokens,
 /// `heads` heads of `head_dim` features each.
@@ -70,7 +70,7 @@ pub fn self_attention<B: Backend>(
         OnCpu::Elsewhere(qkv) => by_ops(qkv, key_bias, shape, prob),
         OnCpu::Plain(qkv, back) => {
             let bias = bias_values(key_bias);
-            back.wrap(forward(&flex_values(&qkv), &bias, shape, None, None))
+            back.wrap(forward(&flex_values(&qkv), &bias, shape, None, false).0)
         }
         OnCpu::Tracked(qkv, back) => {
             let bias = bias_values(key_bias);
@@ -87,15 +87,9 @@ pub fn self_attention<B: Backend>(
                             dropout_seed::<B>(&device),
                         ))
                     });
-                    let mut probs = vec![0.0; shape.tasks() * shape.seq * shape.seq];
                     let values = flex_values(&qkv.primitive);
-                    let context = forward(
-                        &values,
-                        &bias,
-                        shape,
-                        Some(&mut probs),
-                        keep.as_deref().map(Vec::as_slice),
-                    );
+                    let keep_factors = keep.as_deref().map(Vec::as_slice);
+                    let (context, probs) = forward(&values, &bias, shape, keep_factors, true);
                     let saved = Saved {
                         shape,
                         qkv: qkv.primitive,
@@ -105,7 +99,8 @@ pub fn self_attention<B: Backend>(
                     back.wrap(prep.finish(saved, context))
                 }
                 OpsKind::UnTracked(prep) => {
-                    let context = forward(&flex_values(&qkv.primitive), &bias, shape, None, None);
+                    let values = flex_values(&qkv.primitive);
+                    let (context, _) = forward(&values, &bias, shape, None, false);
                     back.wrap(prep.finish(context))
                 }
             }
@@ -157,11 +152,14 @@ struct Saved {
     shape: Heads,
     /// The fused projection, `[batch * seq, 3 * hidden]`.
     qkv: FlexTensor,
-    /// The attention weights before dropout, `[batch, heads, seq, seq]`.
-    probs: Arc<Vec<f32>>,
-    /// Dropout's factors (0 or 1 / keep), laid out as `probs`.
+    /// Each task's attention weights before dropout, `[seq, seq]`.
+    probs: Arc<Vec<Vec<f32>>>,
+    /// Dropout's factors (0 or 1 / keep), `[batch, heads, seq, seq]`.
     keep: Option<Arc<Vec<f32>>>,
 }
+
+/// The products here are small: one task, one thread.
+const ONE: gemm::Parallelism = gemm::Parallelism::None;
 
 #[derive(Debug)]
 struct FusedAttention;
@@ -186,52 +184,6 @@ impl Backward<Flex, 1> for FusedAttention {
     }
 }
 
-/// `dst = beta * lhs * rhs` for row-major `dst` (`m x n`, row stride
-/// `dst_rs`), with each operand given by its strides along its rows and
-/// columns. One thread: the callers run one of these per task.
-#[allow(clippy::too_many_arguments)]
-fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    beta: f32,
-) {
-    // The bounds gemm will touch, checked here because it takes pointers.
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(last(m, n, dst_rs, 1) < dst.len());
-    assert!(last(m, k, lhs_rs, lhs_cs) < lhs.len());
-    assert!(last(k, n, rhs_rs, rhs_cs) < rhs.len());
-    // SAFETY: every element gemm reads or writes lies inside the slices
-    // (checked above), and `dst` does not overlap the operands.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 /// Attention weights in place: `scores` (rows of `seq`) plus the key bias,
 /// then softmax along each row.
 fn softmax_rows(scores: &mut [f32], key_bias: &[f32]) {
@@ -252,15 +204,15 @@ fn softmax_rows(scores: &mut [f32], key_bias: &[f32]) {
     }
 }
 
-/// The context `[batch * seq, hidden]`; the weights go to `probs` (laid
-/// out `[batch, heads, seq, seq]`) when given, for the backward pass.
+/// The context `[batch * seq, hidden]`, and, when `save` (for the
+/// backward pass), each task's attention weights before dropout.
 fn forward(
     qkv: &[f32],
     key_bias: &[f32],
     shape: Heads,
-    probs: Option<&mut [f32]>,
     keep: Option<&[f32]>,
-) -> FlexTensor {
+    save: bool,
+) -> (FlexTensor, Vec<Vec<f32>>) {
     let Heads {
         batch,
         seq: s,
@@ -271,50 +223,42 @@ fn forward(
     let row = 3 * hidden;
     assert_eq!(qkv.len(), batch * s * row, "qkv shape");
     assert_eq!(key_bias.len(), batch * s, "key bias shape");
-    let head = |t: usize, out: &mut [f32], p: &mut [f32]| {
-        let (b, h) = (t / heads, t % heads);
-        let at = b * s * row + h * d;
-        let (q, k, v) = (&qkv[at..], &qkv[at + hidden..], &qkv[at + 2 * hidden..]);
-        product((s, s, d), p, s, q, (row, 1), k, (1, row), shape.scale());
-        softmax_rows(p, &key_bias[b * s..(b + 1) * s]);
-        match keep {
-            Some(keep) => {
-                let dropped: Vec<f32> = p
-                    .iter()
-                    .zip(&keep[t * s * s..(t + 1) * s * s])
-                    .map(|(p, m)| p * m)
-                    .collect();
-                product((s, d, s), out, d, &dropped, (s, 1), v, (row, 1), 1.0);
-            }
-            None => product((s, d, s), out, d, p, (s, 1), v, (row, 1), 1.0),
-        }
-    };
-    // Each task writes its heads' context to its own block, [batch, heads,
-    // seq, head_dim]; the blocks are interleaved into tokens afterwards.
-    let mut per_head = vec![0.0f32; shape.tasks() * s * d];
-    match probs {
-        Some(probs) => per_head
-            .par_chunks_mut(s * d)
-            .zip(probs.par_chunks_mut(s * s))
-            .enumerate()
-            .for_each(|(t, (out, p))| head(t, out, p)),
-        None => per_head
-            .par_chunks_mut(s * d)
-            .enumerate()
-            .for_each(|(t, out)| head(t, out, &mut vec![0.0; s * s])),
-    }
-    let mut context = vec![0.0f32; batch * s * hidden];
+    // Per task: its heads' context [seq, head_dim] and its weights.
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..shape.tasks())
+        .into_par_iter()
+        .map(|t| {
+            let (b, h) = (t / heads, t % heads);
+            let at = b * s * row + h * d;
+            let (q, k, v) = (&qkv[at..], &qkv[at + hidden..], &qkv[at + 2 * hidden..]);
+            let mut p = product_output((s, s, d), (q, (row, 1)), (k, (1, row)), shape.scale(), ONE);
+            softmax_rows(&mut p, &key_bias[b * s..(b + 1) * s]);
+            let context = match keep {
+                Some(keep) => {
+                    let dropped: Vec<f32> = p
+                        .iter()
+                        .zip(&keep[t * s * s..(t + 1) * s * s])
+                        .map(|(p, m)| p * m)
+                        .collect();
+                    product_output((s, d, s), (&dropped, (s, 1)), (v, (row, 1)), 1.0, ONE)
+                }
+                None => product_output((s, d, s), (&p, (s, 1)), (v, (row, 1)), 1.0, ONE),
+            };
+            (context, if save { p } else { Vec::new() })
+        })
+        .collect();
+    // The heads interleaved back into tokens.
+    let mut context = zeros(batch * s * hidden);
     context
         .par_chunks_mut(hidden)
         .enumerate()
         .for_each(|(token, out)| {
             let (b, i) = (token / s, token % s);
             for (h, out) in out.chunks_exact_mut(d).enumerate() {
-                let from = ((b * heads + h) * s + i) * d;
-                out.copy_from_slice(&per_head[from..from + d]);
+                out.copy_from_slice(&per_head[b * heads + h].0[i * d..(i + 1) * d]);
             }
         });
-    flex_tensor(context, [batch * s, hidden])
+    let probs = per_head.into_iter().map(|(_, p)| p).collect();
+    (flex_tensor(context, [batch * s, hidden]), probs)
 }
 
 /// The gradient of the fused projection `[batch * seq, 3 * hidden]` from
@@ -322,7 +266,7 @@ fn forward(
 fn backward(
     grad: &[f32],
     qkv: &[f32],
-    probs: &[f32],
+    probs: &[Vec<f32>],
     keep: Option<&[f32]>,
     shape: Heads,
 ) -> FlexTensor {
@@ -335,32 +279,26 @@ fn backward(
     let hidden = shape.hidden();
     let row = 3 * hidden;
     assert_eq!(grad.len(), batch * s * hidden, "context gradient shape");
-    // Per task: the gradients of its queries, keys and values, one block
-    // each, [batch, heads, 3, seq, head_dim].
-    let mut per_head = vec![0.0f32; shape.tasks() * 3 * s * d];
-    per_head
-        .par_chunks_mut(3 * s * d)
-        .enumerate()
-        .for_each(|(t, out)| {
+    // Per task: the gradients of its queries, keys and values.
+    let per_head: Vec<[Vec<f32>; 3]> = (0..shape.tasks())
+        .into_par_iter()
+        .map(|t| {
             let (b, h) = (t / heads, t % heads);
             let at = b * s * row + h * d;
             let (q, k, v) = (&qkv[at..], &qkv[at + hidden..], &qkv[at + 2 * hidden..]);
             let g = &grad[b * s * hidden + h * d..];
-            let p = &probs[t * s * s..(t + 1) * s * s];
+            let p = &probs[t];
             let keep = keep.map(|keep| &keep[t * s * s..(t + 1) * s * s]);
-            let (dq, rest) = out.split_at_mut(s * d);
-            let (dk, dv) = rest.split_at_mut(s * d);
             // Values: dV = weights^T dC, the weights after dropout.
-            match keep {
+            let dv = match keep {
                 Some(keep) => {
                     let dropped: Vec<f32> = p.iter().zip(keep).map(|(p, m)| p * m).collect();
-                    product((s, d, s), dv, d, &dropped, (1, s), g, (hidden, 1), 1.0);
+                    product_output((s, d, s), (&dropped, (1, s)), (g, (hidden, 1)), 1.0, ONE)
                 }
-                None => product((s, d, s), dv, d, p, (1, s), g, (hidden, 1), 1.0),
-            }
+                None => product_output((s, d, s), (p, (1, s)), (g, (hidden, 1)), 1.0, ONE),
+            };
             // Weights: dW = dC V^T, through dropout's factors.
-            let mut ds = vec![0.0f32; s * s];
-            product((s, s, d), &mut ds, s, g, (hidden, 1), v, (1, row), 1.0);
+            let mut ds = product_output((s, s, d), (g, (hidden, 1)), (v, (1, row)), 1.0, ONE);
             if let Some(keep) = keep {
                 ds.iter_mut().zip(keep).for_each(|(x, m)| *x *= m);
             }
@@ -370,10 +308,13 @@ fn backward(
                 ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
             }
             // Queries and keys, through the scaled product.
-            product((s, d, s), dq, d, &ds, (s, 1), k, (row, 1), shape.scale());
-            product((s, d, s), dk, d, &ds, (1, s), q, (row, 1), shape.scale());
-        });
-    let mut d_qkv = vec![0.0f32; batch * s * row];
+            let scale = shape.scale();
+            let dq = product_output((s, d, s), (&ds, (s, 1)), (k, (row, 1)), scale, ONE);
+            let dk = product_output((s, d, s), (&ds, (1, s)), (q, (row, 1)), scale, ONE);
+            [dq, dk, dv]
+        })
+        .collect();
+    let mut d_qkv = zeros(batch * s * row);
     d_qkv
         .par_chunks_mut(row)
         .enumerate()
@@ -381,8 +322,7 @@ fn backward(
             let (b, i) = (token / s, token % s);
             for (part, out) in out.chunks_exact_mut(hidden).enumerate() {
                 for (h, out) in out.chunks_exact_mut(d).enumerate() {
-                    let from = (((b * heads + h) * 3 + part) * s + i) * d;
-                    out.copy_from_slice(&per_head[from..from + d]);
+                    out.copy_from_slice(&per_head[b * heads + h][part][i * d..(i + 1) * d]);
                 }
             }
         });

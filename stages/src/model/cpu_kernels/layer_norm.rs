@@ -21,7 +21,7 @@ use burn::tensor::Tensor;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{flex_tensor, flex_values, on_cpu, OnCpu};
+use super::{flex_tensor, flex_values, on_cpu, zeros, OnCpu};
 
 /// Rows per parallel task.
 const ROWS: usize = 64;
@@ -47,8 +47,8 @@ pub fn layer_norm<B: Backend>(norm: &LayerNorm<B>, epsilon: f64, x: Tensor<B, 2>
     let width = shape[1];
     let values = flex_values(&x.primitive);
     let (scale, shift) = (flex_values(&gamma.primitive), flex_values(&beta.primitive));
-    let mut out = vec![0.0f32; values.len()];
-    let mut normalised = vec![0.0f32; values.len()];
+    let mut out = zeros(values.len());
+    let mut normalised = zeros(values.len());
     let mut inverse_deviation = vec![0.0f32; shape[0]];
     out.par_chunks_mut(ROWS * width)
         .zip(normalised.par_chunks_mut(ROWS * width))
@@ -121,7 +121,7 @@ impl Backward<Flex, 3> for Norm {
             // dx = r (g gamma - mean(g gamma) - x^ mean(g gamma x^)), r the
             // row's inverse deviation and x^ its normalised values.
             let gamma = flex_values(&saved.gamma);
-            let mut dx = vec![0.0f32; g.len()];
+            let mut dx = zeros(g.len());
             dx.par_chunks_mut(ROWS * width)
                 .zip(g.par_chunks(ROWS * width))
                 .zip(normalised.par_chunks(ROWS * width))

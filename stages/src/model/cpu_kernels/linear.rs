@@ -9,8 +9,6 @@
 //! them; the bias gradient is summed in parallel over fixed blocks of rows,
 //! in a fixed order, so that it does not depend on the thread count.
 
-use std::mem::MaybeUninit;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
 use burn::backend::autodiff::grads::Gradients;
@@ -20,7 +18,10 @@ use burn::tensor::Tensor;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{flex_tensor, flex_values, on_cpu, OnCpu};
+use super::{flex_tensor, flex_values, on_cpu, product, product_output, OnCpu};
+
+/// The products here are large: gemm splits them over all threads.
+const ALL: gemm::Parallelism = gemm::Parallelism::Rayon(0);
 
 /// Rows per block of the bias gradient's sum.
 const ROWS: usize = 256;
@@ -82,81 +83,12 @@ fn forward(x: &FlexTensor, weight: &FlexTensor, bias: &FlexTensor) -> FlexTensor
         (inputs, 1),
         &weight,
         (outputs, 1),
+        1.0,
+        ALL,
     );
     // SAFETY: every element was written above, then updated by gemm.
     unsafe { out.set_len(rows * outputs) };
     flex_tensor(out, [rows, outputs])
-}
-
-/// `dst (+)= lhs * rhs`, `dst` row-major `m x n` (read only to
-/// `accumulate`, so it may be uninitialised otherwise), the operands given
-/// by their strides along rows and columns; on all threads.
-fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [MaybeUninit<f32>],
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert_eq!(dst.len(), m * n);
-    assert!(last(m, k, lhs_rs, lhs_cs) < lhs.len());
-    assert!(last(k, n, rhs_rs, rhs_cs) < rhs.len());
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: every element gemm reads or writes lies inside the slices
-    // (checked above), and `dst` does not overlap the operands. Without
-    // `accumulate`, gemm writes `dst` without reading it.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().cast::<f32>(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
-}
-
-/// A product's output, every element of which gemm writes.
-fn product_output(
-    shape: (usize, usize, usize),
-    lhs: &[f32],
-    lhs_strides: (usize, usize),
-    rhs: &[f32],
-    rhs_strides: (usize, usize),
-) -> Vec<f32> {
-    let len = shape.0 * shape.1;
-    let mut out = Vec::with_capacity(len);
-    product(
-        shape,
-        &mut out.spare_capacity_mut()[..len],
-        false,
-        lhs,
-        lhs_strides,
-        rhs,
-        rhs_strides,
-    );
-    // SAFETY: gemm wrote every element.
-    unsafe { out.set_len(len) };
-    out
 }
 
 #[derive(Debug)]
@@ -175,13 +107,15 @@ impl Backward<Flex, 3> for Dense {
         if let Some(node) = x_node {
             // dx = g W^T
             let w = flex_values(&weight);
-            let dx = product_output((rows, inputs, outputs), &g, (outputs, 1), &w, (1, outputs));
+            let shape = (rows, inputs, outputs);
+            let dx = product_output(shape, (&g, (outputs, 1)), (&w, (1, outputs)), 1.0, ALL);
             grads.register::<Flex>(node.id, flex_tensor(dx, [rows, inputs]));
         }
         if let Some(node) = w_node {
             // dW = x^T g
             let x = flex_values(&x);
-            let dw = product_output((inputs, outputs, rows), &x, (1, inputs), &g, (outputs, 1));
+            let shape = (inputs, outputs, rows);
+            let dw = product_output(shape, (&x, (1, inputs)), (&g, (outputs, 1)), 1.0, ALL);
             grads.register::<Flex>(node.id, flex_tensor(dw, [inputs, outputs]));
         }
         if let Some(node) = b_node {

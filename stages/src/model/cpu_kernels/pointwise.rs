@@ -15,10 +15,10 @@ use burn::tensor::{Distribution, Int, Tensor};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{flex_tensor, flex_values, on_cpu, OnCpu, TrackedTensor};
+use super::{flex_tensor, flex_values, on_cpu, zeros, OnCpu, TrackedTensor};
 use crate::train::sampler::SplitMix64;
 
-/// Elements per random stream: the unit of parallel work.
+/// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
 /// Zero each element with probability `prob` and scale the rest by
@@ -39,7 +39,7 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor
                 dropout_seed::<B>(&device),
             );
             let values = flex_values(&x.primitive);
-            let mut dropped = vec![0.0f32; factors.len()];
+            let mut dropped = zeros(factors.len());
             dropped
                 .par_chunks_mut(CHUNK)
                 .zip(values.par_chunks(CHUNK).zip(factors.par_chunks(CHUNK)))
@@ -71,7 +71,7 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         OnCpu::Elsewhere(x) => burn::tensor::activation::gelu(x),
         OnCpu::Plain(x, back) => {
             let values = flex_values(&x);
-            let mut out = vec![0.0f32; values.len()];
+            let mut out = zeros(values.len());
             out.par_chunks_mut(CHUNK)
                 .zip(values.par_chunks(CHUNK))
                 .for_each(|(out, x)| {
@@ -83,8 +83,8 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         }
         OnCpu::Tracked(x, back) => {
             let values = flex_values(&x.primitive);
-            let mut out = vec![0.0f32; values.len()];
-            let mut slope = vec![0.0f32; values.len()];
+            let mut out = zeros(values.len());
+            let mut slope = zeros(values.len());
             out.par_chunks_mut(CHUNK)
                 .zip(slope.par_chunks_mut(CHUNK))
                 .zip(values.par_chunks(CHUNK))
@@ -124,7 +124,7 @@ impl Backward<Flex, 1> for Scaled {
         if let Some(parent) = parent {
             let g = flex_values(&grad);
             let slope = ops.state;
-            let mut out = vec![0.0f32; g.len()];
+            let mut out = zeros(g.len());
             out.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(slope.par_chunks(CHUNK)))
                 .for_each(|(out, (g, s))| {
@@ -171,25 +171,25 @@ fn erf(x: f32) -> f32 {
     x * p / q
 }
 
-/// `n` factors, each 0 with probability `prob` and 1 / (1 - prob) otherwise.
+/// `n` factors, each 0 with probability `prob` and 1 / (1 - prob) otherwise:
+/// factor i keeps when the high half of draw i of the SplitMix64 stream from
+/// `seed` falls below keep * 2^32. Draw i is a function of i alone, so the
+/// factors are computed in parallel and do not depend on the thread count.
 pub(super) fn mask(n: usize, prob: f64, seed: u64) -> Vec<f32> {
     let keep = 1.0 - prob;
     let scale = (1.0 / keep) as f32;
-    // Keep when a uniform 32-bit draw falls below keep * 2^32.
     let below = (keep * 4_294_967_296.0) as u64;
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(chunk, values)| {
-            let mut rng = SplitMix64(seed ^ (chunk as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
-            for pair in values.chunks_mut(2) {
-                let bits = rng.next_u64();
-                for (value, draw) in pair.iter_mut().zip([bits >> 32, bits & 0xFFFF_FFFF]) {
-                    *value = if draw < below { scale } else { 0.0 };
-                }
+    (0..n as u64)
+        .into_par_iter()
+        .map(|i| {
+            let draw = SplitMix64(seed.wrapping_add(i.wrapping_mul(SplitMix64::GAMMA))).next_u64();
+            if draw >> 32 < below {
+                scale
+            } else {
+                0.0
             }
-        });
-    out
+        })
+        .collect()
 }
 
 #[cfg(test)]
