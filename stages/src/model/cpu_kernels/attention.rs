@@ -15,6 +15,7 @@
 //! additive key mask, softmax, the same dropout mask, and the product with
 //! the values. The tests compare the two, values and gradients.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -52,6 +53,23 @@ impl Heads {
 
     fn scale(&self) -> f32 {
         (1.0 / (self.head_dim as f64).sqrt()) as f32
+    }
+
+    /// Task `t`'s queries, keys and values, each from its first element
+    /// in the fused projection (rows `3 * hidden` apart).
+    fn parts<'a>(&self, qkv: &'a [f32], t: usize) -> [&'a [f32]; 3] {
+        let hidden = self.hidden();
+        let (b, h) = (t / self.heads, t % self.heads);
+        let at = b * self.seq * 3 * hidden + h * self.head_dim;
+        [&qkv[at..], &qkv[at + hidden..], &qkv[at + 2 * hidden..]]
+    }
+}
+
+/// The attention weights after dropout.
+fn dropped<'a>(p: &'a [f32], keep: Option<&[f32]>) -> Cow<'a, [f32]> {
+    match keep {
+        Some(keep) => Cow::Owned(p.iter().zip(keep).map(|(p, m)| p * m).collect()),
+        None => Cow::Borrowed(p),
     }
 }
 
@@ -227,22 +245,12 @@ fn forward(
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..shape.tasks())
         .into_par_iter()
         .map(|t| {
-            let (b, h) = (t / heads, t % heads);
-            let at = b * s * row + h * d;
-            let (q, k, v) = (&qkv[at..], &qkv[at + hidden..], &qkv[at + 2 * hidden..]);
+            let [q, k, v] = shape.parts(qkv, t);
             let mut p = product_output((s, s, d), (q, (row, 1)), (k, (1, row)), shape.scale(), ONE);
+            let b = t / heads;
             softmax_rows(&mut p, &key_bias[b * s..(b + 1) * s]);
-            let context = match keep {
-                Some(keep) => {
-                    let dropped: Vec<f32> = p
-                        .iter()
-                        .zip(&keep[t * s * s..(t + 1) * s * s])
-                        .map(|(p, m)| p * m)
-                        .collect();
-                    product_output((s, d, s), (&dropped, (s, 1)), (v, (row, 1)), 1.0, ONE)
-                }
-                None => product_output((s, d, s), (&p, (s, 1)), (v, (row, 1)), 1.0, ONE),
-            };
+            let weights = dropped(&p, keep.map(|keep| &keep[t * s * s..(t + 1) * s * s]));
+            let context = product_output((s, d, s), (&weights, (s, 1)), (v, (row, 1)), 1.0, ONE);
             (context, if save { p } else { Vec::new() })
         })
         .collect();
@@ -283,20 +291,14 @@ fn backward(
     let per_head: Vec<[Vec<f32>; 3]> = (0..shape.tasks())
         .into_par_iter()
         .map(|t| {
+            let [q, k, v] = shape.parts(qkv, t);
             let (b, h) = (t / heads, t % heads);
-            let at = b * s * row + h * d;
-            let (q, k, v) = (&qkv[at..], &qkv[at + hidden..], &qkv[at + 2 * hidden..]);
             let g = &grad[b * s * hidden + h * d..];
             let p = &probs[t];
             let keep = keep.map(|keep| &keep[t * s * s..(t + 1) * s * s]);
             // Values: dV = weights^T dC, the weights after dropout.
-            let dv = match keep {
-                Some(keep) => {
-                    let dropped: Vec<f32> = p.iter().zip(keep).map(|(p, m)| p * m).collect();
-                    product_output((s, d, s), (&dropped, (1, s)), (g, (hidden, 1)), 1.0, ONE)
-                }
-                None => product_output((s, d, s), (p, (1, s)), (g, (hidden, 1)), 1.0, ONE),
-            };
+            let weights = dropped(p, keep);
+            let dv = product_output((s, d, s), (&weights, (1, s)), (g, (hidden, 1)), 1.0, ONE);
             // Weights: dW = dC V^T, through dropout's factors.
             let mut ds = product_output((s, s, d), (g, (hidden, 1)), (v, (1, row)), 1.0, ONE);
             if let Some(keep) = keep {
@@ -332,7 +334,7 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu_kernels::{test_tensor, GENERATOR};
+    use crate::model::cpu_kernels::{test_tensor, test_values, GENERATOR};
     use burn::tensor::TensorData;
 
     type Tracked = burn::backend::Autodiff<Flex>;
@@ -370,17 +372,13 @@ mod tests {
         }
     }
 
-    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().to_vec().unwrap()
-    }
-
     #[test]
     fn fused_attention_matches_burns_ops_at_inference() {
         let device = Default::default();
         let (qkv, bias, _) = inputs::<Flex>(&device);
         let fused = self_attention(qkv.clone(), bias.clone(), SHAPE, 0.1);
         let ops = by_ops(qkv, bias, SHAPE, 0.1);
-        assert_close(&values(fused), &values(ops), "context");
+        assert_close(&test_values(fused), &test_values(ops), "context");
     }
 
     #[test]
@@ -400,7 +398,7 @@ mod tests {
                 Tracked::seed(&device, 5);
                 let context = f(qkv.clone(), bias, SHAPE, prob);
                 let grads = (context.clone() * weights).sum().backward();
-                (values(context), values(qkv.grad(&grads).unwrap()))
+                (test_values(context), test_values(qkv.grad(&grads).unwrap()))
             };
             let (fused, fused_grad) = run(self_attention);
             let (ops, ops_grad) = run(by_ops);

@@ -6,8 +6,7 @@
 //! shift) and as many in the backward pass, each on one thread. Here the
 //! forward pass keeps the normalised rows and their inverse deviations, and
 //! the backward pass is one parallel sweep over the rows, plus the
-//! parameters' gradients summed over fixed blocks of rows in a fixed order
-//! (the same sums for any thread count).
+//! parameters' gradients summed down the rows (`column_sums`).
 
 use std::sync::Arc;
 
@@ -21,7 +20,7 @@ use burn::tensor::Tensor;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{flex_tensor, flex_values, on_cpu, zeros, OnCpu};
+use super::{column_sums, flex_tensor, flex_values, on_cpu, zeros, OnCpu};
 
 /// Rows per parallel task.
 const ROWS: usize = 64;
@@ -149,29 +148,13 @@ impl Backward<Flex, 3> for Norm {
         if gamma_node.is_none() && beta_node.is_none() {
             return;
         }
-        // Per block of rows: the sums of g x^ (gamma's gradient) and of g
-        // (beta's), added up afterwards in block order.
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = g
-            .par_chunks(ROWS * width)
-            .zip(normalised.par_chunks(ROWS * width))
-            .map(|(g, normalised)| {
-                let (mut d_gamma, mut d_beta) = (vec![0.0f32; width], vec![0.0f32; width]);
-                for (g, n) in g.chunks_exact(width).zip(normalised.chunks_exact(width)) {
-                    for (((dg, db), g), n) in
-                        d_gamma.iter_mut().zip(d_beta.iter_mut()).zip(g).zip(n)
-                    {
-                        *dg += g * n;
-                        *db += g;
-                    }
-                }
-                (d_gamma, d_beta)
-            })
+        // gamma's gradient sums g x^ down the rows, beta's g.
+        let scaled: Vec<f32> = g
+            .par_iter()
+            .zip(normalised.par_iter())
+            .map(|(g, n)| g * n)
             .collect();
-        let (mut d_gamma, mut d_beta) = (vec![0.0f32; width], vec![0.0f32; width]);
-        for (dg, db) in partial {
-            d_gamma.iter_mut().zip(dg).for_each(|(s, v)| *s += v);
-            d_beta.iter_mut().zip(db).for_each(|(s, v)| *s += v);
-        }
+        let (d_gamma, d_beta) = (column_sums(&scaled, width), column_sums(&g, width));
         if let Some(node) = gamma_node {
             grads.register::<Flex>(node.id, flex_tensor(d_gamma, [width]));
         }
@@ -184,15 +167,11 @@ impl Backward<Flex, 3> for Norm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu_kernels::test_tensor;
+    use crate::model::cpu_kernels::{test_tensor, test_values};
     use burn::module::Param;
     use burn::nn::LayerNormConfig;
 
     type Tracked = burn::backend::Autodiff<Flex>;
-
-    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().to_vec().unwrap()
-    }
 
     #[test]
     fn layer_norm_matches_burns_in_value_and_gradients() {
@@ -215,10 +194,10 @@ mod tests {
             let grads = (y.clone() * weights).sum().backward();
             let beta = norm.beta.as_ref().unwrap();
             [
-                values(y),
-                values(x.grad(&grads).unwrap()),
-                values(norm.gamma.val().grad(&grads).unwrap()),
-                values(beta.val().grad(&grads).unwrap()),
+                test_values(y),
+                test_values(x.grad(&grads).unwrap()),
+                test_values(norm.gamma.val().grad(&grads).unwrap()),
+                test_values(beta.val().grad(&grads).unwrap()),
             ]
         };
         let (ours, burns) = (run(true), run(false));

@@ -6,8 +6,7 @@
 //! second, one-threaded broadcasting pass, and sums the bias gradient on
 //! one thread too: together about a tenth of an mE5-small training step.
 //! Here the output starts as the bias rows and the product accumulates onto
-//! them; the bias gradient is summed in parallel over fixed blocks of rows,
-//! in a fixed order, so that it does not depend on the thread count.
+//! them; the bias gradient is summed in parallel (`column_sums`).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -18,13 +17,10 @@ use burn::tensor::Tensor;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{flex_tensor, flex_values, on_cpu, product, product_output, OnCpu};
+use super::{column_sums, flex_tensor, flex_values, on_cpu, product, product_output, OnCpu};
 
 /// The products here are large: gemm splits them over all threads.
 const ALL: gemm::Parallelism = gemm::Parallelism::Rayon(0);
-
-/// Rows per block of the bias gradient's sum.
-const ROWS: usize = 256;
 
 /// `x W + b` for `x` `[rows, in]`, `weight` `[in, out]` (burn's layout)
 /// and `bias` `[out]`.
@@ -119,20 +115,7 @@ impl Backward<Flex, 3> for Dense {
             grads.register::<Flex>(node.id, flex_tensor(dw, [inputs, outputs]));
         }
         if let Some(node) = b_node {
-            let partial: Vec<Vec<f32>> = g
-                .par_chunks(ROWS * outputs)
-                .map(|block| {
-                    let mut sums = vec![0.0f32; outputs];
-                    for row in block.chunks_exact(outputs) {
-                        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-                    }
-                    sums
-                })
-                .collect();
-            let mut db = vec![0.0f32; outputs];
-            for sums in partial {
-                db.iter_mut().zip(sums).for_each(|(s, v)| *s += v);
-            }
+            let db = column_sums(&g, outputs);
             grads.register::<Flex>(node.id, flex_tensor(db, [outputs]));
         }
     }
@@ -141,13 +124,9 @@ impl Backward<Flex, 3> for Dense {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu_kernels::test_tensor;
+    use crate::model::cpu_kernels::{test_tensor, test_values};
 
     type Tracked = burn::backend::Autodiff<Flex>;
-
-    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().to_vec().unwrap()
-    }
 
     fn assert_close(a: &[f32], b: &[f32], what: &str) {
         assert_eq!(a.len(), b.len());
@@ -160,7 +139,7 @@ mod tests {
     fn dense_layer_matches_burns_in_value_and_gradients() {
         let device = Default::default();
         // Rows spanning two blocks of the bias gradient's sum.
-        let (rows, inputs, outputs) = (ROWS + 37, 19, 23);
+        let (rows, inputs, outputs) = (256 + 37, 19, 23);
         let run = |f: fn(
             Tensor<Tracked, 2>,
             Tensor<Tracked, 2>,
@@ -173,10 +152,10 @@ mod tests {
             let y = f(x.clone(), w.clone(), b.clone());
             let grads = (y.clone() * weights).sum().backward();
             [
-                values(y),
-                values(x.grad(&grads).unwrap()),
-                values(w.grad(&grads).unwrap()),
-                values(b.grad(&grads).unwrap()),
+                test_values(y),
+                test_values(x.grad(&grads).unwrap()),
+                test_values(w.grad(&grads).unwrap()),
+                test_values(b.grad(&grads).unwrap()),
             ]
         };
         let ours = run(linear);
@@ -191,10 +170,10 @@ mod tests {
         let x = test_tensor::<Flex, 2>([rows, inputs], 1, &device);
         let w = test_tensor::<Flex, 2>([inputs, outputs], 2, &device);
         let b = test_tensor::<Flex, 1>([outputs], 3, &device);
-        let plain = values(linear(x.clone(), w.clone(), b.clone()));
+        let plain = test_values(linear(x.clone(), w.clone(), b.clone()));
         assert_close(
             &plain,
-            &values(burn::tensor::module::linear(x, w, Some(b))),
+            &test_values(burn::tensor::module::linear(x, w, Some(b))),
             "output",
         );
     }

@@ -196,6 +196,28 @@ fn product_output(
     out
 }
 
+/// The sums down the columns of `rows` (row-major, `width` wide): partial
+/// sums over fixed blocks of rows, in parallel, added in block order, so
+/// the result does not depend on the thread count.
+fn column_sums(rows: &[f32], width: usize) -> Vec<f32> {
+    const BLOCK: usize = 256;
+    let partial: Vec<Vec<f32>> = rows
+        .par_chunks(BLOCK * width)
+        .map(|block| {
+            let mut sums = vec![0.0f32; width];
+            for row in block.chunks_exact(width) {
+                sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            sums
+        })
+        .collect();
+    let mut sums = vec![0.0f32; width];
+    for block in partial {
+        sums.iter_mut().zip(block).for_each(|(s, v)| *s += v);
+    }
+    sums
+}
+
 fn flex_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
@@ -216,4 +238,10 @@ fn test_tensor<B: Backend, const D: usize>(
     let n = dims.iter().product();
     let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
     Tensor::from_data(TensorData::new(values, dims), device)
+}
+
+/// A tensor's values, for the kernels' tests.
+#[cfg(test)]
+fn test_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec().expect("f32 tensor")
 }
