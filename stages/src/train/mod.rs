@@ -182,7 +182,9 @@ impl Stage for TrainStage {
     fn version(&self) -> u32 {
         // 2: clipping by the global gradient norm, PyTorch's AdamW (eps 1e-8,
         // no decay on biases and LayerNorm weights), grad_norm in metrics.
-        2
+        // 3: the CPU kernels' dropout masks (a counter-based SplitMix64
+        // stream), so the same seed trains other weights than version 2.
+        3
     }
 
     fn summary(&self) -> &'static str {
