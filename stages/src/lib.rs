@@ -16,6 +16,7 @@ pub mod encode;
 pub mod eval;
 mod hf_model;
 mod import;
+mod matmul;
 pub mod model;
 pub mod nmt;
 pub mod qa_pairs;

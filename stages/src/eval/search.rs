@@ -10,6 +10,7 @@
 use rayon::prelude::*;
 
 use crate::encode::Embeddings;
+use crate::matmul::product;
 
 /// trec_eval's order of candidates: score descending, ties by id descending.
 pub struct TrecOrder {
@@ -172,37 +173,21 @@ pub fn for_each_query<T: Send>(
             let rows = block.len() / dim;
             scores.clear();
             scores.reserve(rows * n);
-            // SAFETY: `scores` has room for `rows` x `n` floats (row stride
-            // n), `block` holds `rows` x `dim` (row stride dim), the
-            // candidates `n` x `dim`, read as their transpose `dim` x `n`
-            // (column stride dim); the lengths were checked above, and the
-            // buffer is this task's alone. With `read_dst` false gemm only
-            // writes `scores`, every one of its `rows * n` floats, so they
-            // are initialised when the length is set.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    block.as_ptr(),
-                    1,
-                    dim as isize,
-                    candidates.vectors.as_ptr(),
-                    dim as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                scores.set_len(rows * n);
-            }
+            // The block's rows times the candidates read as their
+            // transpose (`dim` x `n`, column stride `dim`), written once.
+            product(
+                (rows, n, dim),
+                &mut scores.spare_capacity_mut()[..rows * n],
+                false,
+                block,
+                (dim, 1),
+                &candidates.vectors,
+                (1, dim),
+                1.0,
+                gemm::Parallelism::None,
+            );
+            // SAFETY: `product` without accumulating writes all `rows * n`.
+            unsafe { scores.set_len(rows * n) };
             scores
                 .chunks(n)
                 .enumerate()

@@ -29,7 +29,8 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::pointwise::{dropout, dropout_seed, mask};
-use super::{flex_tensor, flex_values, on_cpu, product_output, zeros, OnCpu};
+use super::{flex_tensor, flex_values, on_cpu, zeros, OnCpu};
+use crate::matmul::product_output;
 
 /// The shape of one attention call: `batch` sequences of `seq` tokens,
 /// `heads` heads of `head_dim` features each.

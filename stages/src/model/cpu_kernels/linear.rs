@@ -17,7 +17,8 @@ use burn::tensor::Tensor;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{column_sums, flex_tensor, flex_values, on_cpu, product, product_output, OnCpu};
+use super::{column_sums, flex_tensor, flex_values, on_cpu, OnCpu};
+use crate::matmul::{product, product_output};
 
 /// The products here are large: gemm splits them over all threads.
 const ALL: gemm::Parallelism = gemm::Parallelism::Rayon(0);
