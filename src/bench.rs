@@ -205,7 +205,13 @@ zehnten Jahrhundert der Normandie ihren Namen gab. Los normandos fueron el puebl
 
 /// `xlpipe bench train`: training step time and tokens/s of the model in
 /// `model` on this CPU, next to PyTorch + sentence-transformers in `python`.
-pub fn train(model: &Path, batch: usize, steps: usize, python: &str) -> anyhow::Result<String> {
+pub fn train(
+    model: &Path,
+    batch: usize,
+    steps: usize,
+    train_layers: usize,
+    python: &str,
+) -> anyhow::Result<String> {
     let words: Vec<&str> = BENCH_TEXT.split_whitespace().collect();
     let text = |i: usize, n: usize| -> String {
         (0..n)
@@ -272,6 +278,89 @@ pub fn train(model: &Path, batch: usize, steps: usize, python: &str) -> anyhow::
         "  speed ratio xlpipe / PyTorch: {:.2}x (above 1 is faster)",
         torch_seconds / ours.median_seconds
     );
+    out += &partial(model, batch, steps, train_layers)?;
+    Ok(out)
+}
+
+/// Texts of SQuAD-like lengths for the partial fine-tuning comparison:
+/// questions of 6 to 25 words, answer sentences of 12 to 90.
+fn varied_texts(batch: usize) -> (Vec<String>, Vec<String>) {
+    let words: Vec<&str> = BENCH_TEXT.split_whitespace().collect();
+    let text = |i: usize, n: usize| -> String {
+        (0..n)
+            .map(|k| words[(i * 7 + k) % words.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let queries = (0..batch).map(|i| text(i, 6 + (i * 7) % 20)).collect();
+    let passages = (0..batch)
+        .map(|i| text(i + batch, 12 + (i * 29) % 79))
+        .collect();
+    (queries, passages)
+}
+
+/// The second half of `bench train`: full against partial fine-tuning (and
+/// from text against from stored states) on SQuAD-like lengths at the grid's
+/// caps, then encoding with all layers against the top layers from states.
+fn partial(
+    model: &Path,
+    batch: usize,
+    steps: usize,
+    train_layers: usize,
+) -> anyhow::Result<String> {
+    let (queries, passages) = varied_texts(batch);
+    let lengths = (64, 128);
+    let modes = xlpipe_stages::train::benchmark_cpu_training(
+        model,
+        &queries,
+        &passages,
+        lengths,
+        steps,
+        train_layers,
+    )?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\npartial fine-tuning: batch {batch} of SQuAD-like lengths (queries 6-25 words, passages 12-90), caps {} / {}, median of {steps} steps",
+        lengths.0, lengths.1
+    );
+    let baseline = modes[0].median_seconds;
+    for m in &modes {
+        let _ = writeln!(
+            out,
+            "  {:<44} {:>8.3} s/step  {:>5.2}x  real {:>6} / padded {:>6} tokens ({:.0}% padding)",
+            m.mode,
+            m.median_seconds,
+            baseline / m.median_seconds,
+            m.real_tokens,
+            m.padded_tokens,
+            100.0 * (m.padded_tokens - m.real_tokens) as f64 / m.padded_tokens.max(1) as f64
+        );
+    }
+    let sentences: Vec<String> = varied_texts(1000).1;
+    let encodes = xlpipe_stages::train::benchmark_cpu_encoding(
+        model,
+        &sentences,
+        "passage: ",
+        128,
+        train_layers,
+        1,
+    )?;
+    let _ = writeln!(
+        out,
+        "\nencoding 1000 candidate sentences (as an evaluation encode per fine-tuned model; XQuAD-R has 13,014):"
+    );
+    let baseline = encodes[0].median_seconds;
+    for m in &encodes {
+        let _ = writeln!(
+            out,
+            "  {:<44} {:>8.3} s  {:>5.2}x  {:>7.0} texts/s",
+            m.mode,
+            m.median_seconds,
+            baseline / m.median_seconds,
+            sentences.len() as f64 / m.median_seconds
+        );
+    }
     Ok(out)
 }
 

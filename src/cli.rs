@@ -150,6 +150,9 @@ enum BenchCommand {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Top layers trained in the partial fine-tuning comparison.
+        #[arg(long, default_value_t = 2)]
+        train_layers: usize,
         /// Python with torch and sentence-transformers for the baseline.
         #[arg(long, default_value = "python3")]
         python: String,
@@ -372,10 +375,14 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     model,
                     batch,
                     steps,
+                    train_layers,
                     python,
                 },
         } => {
-            print!("{}", bench::train(&model, batch, steps, &python)?);
+            print!(
+                "{}",
+                bench::train(&model, batch, steps, train_layers, &python)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

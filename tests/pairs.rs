@@ -340,3 +340,150 @@ langs.zh = {{ backend = "nllb", max_length = 8 }}
     assert_eq!(m["counts"]["translated_now.es"], 0, "{m}");
     assert_eq!(m["counts"]["translated_now.zh"], 0, "{m}");
 }
+
+#[test]
+fn human_arm_trains_on_some_xquad_articles_and_evaluates_on_the_others() {
+    let s = Scratch::shared();
+    let pipeline = |train_to: usize| {
+        format!(
+            r#"[pipeline]
+name = "human-arm-{train_to}"
+include = ["{datasets}"]
+
+[stages.xquad_train_en]
+kind = "squad"
+inputs.files = "xquad_files"
+files = ["xquad.en.json"]
+lang = "en"
+articles = {{ to = {train_to} }}
+
+[stages.xquad_r_heldout]
+kind = "lareqa"
+inputs.files = "xquad_r_files"
+langs = ["de", "en", "zh"]
+articles = {{ from = 24 }}
+
+[stages.pairs_h]
+kind = "qa_pairs"
+inputs.qa = "xquad_train_en"
+inputs.exclude = ["xquad_r_heldout"]
+exclude_articles = true
+validation_fraction = 0.1
+
+[stages.pairs_paragraphs_only]
+kind = "qa_pairs"
+inputs.qa = "xquad_train_en"
+inputs.exclude = ["xquad_r_heldout"]
+validation_fraction = 0.1
+
+[stages.translate_h]
+kind = "translate"
+inputs.pairs = "pairs_h"
+inputs.precomputed = ["xquad_de", "xquad_zh"]
+langs.de = {{ backend = "precomputed" }}
+langs.zh = {{ backend = "precomputed" }}
+"#,
+            datasets = repo("pipelines/datasets.toml")
+        )
+    };
+    s.write("clean.toml", &pipeline(24));
+    for stage in [
+        "translate_h",
+        "pairs_paragraphs_only",
+        "xquad_en",
+        "xquad_r_heldout",
+    ] {
+        run(&s, "clean.toml", stage);
+    }
+    let all =
+        read_parquet(&output(&s, "xquad_en", "data", "human-arm-24").join("qa.parquet")).unwrap();
+    let titles = strings(&all, "title").unwrap();
+    let qids = strings(&all, "qid").unwrap();
+    let article_order: Vec<&String> = titles.iter().fold(Vec::new(), |mut seen, t| {
+        if seen.last() != Some(&t) {
+            seen.push(t);
+        }
+        seen
+    });
+    assert_eq!(article_order.len(), 48);
+    let first_half: HashSet<&String> = article_order[..24].iter().copied().collect();
+    let train_qids: HashSet<&String> = qids
+        .iter()
+        .zip(&titles)
+        .filter(|(_, t)| first_half.contains(t))
+        .map(|(q, _)| q)
+        .collect();
+
+    // Disjoint by construction: the guard finds nothing to drop.
+    let pairs = output(&s, "pairs_h", "pairs", "human-arm-24");
+    let m = meta(&pairs);
+    assert_eq!(m["counts"]["excluded_paragraphs"], 0, "{m}");
+    assert_eq!(m["counts"]["excluded_articles"], 0, "{m}");
+    let mut pair_ids = Vec::new();
+    for split in ["train", "valid"] {
+        pair_ids.extend(
+            strings(
+                &read_parquet(&pairs.join(format!("{split}.parquet"))).unwrap(),
+                "pair_id",
+            )
+            .unwrap(),
+        );
+    }
+    assert_eq!(pair_ids.len(), train_qids.len());
+    assert!(pair_ids.iter().all(|q| train_qids.contains(q)));
+
+    // The held-out XQuAD-R: the other 24 articles, in every language read.
+    let heldout = output(&s, "xquad_r_heldout", "data", "human-arm-24");
+    let heldout_qids = strings(
+        &read_parquet(&heldout.join("questions.parquet")).unwrap(),
+        "qid",
+    )
+    .unwrap();
+    assert_eq!(heldout_qids.len(), 3 * (qids.len() - train_qids.len()));
+    assert!(heldout_qids.iter().all(|q| !train_qids.contains(q)));
+    let heldout_titles = strings(
+        &read_parquet(&heldout.join("articles.parquet")).unwrap(),
+        "title",
+    )
+    .unwrap();
+    assert_eq!(heldout_titles.len(), 24);
+    assert!(heldout_titles.iter().all(|t| !first_half.contains(t)));
+
+    // Human translations, ids aligned: every pair in de and zh too.
+    let translated = output(&s, "translate_h", "pairs", "human-arm-24");
+    let de = questions_in(&translated, "de");
+    let zh = questions_in(&translated, "zh");
+    assert_eq!((de.len(), zh.len()), (pair_ids.len(), pair_ids.len()));
+    assert!(de
+        .iter()
+        .any(|q| q.starts_with("Wie") || q.starts_with("Wer") || q.starts_with("Was")));
+
+    // A split that overlaps: 6 articles are on both sides. The article
+    // guard drops them (and, XQuAD-R's paragraphs being XQuAD's, so does
+    // the paragraph guard alone).
+    s.write("leaky.toml", &pipeline(30));
+    run(&s, "leaky.toml", "pairs_h");
+    run(&s, "leaky.toml", "pairs_paragraphs_only");
+    let leaky = meta(&output(&s, "pairs_h", "pairs", "human-arm-30"));
+    assert_eq!(leaky["counts"]["excluded_articles"], 6, "{leaky}");
+    assert_eq!(leaky["counts"]["excluded_paragraphs"], 30, "{leaky}");
+    assert_eq!(
+        leaky["kept"].as_u64().unwrap() as usize,
+        train_qids.len(),
+        "{leaky}"
+    );
+    let by_paragraph = meta(&output(
+        &s,
+        "pairs_paragraphs_only",
+        "pairs",
+        "human-arm-30",
+    ));
+    assert_eq!(
+        by_paragraph["counts"]["excluded_articles"], 0,
+        "{by_paragraph}"
+    );
+    assert_eq!(
+        by_paragraph["counts"]["excluded_paragraphs"], 30,
+        "{by_paragraph}"
+    );
+}

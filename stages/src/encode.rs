@@ -17,6 +17,10 @@
 //! changed, and evaluation sets encoded with a shared base model are
 //! encoded once.
 //!
+//! With `inputs.states` (a `frozen_states` output over the same texts, with
+//! the same prefix and max_len) only the model's layers above the states'
+//! cut run; the model's bottom must be the one the states came from.
+//!
 //! Output folder `embeddings`: `ids.parquet` (the id column, plus `lang`
 //! when the table has one, in table order), `vectors.bin` (row-major
 //! little-endian f32 or f16, one row per id) and `meta.json` (rows, dim,
@@ -26,6 +30,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
+use crate::frozen_states::FrozenStates;
 use crate::model::{load_encoder, DeviceChoice, OnBackend, Pooling, TextTokenizer};
 use crate::table::{read_parquet, string_column, strings, write_parquet};
 use crate::{
@@ -112,7 +117,11 @@ impl Stage for EncodeStage {
         let p: EncodeParams =
             from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
         Ok(Interface {
-            inputs: vec![InputSlot::one("model"), InputSlot::one("texts")],
+            inputs: vec![
+                InputSlot::one("model"),
+                InputSlot::one("texts"),
+                InputSlot::optional("states"),
+            ],
             resources: p.device.resources(),
             ..Interface::producing(&["embeddings"])
         })
@@ -146,10 +155,8 @@ fn encode<B: burn::tensor::backend::Backend>(
     let table_path = ctx.input("texts")?.join(format!("{}.parquet", p.table));
     let frame = read_parquet(&table_path)?;
     let ids = strings(&frame, &p.id)?;
-    let texts: Vec<String> = strings(&frame, &p.text)?
-        .into_iter()
-        .map(|t| format!("{}{t}", p.prefix))
-        .collect();
+    let raw = strings(&frame, &p.text)?;
+    let texts: Vec<String> = raw.iter().map(|t| format!("{}{t}", p.prefix)).collect();
     let langs = frame
         .column("lang")
         .is_ok()
@@ -159,18 +166,45 @@ fn encode<B: burn::tensor::backend::Backend>(
     let tokenizer = TextTokenizer::for_model(model_dir)?;
     let encoder = load_encoder::<B>(model_dir, p.pooling, &device)?;
     let dim = encoder.embeddings.word.weight.dims()[1];
+    // With stored states of the model's frozen bottom, only the layers
+    // above it run.
+    let states = match ctx.inputs("states") {
+        [] => None,
+        [one] => {
+            let states = FrozenStates::open(&one.path, &one.producer)?;
+            let set = states.set(&p.prefix, p.max_len)?;
+            states.check_bottom(&encoder, &ctx.inputs("model")[0].producer)?;
+            Some((states, set))
+        }
+        many => anyhow::bail!("input `states` has {} artifacts, expected one", many.len()),
+    };
 
     // Length-sorted batches waste little on padding; rows go back in table order.
-    let lengths = tokenizer.lengths(&texts)?;
+    let lengths = match &states {
+        Some((states, set)) => raw
+            .iter()
+            .map(|t| states.length(*set, t))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => tokenizer.lengths(&texts)?,
+    };
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| (lengths[i], i));
     let mut vectors = vec![0f32; texts.len() * dim];
     let bar = ctx.progress_bar(texts.len() as u64, &format!("encoding {}", p.table));
     for chunk in order.chunks(p.batch_size) {
-        let batch: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
-        let (input_ids, mask) = tokenizer.encode(&batch, p.max_len)?.tensors::<B>(&device);
-        let embedded: Vec<f32> = encoder
-            .embed(input_ids, mask)
+        let embedded = match &states {
+            Some((states, set)) => {
+                let batch: Vec<&str> = chunk.iter().map(|&i| raw[i].as_str()).collect();
+                let (x, mask) = states.batch::<B>(*set, &batch, &device)?;
+                encoder.embed_from(x, mask, states.meta.cut)
+            }
+            None => {
+                let batch: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
+                let (input_ids, mask) = tokenizer.encode(&batch, p.max_len)?.tensors::<B>(&device);
+                encoder.embed(input_ids, mask)
+            }
+        };
+        let embedded: Vec<f32> = embedded
             .into_data()
             .convert::<f32>()
             .to_vec()

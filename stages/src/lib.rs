@@ -14,6 +14,7 @@ pub mod datasets;
 mod download;
 pub mod encode;
 pub mod eval;
+pub mod frozen_states;
 mod hf_model;
 mod import;
 mod matmul;
@@ -86,6 +87,7 @@ pub fn registry() -> Vec<Box<dyn Stage>> {
         Box::new(qa_pairs::QaPairsStage),
         Box::new(translate::TranslateStage),
         Box::new(train::TrainStage),
+        Box::new(frozen_states::FrozenStatesStage),
         Box::new(encode::EncodeStage),
         Box::new(eval::lareqa::EvaluateLareqaStage),
         Box::new(eval::bitext::EvaluateBitextStage),
@@ -185,6 +187,14 @@ impl InputSlot {
             name: name.to_string(),
             many: false,
             optional: false,
+        }
+    }
+
+    /// A slot that takes one artifact or may be left unconnected.
+    pub fn optional(name: &str) -> Self {
+        InputSlot {
+            optional: true,
+            ..InputSlot::one(name)
         }
     }
 

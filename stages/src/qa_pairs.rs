@@ -13,7 +13,9 @@
 //!
 //! Leakage guard: a training paragraph is dropped when its normalised text
 //! equals an evaluation context, or when any of its questions has an id an
-//! evaluation set uses (XQuAD, hence XQuAD-R, reuses SQuAD's ids).
+//! evaluation set uses (XQuAD, hence XQuAD-R, reuses SQuAD's ids); with
+//! `exclude_articles = true`, also when its article (by title) is one an
+//! evaluation set holds.
 //!
 //! Output folder `pairs`: `train.parquet` and `valid.parquet` (pair_id,
 //! context_id, question, passage, negative — empty when there is none) and
@@ -22,6 +24,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::datasets::split_sentences;
@@ -81,6 +84,12 @@ struct QaPairsParams {
     /// quick runs on a CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_pairs: Option<usize>,
+    /// Also drop every paragraph of an article that an evaluation set
+    /// holds (by title): for training on part of a parallel set (XQuAD)
+    /// and evaluating on the rest, where paragraphs of one article share
+    /// facts and names.
+    #[serde(default)]
+    exclude_articles: bool,
 }
 
 impl Stage for QaPairsStage {
@@ -89,7 +98,8 @@ impl Stage for QaPairsStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: excluded_articles in meta.json.
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -142,10 +152,26 @@ impl Stage for QaPairsStage {
         let context_ids = strings(&qa, "context_id")?;
         let sentences = strings(&qa, "sentence")?;
 
-        let (banned_contexts, banned_qids) = evaluation_material(ctx)?;
+        let banned = evaluation_material(ctx)?;
+        let titles = if p.exclude_articles {
+            anyhow::ensure!(
+                !banned.titles.is_empty() || ctx.inputs("exclude").is_empty(),
+                "exclude_articles: no `exclude` input names its articles (a squad output with titles, or a lareqa output with articles.parquet)"
+            );
+            strings(&qa, "title").context(
+                "exclude_articles needs article titles in the `qa` input (a squad reader of SQuAD-layout JSON)",
+            )?
+        } else {
+            Vec::new()
+        };
         let mut dropped_paragraphs: HashSet<&str> = HashSet::new();
+        let mut dropped_articles: HashSet<&str> = HashSet::new();
         for (i, cid) in context_ids.iter().enumerate() {
-            if banned_contexts.contains(cid) || banned_qids.contains(&qids[i]) {
+            let by_article = p.exclude_articles && banned.titles.contains(&titles[i]);
+            if by_article {
+                dropped_articles.insert(&titles[i]);
+            }
+            if by_article || banned.contexts.contains(cid) || banned.qids.contains(&qids[i]) {
                 dropped_paragraphs.insert(cid);
             }
         }
@@ -219,6 +245,7 @@ impl Stage for QaPairsStage {
         report.read = qids.len();
         report.kept = kept.len();
         report.count("excluded_paragraphs", dropped_paragraphs.len());
+        report.count("excluded_articles", dropped_articles.len());
         report.count("excluded_questions", excluded_questions);
         report.count(
             "paragraphs",
@@ -259,25 +286,44 @@ fn write_pairs(
 }
 
 /// Context ids and question ids of every connected evaluation set.
-fn evaluation_material(ctx: &StageContext) -> anyhow::Result<(HashSet<String>, HashSet<String>)> {
-    let (mut contexts, mut qids) = (HashSet::new(), HashSet::new());
+/// What the evaluation sets hold: paragraphs (by context id), question ids
+/// and article titles (where the reader kept them).
+#[derive(Default)]
+struct EvaluationMaterial {
+    contexts: HashSet<String>,
+    qids: HashSet<String>,
+    titles: HashSet<String>,
+}
+
+fn evaluation_material(ctx: &StageContext) -> anyhow::Result<EvaluationMaterial> {
+    let mut m = EvaluationMaterial::default();
     for input in ctx.inputs("exclude") {
         let dir = &input.path;
         if dir.join("qa.parquet").exists() {
             let qa = read_parquet(&dir.join("qa.parquet"))?;
-            contexts.extend(strings(&qa, "context_id")?);
-            qids.extend(strings(&qa, "qid")?);
+            m.contexts.extend(strings(&qa, "context_id")?);
+            m.qids.extend(strings(&qa, "qid")?);
+            if qa.column("title").is_ok() {
+                m.titles
+                    .extend(strings(&qa, "title")?.into_iter().filter(|t| !t.is_empty()));
+            }
         } else if dir.join("candidates.parquet").exists() {
             let candidates = read_parquet(&dir.join("candidates.parquet"))?;
-            contexts.extend(
+            m.contexts.extend(
                 strings(&candidates, "context")?
                     .iter()
                     .map(|c| context_id(c)),
             );
-            qids.extend(strings(
+            m.qids.extend(strings(
                 &read_parquet(&dir.join("questions.parquet"))?,
                 "qid",
             )?);
+            if dir.join("articles.parquet").exists() {
+                m.titles.extend(strings(
+                    &read_parquet(&dir.join("articles.parquet"))?,
+                    "title",
+                )?);
+            }
         } else {
             anyhow::bail!(
                 "exclude input from {} is neither a `squad` nor a `lareqa` reader's output",
@@ -285,7 +331,7 @@ fn evaluation_material(ctx: &StageContext) -> anyhow::Result<(HashSet<String>, H
             );
         }
     }
-    Ok((contexts, qids))
+    Ok(m)
 }
 
 /// A well-mixed 64-bit hash of (seed, text): deterministic choices.

@@ -313,10 +313,16 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
     }
 }
 
+/// The largest |a - b|; infinite where either side holds a NaN, so that a
+/// NaN anywhere fails every tolerance (`f32::max` would skip it).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).fold(0.0, |worst, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            worst.max(d)
+        }
+    })
 }

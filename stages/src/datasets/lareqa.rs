@@ -9,6 +9,7 @@
 //! in every language.
 //!
 //! Output folder `data`: `questions.parquet` (lang, qid, question),
+//! `articles.parquet` (the titles of the articles read),
 //! `candidates.parquet` (lang, cid, sentence, context), `qrels.parquet`
 //! (qid, lang, cid: the answer in each language), `meta.json`.
 
@@ -17,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{input_file, parse_json, reader_interface};
+use super::{input_file, parse_json, reader_interface, Articles};
 use crate::table::{string_column, write_parquet, OnError, ReadReport};
 use crate::{
     from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
@@ -36,6 +37,11 @@ struct LareqaParams {
     /// parallel, so the subset is the same paragraphs in every language.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_paragraphs: Option<usize>,
+    /// Read only these articles (by position; the files are parallel, so
+    /// the same articles in every language), e.g. those a training split
+    /// left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    articles: Option<Articles>,
     #[serde(default)]
     on_error: OnError,
 }
@@ -46,7 +52,8 @@ impl Stage for LareqaStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: `articles`, articles.parquet.
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -61,6 +68,9 @@ impl Stage for LareqaStage {
         let p: LareqaParams = parse_params(params)?;
         if p.langs.is_empty() {
             return Err(ParamError::new("langs", "name at least one language"));
+        }
+        if let Some(articles) = &p.articles {
+            articles.check()?;
         }
         Ok(to_canonical(&p))
     }
@@ -81,7 +91,7 @@ impl Stage for LareqaStage {
         let mut tables = RetrievalTables::default();
         let mut report = ReadReport::new(p.on_error);
         for lang in &p.langs {
-            read_language(dir, lang, p.max_paragraphs, &mut tables, &mut report)?;
+            read_language(dir, lang, &p, &mut tables, &mut report)?;
         }
         report.kept = tables.q_id.len();
         tables.write(&out)?;
@@ -103,11 +113,20 @@ pub(crate) struct RetrievalTables {
     pub r_qid: Vec<String>,
     pub r_lang: Vec<String>,
     pub r_cid: Vec<String>,
+    /// Titles of the articles read, where the source has them.
+    pub articles: Vec<String>,
 }
 
 impl RetrievalTables {
     /// `questions.parquet`, `candidates.parquet` and `qrels.parquet` in `out`.
     pub fn write(self, out: &Path) -> anyhow::Result<()> {
+        if !self.articles.is_empty() {
+            let titles: std::collections::BTreeSet<String> = self.articles.into_iter().collect();
+            write_parquet(
+                &out.join("articles.parquet"),
+                vec![string_column("title", titles.into_iter().collect())],
+            )?;
+        }
         write_parquet(
             &out.join("questions.parquet"),
             vec![
@@ -139,7 +158,7 @@ impl RetrievalTables {
 fn read_language(
     dir: &Path,
     lang: &str,
-    max_paragraphs: Option<usize>,
+    p: &LareqaParams,
     t: &mut RetrievalTables,
     report: &mut ReadReport,
 ) -> anyhow::Result<()> {
@@ -151,17 +170,27 @@ fn read_language(
         .and_then(Value::as_array)
         .ok_or_else(|| anyhow::anyhow!("{file}: no `data` list: not a SQuAD-layout file"))?;
     let (mut questions, mut candidates) = (0, 0);
-    let mut paragraph_index = 0usize;
-    let paragraphs = articles.iter().flat_map(|article| {
-        article
-            .get("paragraphs")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-    });
-    for paragraph in paragraphs.take(max_paragraphs.unwrap_or(usize::MAX)) {
-        let id = format!("paragraph {paragraph_index}");
-        paragraph_index += 1;
+    // Paragraphs are numbered over the whole file, so a candidate keeps its
+    // id whichever articles are read.
+    let paragraphs = articles
+        .iter()
+        .enumerate()
+        .flat_map(|(a, article)| {
+            article
+                .get("paragraphs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(move |paragraph| (a, article, paragraph))
+        })
+        .enumerate()
+        .filter(|(_, (a, _, _))| p.articles.is_none_or(|wanted| wanted.contains(*a)));
+    for (index, (_, article, paragraph)) in paragraphs.take(p.max_paragraphs.unwrap_or(usize::MAX))
+    {
+        let id = format!("paragraph {index}");
+        if let Some(title) = article.get("title").and_then(Value::as_str) {
+            t.articles.push(title.to_string());
+        }
         let context = paragraph.get("context").and_then(Value::as_str);
         let sentences = paragraph.get("sentences").and_then(Value::as_array);
         let breaks = paragraph.get("sentence_breaks").and_then(Value::as_array);
@@ -198,7 +227,7 @@ fn read_language(
         let first_candidate = t.c_id.len();
         for (s, text) in texts.iter().enumerate() {
             t.c_lang.push(lang.to_string());
-            t.c_id.push(format!("{lang}:{}:{s}", paragraph_index - 1));
+            t.c_id.push(format!("{lang}:{index}:{s}"));
             t.c_text.push(text.to_string());
             t.c_context.push(context.to_string());
             candidates += 1;

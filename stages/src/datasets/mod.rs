@@ -19,6 +19,36 @@ use anyhow::Context;
 
 use crate::{InputSlot, Interface};
 
+/// A range of articles in file order (`articles = { from = 24, to = 48 }`,
+/// `to` exclusive and optional): a split by article that every file of a
+/// parallel set (XQuAD, XQuAD-R) cuts alike, so that training and
+/// evaluation can take disjoint articles.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Articles {
+    #[serde(default)]
+    pub from: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<usize>,
+}
+
+impl Articles {
+    pub fn contains(&self, index: usize) -> bool {
+        index >= self.from && self.to.is_none_or(|to| index < to)
+    }
+
+    /// The param check: a range that holds at least one article.
+    pub fn check(&self) -> Result<(), crate::ParamError> {
+        match self.to {
+            Some(to) if to <= self.from => Err(crate::ParamError::new(
+                "articles.to",
+                format!("{to} leaves no article after `from` = {}", self.from),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Every reader: files in (a `download` / `import` folder), tables out.
 pub fn reader_interface() -> Interface {
     Interface {

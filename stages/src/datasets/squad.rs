@@ -7,8 +7,12 @@
 //! encrypted (`password`). Each context is split into sentences so a
 //! training pair can use the answer sentence or the whole paragraph.
 //!
+//! `articles = { from = 0, to = 24 }` reads only those articles (by position
+//! in the file): XQuAD's translations are parallel, so one range takes the
+//! same articles in every language.
+//!
 //! Output folder `data`: `qa.parquet` with one row per answerable question
-//! (lang, source, qid, question, context_id, context, answer_text,
+//! (lang, source, title, qid, question, context_id, context, answer_text,
 //! answer_start, sentence, sentence_index) and `meta.json`. `context_id` is
 //! a hash of the whitespace-normalised context, so the same paragraph has
 //! the same id in every file that contains it.
@@ -20,7 +24,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{char_to_byte, input_file, parse_json, reader_interface, split_sentences};
+use super::{char_to_byte, input_file, parse_json, reader_interface, split_sentences, Articles};
 use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
 use crate::{
     from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
@@ -37,6 +41,9 @@ struct SquadParams {
     files: Vec<String>,
     /// Language of the questions and contexts.
     lang: String,
+    /// Read only these articles of SQuAD-layout files (by position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    articles: Option<Articles>,
     /// Password of encrypted zip files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     password: Option<String>,
@@ -50,7 +57,8 @@ impl Stage for SquadStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the `title` column.
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -65,6 +73,9 @@ impl Stage for SquadStage {
         let p: SquadParams = parse_params(params)?;
         if p.files.is_empty() {
             return Err(ParamError::new("files", "name at least one file"));
+        }
+        if let Some(articles) = &p.articles {
+            articles.check()?;
         }
         Ok(to_canonical(&p))
     }
@@ -84,7 +95,7 @@ impl Stage for SquadStage {
         let mut report = ReadReport::new(p.on_error);
         for name in &p.files {
             for (source, bytes) in read_sources(dir, name, p.password.as_deref())? {
-                read_source(&source, &bytes, &mut rows, &mut report)?;
+                read_source(&source, &bytes, p.articles, &mut rows, &mut report)?;
             }
         }
         report.kept = rows.qid.len();
@@ -96,6 +107,7 @@ impl Stage for SquadStage {
             vec![
                 string_column("lang", vec![p.lang.clone(); n]),
                 string_column("source", rows.source),
+                string_column("title", rows.title),
                 string_column("qid", rows.qid),
                 string_column("question", rows.question),
                 string_column("context_id", rows.context_id),
@@ -173,6 +185,8 @@ fn read_sources(
 #[derive(Default)]
 struct Rows {
     source: Vec<String>,
+    /// The article's title (empty in JSON Lines, which has none).
+    title: Vec<String>,
     qid: Vec<String>,
     question: Vec<String>,
     context_id: Vec<String>,
@@ -186,6 +200,7 @@ struct Rows {
 fn read_source(
     source: &str,
     bytes: &[u8],
+    articles_wanted: Option<Articles>,
     rows: &mut Rows,
     report: &mut ReadReport,
 ) -> anyhow::Result<()> {
@@ -202,7 +217,12 @@ fn read_source(
             .get("data")
             .and_then(Value::as_array)
             .ok_or_else(|| anyhow::anyhow!("{source}: no `data` list"))?;
-        for article in articles {
+        for (index, article) in articles.iter().enumerate() {
+            if articles_wanted.is_some_and(|a| !a.contains(index)) {
+                continue;
+            }
+            let title = article.get("title").and_then(Value::as_str).unwrap_or("");
+            let before_article = rows.qid.len();
             for paragraph in article
                 .get("paragraphs")
                 .and_then(Value::as_array)
@@ -224,8 +244,15 @@ fn read_source(
                     add_question(source, qa, context, &sentences, rows, report)?;
                 }
             }
+            let added = rows.qid.len() - before_article;
+            rows.title
+                .extend(std::iter::repeat_n(title.to_string(), added));
         }
     } else {
+        anyhow::ensure!(
+            articles_wanted.is_none(),
+            "{source}: JSON Lines has no articles; `articles` needs SQuAD-layout JSON"
+        );
         let text = std::str::from_utf8(bytes).map_err(|err| {
             let line = bytes[..err.valid_up_to()]
                 .iter()
@@ -259,6 +286,7 @@ fn read_source(
             let sentences = split_sentences(context);
             add_question(source, &record, context, &sentences, rows, report)?;
         }
+        rows.title.resize(rows.qid.len(), String::new());
     }
     report.count(format!("questions.{source}"), rows.qid.len() - before);
     Ok(())

@@ -6,7 +6,7 @@
 //! LayerNorm after each residual), so the same weights give the same
 //! numbers; `tests/model.rs` checks that against golden outputs.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
@@ -104,6 +104,62 @@ impl<B: Backend> Encoder<B> {
         input_ids: Tensor<B, 2, Int>,
         mask: Tensor<B, 2, Int>,
     ) -> Tensor<B, 3> {
+        let embedded = self.embedded(input_ids, mask.clone());
+        self.layers_on(embedded, mask, 0..self.layers.len())
+    }
+
+    /// The states after the embeddings and the first `cut` layers: what a
+    /// model trained only above `cut` sees as its input.
+    pub fn bottom_states(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        mask: Tensor<B, 2, Int>,
+        cut: usize,
+    ) -> Tensor<B, 3> {
+        let embedded = self.embedded(input_ids, mask.clone());
+        self.layers_on(embedded, mask, 0..cut)
+    }
+
+    /// Pooled, L2-normalised embeddings `[batch, hidden]`.
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let hidden = self.hidden_states(input_ids, mask.clone());
+        normalize(pool(hidden, mask, self.pooling))
+    }
+
+    /// [`Encoder::embed`] continued from `states`, the output of
+    /// [`Encoder::bottom_states`] at `cut`: only the layers above it run.
+    pub fn embed_from(
+        &self,
+        states: Tensor<B, 3>,
+        mask: Tensor<B, 2, Int>,
+        cut: usize,
+    ) -> Tensor<B, 2> {
+        let hidden = self.layers_on(states, mask.clone(), cut..self.layers.len());
+        normalize(pool(hidden, mask, self.pooling))
+    }
+
+    /// A content hash of everything below `cut`: the embeddings and the
+    /// first `cut` layers, value by value. Two encoders with one
+    /// fingerprint give the same [`Encoder::bottom_states`], so states stored
+    /// from one can feed the other's top layers.
+    pub fn bottom_fingerprint(&self, cut: usize) -> String {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&(cut as u64).to_le_bytes());
+        hasher.update(&[self.roberta_positions as u8]);
+        hasher.update(&(self.pad_token_id as u64).to_le_bytes());
+        let mut visitor = HashParams {
+            hasher: &mut hasher,
+        };
+        self.embeddings.visit(&mut visitor);
+        for layer in &self.layers[..cut.min(self.layers.len())] {
+            layer.visit(&mut visitor);
+        }
+        hasher.finalize().to_hex().to_string()
+    }
+
+    /// Word, position and token-type embeddings, normalised (and dropped
+    /// out while training).
+    fn embedded(&self, input_ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
         let positions = if !self.roberta_positions {
@@ -112,7 +168,7 @@ impl<B: Backend> Encoder<B> {
                 .repeat_dim(0, batch)
         } else {
             // XLM-R: real tokens count from pad + 1, padding sits at pad.
-            mask.clone().cumsum(1) * mask.clone() + self.pad_token_id as i64
+            mask.clone().cumsum(1) * mask + self.pad_token_id as i64
         };
         let token_types = Tensor::<B, 2, Int>::zeros([batch, seq], &device);
         let e = &self.embeddings;
@@ -121,19 +177,22 @@ impl<B: Backend> Encoder<B> {
             + e.token_type.forward(token_types);
         let hidden = x.dims()[2];
         let x = layer_norm(&e.norm, e.norm_epsilon, x.reshape([batch * seq, hidden]));
-        let mut x = dropout(x, e.dropout).reshape([batch, seq, hidden]);
+        dropout(x, e.dropout).reshape([batch, seq, hidden])
+    }
+
+    /// The transformer layers `range` applied to states `x`.
+    fn layers_on(
+        &self,
+        mut x: Tensor<B, 3>,
+        mask: Tensor<B, 2, Int>,
+        range: std::ops::Range<usize>,
+    ) -> Tensor<B, 3> {
         // Additive key mask: 0 on tokens, the most negative f32 on padding.
         let key_bias = (mask.float().neg() + 1.0).mul_scalar(f32::MIN);
-        for layer in &self.layers {
+        for layer in &self.layers[range] {
             x = layer.forward(x, key_bias.clone());
         }
         x
-    }
-
-    /// Pooled, L2-normalised embeddings `[batch, hidden]`.
-    pub fn embed(&self, input_ids: Tensor<B, 2, Int>, mask: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let hidden = self.hidden_states(input_ids, mask.clone());
-        normalize(pool(hidden, mask, self.pooling))
     }
 }
 
@@ -169,6 +228,22 @@ impl<B: Backend> Layer<B> {
             dropout(dense(&self.output, inner), self.dropout) + attended,
         )
         .reshape([batch, seq, hidden])
+    }
+}
+
+/// Feeds every float parameter's shape and f32 values to a hasher.
+struct HashParams<'a> {
+    hasher: &'a mut blake3::Hasher,
+}
+
+impl<B: Backend> ModuleVisitor<B> for HashParams<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        for d in tensor.dims() {
+            self.hasher.update(&(d as u64).to_le_bytes());
+        }
+        let data = tensor.into_data().convert::<f32>();
+        self.hasher.update(data.as_bytes());
     }
 }
 

@@ -33,9 +33,18 @@ impl TextTokenizer {
         Self::from_file(&dir.join("tokenizer.json"), config.pad_token_id as u32)
     }
 
-    /// Tokenize with special tokens, cut at `max_len` tokens. As in
-    /// transformers, a cut sequence keeps its closing special token.
+    /// Tokenize with special tokens, cut at `max_len` tokens, into one
+    /// right-padded batch.
     pub fn encode(&self, texts: &[String], max_len: usize) -> anyhow::Result<TokenBatch> {
+        Ok(TokenBatch::from_rows(
+            &self.rows(texts, max_len)?,
+            self.pad_id,
+        ))
+    }
+
+    /// Each text's token ids with special tokens, cut at `max_len`. As in
+    /// transformers, a cut sequence keeps its closing special token.
+    pub fn rows(&self, texts: &[String], max_len: usize) -> anyhow::Result<Vec<Vec<u32>>> {
         anyhow::ensure!(
             max_len >= 2,
             "max_len must leave room for the special tokens"
@@ -44,7 +53,7 @@ impl TextTokenizer {
             .inner
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let rows: Vec<Vec<u32>> = encodings
+        Ok(encodings
             .iter()
             .map(|e| {
                 let ids = e.get_ids();
@@ -56,22 +65,12 @@ impl TextTokenizer {
                     cut
                 }
             })
-            .collect();
-        let seq = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(texts.len() * seq);
-        let mut mask = Vec::with_capacity(texts.len() * seq);
-        for row in &rows {
-            ids.extend(row.iter().map(|&i| i as i64));
-            mask.extend(std::iter::repeat_n(1, row.len()));
-            ids.extend(std::iter::repeat_n(self.pad_id as i64, seq - row.len()));
-            mask.extend(std::iter::repeat_n(0, seq - row.len()));
-        }
-        Ok(TokenBatch {
-            ids,
-            mask,
-            batch: texts.len(),
-            seq,
-        })
+            .collect())
+    }
+
+    /// The id that pads rows.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
     }
 
     /// Token count of each text (with special tokens), for length bucketing.
@@ -85,6 +84,31 @@ impl TextTokenizer {
 }
 
 impl TokenBatch {
+    /// `rows` right-padded with `pad_id` to the longest of them.
+    pub fn from_rows<R: AsRef<[u32]>>(rows: &[R], pad_id: u32) -> TokenBatch {
+        let seq = rows
+            .iter()
+            .map(|r| r.as_ref().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut ids = Vec::with_capacity(rows.len() * seq);
+        let mut mask = Vec::with_capacity(rows.len() * seq);
+        for row in rows {
+            let row = row.as_ref();
+            ids.extend(row.iter().map(|&i| i as i64));
+            mask.extend(std::iter::repeat_n(1, row.len()));
+            ids.extend(std::iter::repeat_n(pad_id as i64, seq - row.len()));
+            mask.extend(std::iter::repeat_n(0, seq - row.len()));
+        }
+        TokenBatch {
+            ids,
+            mask,
+            batch: rows.len(),
+            seq,
+        }
+    }
+
     pub fn tensors<B: Backend>(
         &self,
         device: &B::Device,

@@ -30,11 +30,11 @@
 //!   replicates (Student's t), plus in-domain and out-of-domain averages.
 //! - `per_language.{parquet,csv}`: the same per query (and candidate) language.
 //! - `bootstrap.{parquet,csv,md}`: each point against the baselines of `x`
-//!   with the other variables equal: paired bootstrap over queries of the
-//!   difference in the main metric and in bias. A query's value in a
-//!   setting is its mean over that setting's language pools (so with
-//!   parallel queries, as in XQuAD-R, the mean over queries is the macro
-//!   average), averaged over replicates.
+//!   with the other variables equal: paired bootstrap (by replicate and by
+//!   query, resampling both) of the difference in the main metric and in
+//!   bias. A query's value in a setting is its mean over that setting's
+//!   language pools (so with parallel queries, as in XQuAD-R, the mean over
+//!   queries is the macro average).
 //! - `report.md`: the tables above for reading; `plots/*.svg` and `*.png`.
 
 mod plot;
@@ -54,7 +54,7 @@ use crate::{
     from_canonical, parse_params, to_canonical, InputArtifact, InputSlot, Interface, ParamError,
     ParamsEnv, Stage, StageContext,
 };
-use stats::{mean_ci, paired_bootstrap, PairedBootstrap};
+use stats::{mean_ci, p_text, paired_bootstrap, PairedBootstrap};
 
 pub struct ReportStage;
 
@@ -103,7 +103,8 @@ impl Stage for ReportStage {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the bootstrap resamples seeds as well as queries.
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -380,6 +381,9 @@ struct Report<'a> {
     /// Grid variable names (columns of every table).
     variables: Vec<String>,
 }
+
+/// A query's value, by query id.
+type QueryValues = HashMap<String, f64>;
 
 /// Mean and CI half-width over replicates, and how many there were.
 #[derive(Clone, Copy)]
@@ -704,30 +708,24 @@ impl<'a> Report<'a> {
         Ok(md)
     }
 
-    /// Per query, the value of (dataset, setting, metric) at `point`, mean over replicates.
+    /// Per replicate, per query, the value of (dataset, setting, metric) at `point`.
     fn query_values(
         &self,
         point: &Point,
         dataset: &str,
         setting: &str,
         metric: &str,
-    ) -> HashMap<&str, f64> {
-        let mut sums: HashMap<&str, (f64, usize)> = HashMap::new();
-        for e in self
-            .evaluations
+    ) -> BTreeMap<String, &QueryValues> {
+        self.evaluations
             .iter()
             .filter(|e| e.point == *point && e.dataset == dataset)
-        {
-            if let Some(values) = e.per_query.get(&(setting.to_string(), metric.to_string())) {
-                for (q, v) in values {
-                    let entry = sums.entry(q.as_str()).or_default();
-                    entry.0 += v;
-                    entry.1 += 1;
-                }
-            }
-        }
-        sums.into_iter()
-            .map(|(q, (s, n))| (q, s / n as f64))
+            .filter_map(|e| {
+                let values = e
+                    .per_query
+                    .get(&(setting.to_string(), metric.to_string()))?;
+                let replicate = e.replicate.as_ref().map(value_text).unwrap_or_default();
+                Some((replicate, values))
+            })
             .collect()
     }
 
@@ -737,6 +735,7 @@ impl<'a> Report<'a> {
             baseline: f64,
             cell: (String, String, String),
             queries: usize,
+            replicates: usize,
             result: PairedBootstrap,
         }
         let x = &self.p.x;
@@ -774,22 +773,39 @@ impl<'a> Report<'a> {
                 for (index, cell) in dataset_cells.iter().enumerate() {
                     let ours = self.query_values(point, &cell.0, &cell.1, &cell.2);
                     let theirs = self.query_values(reference, &cell.0, &cell.1, &cell.2);
-                    let mut differences: Vec<(&str, f64)> = ours
+                    // Paired by replicate (the same seed on both sides) and
+                    // by query: the queries every such replicate holds.
+                    let replicates: Vec<(&QueryValues, &QueryValues)> = ours
                         .iter()
-                        .filter_map(|(q, v)| Some((*q, v - theirs.get(q)?)))
+                        .filter_map(|(r, a)| Some((*a, *theirs.get(r)?)))
                         .collect();
-                    if differences.is_empty() {
+                    let Some((first, _)) = replicates.first() else {
+                        continue;
+                    };
+                    let mut queries: Vec<&String> = first
+                        .keys()
+                        .filter(|q| {
+                            replicates
+                                .iter()
+                                .all(|(a, b)| a.contains_key(*q) && b.contains_key(*q))
+                        })
+                        .collect();
+                    if queries.is_empty() {
                         continue;
                     }
-                    differences.sort_by(|a, b| a.0.cmp(b.0));
-                    let values: Vec<f64> = differences.iter().map(|d| d.1).collect();
+                    queries.sort();
+                    let differences: Vec<Vec<f64>> = replicates
+                        .iter()
+                        .map(|(a, b)| queries.iter().map(|q| a[*q] - b[*q]).collect())
+                        .collect();
                     rows.push(Row {
                         point,
                         baseline,
                         cell: cell.clone(),
-                        queries: values.len(),
+                        queries: queries.len(),
+                        replicates: differences.len(),
                         result: paired_bootstrap(
-                            &values,
+                            &differences,
                             self.p.bootstrap_samples,
                             index as u64 + 1,
                         ),
@@ -810,6 +826,10 @@ impl<'a> Report<'a> {
                 "queries".into(),
                 rows.iter().map(|r| r.queries as i64).collect::<Vec<_>>(),
             ),
+            Column::new(
+                "replicates".into(),
+                rows.iter().map(|r| r.replicates as i64).collect::<Vec<_>>(),
+            ),
             Column::new("delta".into(), num(|r| r.result.delta)),
             Column::new("ci_low".into(), num(|r| r.result.ci_low)),
             Column::new("ci_high".into(), num(|r| r.result.ci_high)),
@@ -822,6 +842,7 @@ impl<'a> Report<'a> {
             "dataset",
             "setting",
             "metric",
+            "seeds",
             "Δ (95% CI)",
             "p",
         ]
@@ -838,6 +859,7 @@ impl<'a> Report<'a> {
                     r.cell.0.clone(),
                     r.cell.1.clone(),
                     r.cell.2.clone(),
+                    r.replicates.to_string(),
                     format!(
                         "{:+.d$} ({:+.d$}, {:+.d$})",
                         r.result.delta,
@@ -845,15 +867,15 @@ impl<'a> Report<'a> {
                         r.result.ci_high,
                         d = digits
                     ),
-                    format!("{:.3}", r.result.p_value),
+                    p_text(r.result.p_value, self.p.bootstrap_samples),
                 ]
             })
             .collect();
         let table = markdown_table(&header, &table_rows);
         std::fs::write(out.join("bootstrap.md"), &table)?;
         Ok(format!(
-            "## Paired bootstrap against {x} = {:?}\n\nDifference in the per-query mean ({} resamples of the queries; a query's value is its mean over the setting's language pools and the {}s). p is two-sided.\n\n{table}\n",
-            self.p.baselines, self.p.bootstrap_samples, self.p.replicate
+            "## Paired bootstrap against {x} = {:?}\n\nDifference in the per-query mean, paired by {r} and by query ({} resamples, each drawing {r}s and queries with replacement, so the interval holds the {r}-to-{r} variance as well as the query sampling; a query's value is its mean over the setting's language pools). p is two-sided; `< 1/resamples` where no resample crossed zero.\n\nGrid points that share a {r} share its random draws (batch sampler stream, initialisation and dropout masks): at one {r}, two values of {x} are compared under common random numbers, which makes paired differences sharper but means that neighbouring values of {x} are not independent evidence of a trend.\n\n{table}\n",
+            self.p.baselines, self.p.bootstrap_samples, r = self.p.replicate
         ))
     }
 }

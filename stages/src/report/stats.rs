@@ -30,7 +30,7 @@ fn t_975(degrees: usize) -> f64 {
     }
 }
 
-/// Paired bootstrap over queries of mean(x - y).
+/// Paired bootstrap of mean(x - y) over seeds and queries.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PairedBootstrap {
     /// Observed mean difference.
@@ -39,15 +39,25 @@ pub struct PairedBootstrap {
     pub ci_low: f64,
     pub ci_high: f64,
     /// Two-sided p-value: twice the smaller share of resampled means on
-    /// either side of zero (capped at 1).
+    /// either side of zero (capped at 1). 0 means below 1 / samples.
     pub p_value: f64,
 }
 
-/// `differences[i]` is query i's metric under the system minus under the
-/// baseline; resample queries `samples` times.
-pub fn paired_bootstrap(differences: &[f64], samples: usize, seed: u64) -> PairedBootstrap {
-    let n = differences.len();
-    let delta = differences.iter().sum::<f64>() / n.max(1) as f64;
+/// `differences[r][i]` is query i's metric under the system minus under the
+/// baseline, both at replicate (seed) r; every replicate holds the same
+/// queries in the same order. Each of `samples` resamples draws replicates
+/// with replacement and, independently, queries with replacement, and takes
+/// the mean difference over the drawn replicates x queries: so the interval
+/// holds the seed-to-seed variance as well as the query sampling. With one
+/// replicate this is the usual paired bootstrap over queries.
+pub fn paired_bootstrap(differences: &[Vec<f64>], samples: usize, seed: u64) -> PairedBootstrap {
+    let replicates = differences.len();
+    let n = differences.first().map_or(0, Vec::len);
+    assert!(
+        differences.iter().all(|d| d.len() == n),
+        "every replicate must hold the same queries"
+    );
+    let delta = differences.iter().flatten().sum::<f64>() / (replicates * n).max(1) as f64;
     if n == 0 || samples == 0 {
         return PairedBootstrap {
             delta,
@@ -57,12 +67,32 @@ pub fn paired_bootstrap(differences: &[f64], samples: usize, seed: u64) -> Paire
         };
     }
     let mut rng = SplitMix64(seed);
+    let mut weights = vec![0u32; n];
     let mut means: Vec<f64> = (0..samples)
         .map(|_| {
-            (0..n)
-                .map(|_| differences[(rng.next_u64() % n as u64) as usize])
-                .sum::<f64>()
-                / n as f64
+            // Query multiplicities of this resample, shared by its replicates.
+            weights.fill(0);
+            for _ in 0..n {
+                weights[(rng.next_u64() % n as u64) as usize] += 1;
+            }
+            let drawn: Vec<usize> = if replicates == 1 {
+                vec![0]
+            } else {
+                (0..replicates)
+                    .map(|_| (rng.next_u64() % replicates as u64) as usize)
+                    .collect()
+            };
+            let total: f64 = drawn
+                .iter()
+                .map(|&r| {
+                    differences[r]
+                        .iter()
+                        .zip(&weights)
+                        .map(|(d, &w)| d * w as f64)
+                        .sum::<f64>()
+                })
+                .sum();
+            total / (drawn.len() * n) as f64
         })
         .collect();
     means.sort_by(f64::total_cmp);
@@ -74,6 +104,17 @@ pub fn paired_bootstrap(differences: &[f64], samples: usize, seed: u64) -> Paire
         ci_low: quantile(0.025),
         ci_high: quantile(0.975),
         p_value: (2.0 * at_most_zero.min(at_least_zero)).min(1.0),
+    }
+}
+
+/// A p-value as text: a resampling p of 0 only says "below 1 / samples".
+pub fn p_text(p: f64, samples: usize) -> String {
+    if p.is_nan() {
+        "–".into()
+    } else if p == 0.0 {
+        format!("< {}", 1.0 / samples as f64)
+    } else {
+        format!("{p:.3}")
     }
 }
 
@@ -97,16 +138,45 @@ mod tests {
             .map(|_| (rng.next_u64() % 1000) as f64 / 1000.0 - 0.5)
             .collect();
         let shifted: Vec<f64> = noise.iter().map(|x| x + 0.2).collect();
-        let clear = paired_bootstrap(&shifted, 1000, 1);
+        let clear = paired_bootstrap(&[shifted], 1000, 1);
         assert!(clear.p_value < 0.01 && clear.ci_low > 0.1, "{clear:?}");
         let centred: Vec<f64> = noise
             .iter()
             .map(|x| x - noise.iter().sum::<f64>() / 500.0)
             .collect();
-        let none = paired_bootstrap(&centred, 1000, 1);
+        let none = paired_bootstrap(&[centred], 1000, 1);
         assert!(
             none.p_value > 0.5 && none.ci_low < 0.0 && none.ci_high > 0.0,
             "{none:?}"
         );
+        assert_eq!(p_text(0.0, 1000), "< 0.001");
+        assert_eq!(p_text(0.0421, 1000), "0.042");
+    }
+
+    #[test]
+    fn seed_variance_widens_the_interval() {
+        // Three seeds whose mean differences are +0.15, -0.05 and +0.05:
+        // the queries alone look decisive, the seeds do not agree.
+        let mut rng = SplitMix64(11);
+        let seeds: Vec<Vec<f64>> = [0.15, -0.05, 0.05]
+            .iter()
+            .map(|offset| {
+                (0..800)
+                    .map(|_| offset + ((rng.next_u64() % 1000) as f64 / 1000.0 - 0.5) * 0.2)
+                    .collect()
+            })
+            .collect();
+        let queries_only: Vec<f64> = (0..800)
+            .map(|i| seeds.iter().map(|s| s[i]).sum::<f64>() / 3.0)
+            .collect();
+        let narrow = paired_bootstrap(&[queries_only], 2000, 5);
+        let wide = paired_bootstrap(&seeds, 2000, 5);
+        assert!((narrow.delta - wide.delta).abs() < 1e-12);
+        assert!(narrow.p_value < 0.001, "{narrow:?}");
+        assert!(
+            wide.ci_high - wide.ci_low > 10.0 * (narrow.ci_high - narrow.ci_low),
+            "{wide:?} vs {narrow:?}"
+        );
+        assert!(wide.p_value > 0.05 && wide.ci_low < 0.0, "{wide:?}");
     }
 }

@@ -24,6 +24,23 @@ pub enum LanguageChoice {
     Proportional,
 }
 
+/// How the monolingual batches are placed among the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mix {
+    /// Each batch is monolingual with probability alpha, independently (the
+    /// paper's sampling): over n batches the realised share varies by about
+    /// sqrt(alpha (1 - alpha) / n).
+    Bernoulli,
+    /// Each block of [`STRATUM`] steps holds alpha's share of monolingual
+    /// batches (the fractions carried from block to block), in random order
+    /// inside the block: the realised share is alpha to within one batch.
+    Stratified,
+}
+
+/// Steps per block of [`Mix::Stratified`].
+pub const STRATUM: usize = 20;
+
 /// alpha over training: constant, or a linear ramp from `alpha` to
 /// `alpha_end` (beyond the paper).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,8 +105,13 @@ pub struct HybridSampler<'a> {
     batch_size: usize,
     schedule: AlphaSchedule,
     choice: LanguageChoice,
+    mix: Mix,
     rng: SplitMix64,
     order: VecDeque<usize>,
+    /// Stratified: the rest of the current block's draws, and alpha summed
+    /// over the blocks so far (plus a random offset in [0, 1)).
+    block: VecDeque<bool>,
+    credit: f64,
     pub stats: SamplerStats,
 }
 
@@ -99,6 +121,7 @@ impl<'a> HybridSampler<'a> {
         batch_size: usize,
         schedule: AlphaSchedule,
         choice: LanguageChoice,
+        mix: Mix,
         seed: u64,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(
@@ -115,13 +138,21 @@ impl<'a> HybridSampler<'a> {
             "{} pairs cannot fill a batch of {batch_size}",
             data.len()
         );
+        let mut rng = SplitMix64(seed);
+        let credit = match mix {
+            Mix::Bernoulli => 0.0,
+            Mix::Stratified => rng.next_f64(),
+        };
         Ok(HybridSampler {
             data,
             batch_size,
             schedule,
             choice,
-            rng: SplitMix64(seed),
+            mix,
+            rng,
             order: VecDeque::new(),
+            block: VecDeque::new(),
+            credit,
             stats: SamplerStats::default(),
         })
     }
@@ -165,10 +196,35 @@ impl<'a> HybridSampler<'a> {
         self.order.extend(fresh);
     }
 
+    /// Stratified: which of the next [`STRATUM`] steps (from `step`) are
+    /// monolingual. Their number is alpha summed over the block, rounded by
+    /// carrying the fraction to the next block.
+    fn plan_block(&mut self, step: usize, total: usize) {
+        let len = STRATUM.min(total.saturating_sub(step)).max(1);
+        let before = self.credit.floor();
+        self.credit += (step..step + len)
+            .map(|s| self.schedule.at(s, total))
+            .sum::<f64>();
+        let count = (self.credit.floor() - before) as usize;
+        let mut block: Vec<bool> = (0..len).map(|i| i < count).collect();
+        for i in (1..block.len()).rev() {
+            let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+            block.swap(i, j);
+        }
+        self.block.extend(block);
+    }
+
     /// The batch for `step` of `total` steps.
     pub fn next_batch(&mut self, step: usize, total: usize) -> Batch {
-        let alpha = self.schedule.at(step, total);
-        let monolingual = self.rng.next_f64() < alpha;
+        let monolingual = match self.mix {
+            Mix::Bernoulli => self.rng.next_f64() < self.schedule.at(step, total),
+            Mix::Stratified => {
+                if self.block.is_empty() {
+                    self.plan_block(step, total);
+                }
+                self.block.pop_front().expect("planned")
+            }
+        };
         let query_lang = self.language(None);
         let passage_lang = if monolingual {
             query_lang
@@ -279,8 +335,15 @@ mod tests {
                 start: alpha,
                 end: alpha,
             };
-            let mut sampler =
-                HybridSampler::new(&d, 16, schedule, LanguageChoice::Uniform, 42).unwrap();
+            let mut sampler = HybridSampler::new(
+                &d,
+                16,
+                schedule,
+                LanguageChoice::Uniform,
+                Mix::Bernoulli,
+                42,
+            )
+            .unwrap();
             let steps = 2000;
             for step in 0..steps {
                 let batch = sampler.next_batch(step, steps);
@@ -333,10 +396,50 @@ mod tests {
             end: 0.5,
         };
         let run = || {
-            let mut s = HybridSampler::new(&d, 8, schedule, LanguageChoice::Uniform, 7).unwrap();
+            let mut s =
+                HybridSampler::new(&d, 8, schedule, LanguageChoice::Uniform, Mix::Stratified, 7)
+                    .unwrap();
             (0..30).map(|i| s.next_batch(i, 30)).collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn stratified_mix_is_alpha_to_within_one_batch_at_every_block() {
+        let d = data(60, &["en", "de", "zh"]);
+        for alpha in [0.0, 0.1, 0.25, 0.33, 0.5, 0.75, 1.0] {
+            let schedule = AlphaSchedule {
+                start: alpha,
+                end: alpha,
+            };
+            let mut s =
+                HybridSampler::new(&d, 8, schedule, LanguageChoice::Uniform, Mix::Stratified, 9)
+                    .unwrap();
+            let steps = 137;
+            let mut mono = 0usize;
+            let mut first_block = Vec::new();
+            for step in 0..steps {
+                let batch = s.next_batch(step, steps);
+                mono += batch.monolingual as usize;
+                if step < STRATUM {
+                    first_block.push(batch.monolingual);
+                }
+                if (step + 1) % STRATUM == 0 || step + 1 == steps {
+                    let expected = alpha * (step + 1) as f64;
+                    assert!(
+                        (mono as f64 - expected).abs() < 1.0,
+                        "alpha {alpha}: {mono} monolingual in {} steps",
+                        step + 1
+                    );
+                }
+            }
+            assert_eq!(s.stats.monolingual_batches, mono);
+            // The order inside a block is drawn, not a fixed pattern.
+            if alpha == 0.5 {
+                let alternating = first_block.windows(2).all(|w| w[0] != w[1]);
+                assert!(!alternating, "{first_block:?}");
+            }
+        }
     }
 
     #[test]

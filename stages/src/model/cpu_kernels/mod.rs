@@ -34,7 +34,7 @@ pub use attention::{self_attention, Heads};
 pub use embedding::embedding;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
-pub use pointwise::{dropout, gelu};
+pub use pointwise::{dropout, gelu, seed_dropout};
 
 use std::any::{Any, TypeId};
 use std::borrow::Cow;

@@ -53,9 +53,31 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor
     }
 }
 
-/// 63 bits of seed for a dropout mask from the backend's generator, in
-/// three draws below 2^21 (the integer type may be 32 bits wide).
+thread_local! {
+    /// This thread's stream of dropout seeds, once [`seed_dropout`] set it.
+    static DROPOUT_SEEDS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Draw the CPU kernels' dropout masks on this thread from a stream seeded
+/// with `seed`, not from the backend's generator. That generator is one
+/// for the whole process: two trainings running side by side (`--jobs 2`)
+/// would interleave their draws and each get masks that depend on the
+/// other's timing. A stage's work runs on one thread, so a stream per
+/// thread is a stream per training.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_SEEDS.with(|s| s.set(Some(seed)));
+}
+
+/// 63 bits of seed for a dropout mask: from this thread's stream when
+/// [`seed_dropout`] set one, else from the backend's generator in three
+/// draws below 2^21 (the integer type may be 32 bits wide).
 pub(super) fn dropout_seed<B: Backend>(device: &B::Device) -> u64 {
+    if let Some(state) = DROPOUT_SEEDS.with(|s| s.get()) {
+        let mut stream = SplitMix64(state);
+        let seed = stream.next_u64() >> 1;
+        DROPOUT_SEEDS.with(|s| s.set(Some(stream.0)));
+        return seed;
+    }
     Tensor::<B, 1, Int>::random([3], Distribution::Uniform(0.0, 2_097_152.0), device)
         .into_data()
         .convert::<i64>()
