@@ -140,6 +140,25 @@ id = "qid"
 prefix = "query: "
 max_len = 24
 
+[stages.question_states_f16]
+kind = "frozen_states"
+inputs.model = "base.model"
+inputs.texts = "xquad_r"
+table = "questions"
+train_layers = 1
+columns = [{{ column = "question", prefix = "query: ", max_len = 24 }}]
+
+[stages.encode_states_f16]
+kind = "encode"
+inputs.model = "top_states.model"
+inputs.texts = "xquad_r"
+inputs.states = "question_states_f16"
+table = "questions"
+text = "question"
+id = "qid"
+prefix = "query: "
+max_len = 24
+
 # A model whose every layer moved cannot read the base model's states.
 [stages.encode_mismatch]
 kind = "encode"
@@ -286,7 +305,7 @@ fn top_layer_training_from_states_equals_training_from_text_and_freezes_the_rest
 #[test]
 fn encoding_from_states_equals_encoding_from_text_and_a_changed_bottom_is_refused() {
     let s = scratch();
-    let ran = run(&s, &["encode_text", "encode_states"]);
+    let ran = run(&s, &["encode_text", "encode_states", "encode_states_f16"]);
     assert_eq!(ran.code, 0, "{ran}");
     let text = vectors(&s, "encode_text");
     let states = vectors(&s, "encode_states");
@@ -294,6 +313,21 @@ fn encoding_from_states_equals_encoding_from_text_and_a_changed_bottom_is_refuse
     assert!(text.len() > 32 * 10_000, "{}", text.len());
     let diff = max_abs_diff(&text, &states);
     assert!(diff <= 1e-5, "encodings from states differ by {diff}");
+    // Half-precision states (the default) round the input of the top
+    // layers only: every vector stays within cosine 0.9999 of the exact one.
+    let half = vectors(&s, "encode_states_f16");
+    let worst = text
+        .chunks_exact(32)
+        .zip(half.chunks_exact(32))
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
+        .fold(1.0f32, |worst, c| {
+            if c.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                worst.min(c)
+            }
+        });
+    assert!(worst >= 0.9999, "f16 states: worst cosine {worst}");
 
     let ran = run(&s, &["encode_mismatch"]);
     assert_ne!(ran.code, 0, "{ran}");
