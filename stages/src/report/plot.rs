@@ -24,6 +24,9 @@ struct Series {
     /// A level outside the grid (an untuned model's): drawn dashed across
     /// the whole x range; its one point's x is ignored.
     level: bool,
+    /// The setting (mono, cross, ...) it shows: a level takes the colour of
+    /// the grid line of its setting.
+    setting: String,
 }
 
 pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
@@ -65,6 +68,7 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
             label,
             points,
             level: false,
+            setting: cell.1.clone(),
         }
     };
     // Evaluations outside the grid (no x): a level line per cell.
@@ -75,10 +79,16 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
             .filter(|p| x_of(p).is_none())
             .filter_map(|p| {
                 let s = report.summarise(p, cell)?;
+                let label = if p.is_empty() {
+                    format!("{} (untuned)", cell.1)
+                } else {
+                    format!("{} ({})", cell.1, super::point_label(p))
+                };
                 Some(Series {
-                    label: format!("{} {}", cell.1, super::point_label(p)),
+                    label,
                     points: vec![(f64::NAN, s.mean, None)],
                     level: true,
+                    setting: cell.1.clone(),
                 })
             })
             .collect()
@@ -239,6 +249,43 @@ fn ticks(low: f64, high: f64) -> Vec<f64> {
         .collect()
 }
 
+/// A colour per series: grid lines in turn; a level line the colour of
+/// the first grid line of its setting (or the next one free).
+fn colours(series: &[Series]) -> Vec<&'static str> {
+    let mut next = 0;
+    let mut by_setting: Vec<(&str, &'static str)> = Vec::new();
+    let mut take = || {
+        let c = COLOURS[next % COLOURS.len()];
+        next += 1;
+        c
+    };
+    let lines: Vec<Option<&'static str>> = series
+        .iter()
+        .map(|s| {
+            (!s.level).then(|| {
+                let c = take();
+                if !by_setting.iter().any(|(k, _)| *k == s.setting) {
+                    by_setting.push((&s.setting, c));
+                }
+                c
+            })
+        })
+        .collect();
+    series
+        .iter()
+        .zip(lines)
+        .map(|(s, c)| {
+            c.unwrap_or_else(|| {
+                by_setting
+                    .iter()
+                    .find(|(k, _)| *k == s.setting)
+                    .map(|(_, c)| *c)
+                    .unwrap_or_else(&mut take)
+            })
+        })
+        .collect()
+}
+
 fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
     let (left, right, top, bottom) = MARGIN;
     let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
@@ -302,8 +349,9 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
         top + plot_h / 2.0,
         escape(y_label)
     );
+    let colours = colours(series);
     for (i, s) in series.iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
+        let colour = colours[i];
         let ly = top + 10.0 + i as f64 * 18.0;
         let lx = left + plot_w + 12.0;
         let dash = if s.level {
@@ -402,17 +450,28 @@ mod tests {
                 label: "mono <en>".into(),
                 points: vec![(0.0, 0.5, Some(0.01)), (1.0, 0.6, Some(0.02))],
                 level: false,
+                setting: "mono".into(),
             },
             Series {
-                label: "mono -".into(),
+                label: "cross".into(),
+                points: vec![(0.0, 0.3, None), (1.0, 0.35, None)],
+                level: false,
+                setting: "cross".into(),
+            },
+            Series {
+                label: "mono (untuned)".into(),
                 points: vec![(f64::NAN, 0.45, None)],
                 level: true,
+                setting: "mono".into(),
             },
         ];
+        // The untuned level shares its setting's colour.
+        assert_eq!(colours(&series), vec![COLOURS[0], COLOURS[1], COLOURS[0]]);
         let svg = chart("t", "alpha", "map", &series);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(!svg.contains("NaN"), "{svg}");
         assert_eq!(svg.matches("<polygon").count(), 1);
+        assert!(svg.contains("mono (untuned)"));
         assert_eq!(svg.matches("stroke-dasharray").count(), 2);
         assert!(svg.contains("mono &lt;en&gt;"));
     }
