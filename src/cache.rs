@@ -3,6 +3,7 @@
 //! ```text
 //! cache/
 //!   objects/ab/<hash>         outputs, content-addressed (file or folder, read-only files)
+//!   seals/ab/<hash>.json      each object's files with their sizes and mtimes when stored
 //!   records/ab/<key>.json     one record per stage key: params, input and output hashes, timings
 //!   refs/<pipeline>/<id>.json which key each instance of a pipeline had at its last run
 //!   logs/ab/<key>.log         per-stage log
@@ -17,6 +18,14 @@
 //! fsync, rename). A kill at any point leaves at worst an orphan in `tmp/` or
 //! `objects/`, never a record that points at something incomplete. Objects are
 //! hashed again before a stage reads them.
+//!
+//! Integrity on a cache hit: re-hashing every output on every hit would cost
+//! seconds per gigabyte, so a stored object is sealed instead: the size and
+//! modification time of each of its files. A hit whose outputs no longer
+//! match their seals (a file rewritten, truncated, removed or added) counts
+//! as a miss: the object is moved out of `objects/` and the stage reruns.
+//! `xlpipe verify` re-hashes everything, for damage that keeps sizes and
+//! times.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -149,10 +158,7 @@ impl Cache {
         let bytes = fs::read(&path).ok()?;
         match serde_json::from_slice::<Record>(&bytes) {
             Ok(record) if record.key == key => {
-                let complete = record
-                    .outputs
-                    .values()
-                    .all(|hash| self.object_path(hash).exists());
+                let complete = record.outputs.values().all(|hash| self.intact(hash));
                 complete.then_some(record)
             }
             _ => {
@@ -179,10 +185,12 @@ impl Cache {
     }
 
     /// Move a finished output into the object store and return its hash.
+    /// An object of that hash already there is kept if intact, and
+    /// replaced by this one if damaged.
     pub fn store(&self, path: &Path) -> anyhow::Result<String> {
         let hash = hash_path(path).with_context(|| format!("hashing {}", path.display()))?;
         let dest = self.object_path(&hash);
-        if dest.exists() {
+        if dest.exists() && self.intact(&hash) {
             remove_path(path)?;
             return Ok(hash);
         }
@@ -196,7 +204,93 @@ impl Cache {
                 return Err(err).with_context(|| format!("storing {}", dest.display()));
             }
         }
+        self.seal(&hash)?;
         Ok(hash)
+    }
+
+    fn seal_path(&self, hash: &str) -> PathBuf {
+        self.sharded("seals", hash, ".json")
+    }
+
+    /// Record the sizes and modification times of `hash`'s files.
+    fn seal(&self, hash: &str) -> anyhow::Result<()> {
+        let seal = file_stamps(&self.object_path(hash))
+            .with_context(|| format!("sealing object {hash}"))?;
+        write_atomic(&self.seal_path(hash), &serde_json::to_vec(&seal)?)
+    }
+
+    /// Whether object `hash` is present and undamaged as far as its seal
+    /// tells: same files, sizes and modification times as when stored. An
+    /// object without a seal (stored by older code) is re-hashed once and
+    /// sealed. A damaged object is moved out of the store, so that what
+    /// needs it is rebuilt.
+    pub fn intact(&self, hash: &str) -> bool {
+        let path = self.object_path(hash);
+        if !path.exists() {
+            return false;
+        }
+        let sealed: Option<Vec<FileStamp>> = fs::read(self.seal_path(hash))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let ok = match sealed {
+            Some(sealed) => file_stamps(&path).is_ok_and(|now| now == sealed),
+            None => {
+                let same = hash_path(&path).is_ok_and(|actual| actual == hash);
+                if same {
+                    if let Err(err) = self.seal(hash) {
+                        tracing::warn!("{err:#}");
+                    }
+                }
+                same
+            }
+        };
+        if !ok {
+            let quarantine = self.quarantine(&path);
+            tracing::warn!(
+                "cached object {} was changed after it was stored; moved to {} and rebuilt",
+                path.display(),
+                quarantine.display()
+            );
+        }
+        ok
+    }
+
+    /// Move a damaged object out of `objects/` (into `tmp/`, which `gc`
+    /// empties) and forget its seal.
+    fn quarantine(&self, path: &Path) -> PathBuf {
+        let quarantine = self.root.join("tmp").join(unique_name("damaged"));
+        let _ = fs::create_dir_all(self.root.join("tmp"));
+        let _ = fs::rename(path, &quarantine);
+        if let Some(hash) = path.file_name().and_then(|n| n.to_str()) {
+            let _ = fs::remove_file(self.seal_path(hash));
+        }
+        quarantine
+    }
+
+    /// Re-hash every object in the store: damaged ones are moved out (the
+    /// next run rebuilds them), intact ones sealed afresh. Returns
+    /// (objects checked, damaged ones' paths).
+    pub fn verify_all(&self) -> anyhow::Result<(usize, Vec<PathBuf>)> {
+        let mut checked = 0;
+        let mut damaged = Vec::new();
+        let objects = self.root.join("objects");
+        for shard in fs::read_dir(&objects).into_iter().flatten().flatten() {
+            for entry in fs::read_dir(shard.path())?.flatten() {
+                let path = entry.path();
+                let Some(hash) = path.file_name().and_then(|n| n.to_str()).map(String::from) else {
+                    continue;
+                };
+                checked += 1;
+                match hash_path(&path) {
+                    Ok(actual) if actual == hash => self.seal(&hash)?,
+                    _ => {
+                        self.quarantine(&path);
+                        damaged.push(path);
+                    }
+                }
+            }
+        }
+        Ok((checked, damaged))
     }
 
     /// Re-hash an object before a stage reads it. A damaged object is moved
@@ -206,8 +300,7 @@ impl Cache {
         let actual = hash_path(&path)
             .with_context(|| format!("reading cached object {}", path.display()))?;
         if actual != hash {
-            let quarantine = self.root.join("tmp").join(unique_name("damaged"));
-            let _ = fs::rename(&path, &quarantine);
+            let quarantine = self.quarantine(&path);
             anyhow::bail!(
                 "cached object {} is damaged (content hash {actual}); it was moved to {}; \
                  run again to rebuild it",
@@ -288,6 +381,48 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     drop(file);
     fs::rename(&temp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// One file of an object as sealed: path inside it, size, mtime.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct FileStamp {
+    path: String,
+    len: u64,
+    mtime_ns: u128,
+}
+
+/// Every file under `path` (or `path` itself), in path order.
+fn file_stamps(path: &Path) -> io::Result<Vec<FileStamp>> {
+    fn walk(root: &Path, path: &Path, out: &mut Vec<FileStamp>) -> io::Result<()> {
+        let meta = fs::symlink_metadata(path)?;
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = fs::read_dir(path)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<io::Result<_>>()?;
+            entries.sort();
+            for entry in entries {
+                walk(root, &entry, out)?;
+            }
+        } else {
+            let mtime_ns = meta
+                .modified()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            out.push(FileStamp {
+                path: path
+                    .strip_prefix(root)
+                    .unwrap_or(path)
+                    .to_string_lossy()
+                    .into_owned(),
+                len: meta.len(),
+                mtime_ns,
+            });
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(path, path, &mut out)?;
+    Ok(out)
 }
 
 /// A name no other process or thread will pick.

@@ -107,6 +107,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Re-hash every cached object; move damaged ones out of the store so
+    /// the next run rebuilds them (exit code 1 if any was damaged).
+    Verify,
     /// List the stage kinds this build knows.
     Kinds,
     /// Print the main table of a pipeline's reports: give the pipeline
@@ -323,6 +326,16 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             let cache = Cache::open(&cli.cache)?;
             print!("{}", maintenance::status(&cache));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify => {
+            let cache = Cache::open(&cli.cache)?;
+            let (text, clean) = maintenance::verify(&cache)?;
+            print!("{text}");
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Gc { keep, dry_run } => {
             let cache = Cache::open(&cli.cache)?;

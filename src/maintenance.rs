@@ -139,6 +139,22 @@ pub fn status(cache: &Cache) -> String {
     out
 }
 
+/// `xlpipe verify`: re-hash every object; damaged ones leave the store (the
+/// next run rebuilds them and what depends on them).
+pub fn verify(cache: &Cache) -> anyhow::Result<(String, bool)> {
+    // Exclusive: a run may be reading an object this moves away.
+    let _lock = cache.lock_exclusive()?;
+    let (checked, damaged) = cache.verify_all()?;
+    let mut out = format!("verified {checked} objects: {} damaged\n", damaged.len());
+    for path in &damaged {
+        out += &format!(
+            "  damaged: {} (moved out of the store; the next run rebuilds it)\n",
+            path.display()
+        );
+    }
+    Ok((out, damaged.is_empty()))
+}
+
 /// `xlpipe gc`: delete records and objects that no kept pipeline's last run uses.
 pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<String> {
     let _lock = cache.lock_exclusive()?;
@@ -193,6 +209,11 @@ pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<Strin
     for path in sharded_entries(cache.root(), "objects") {
         if !stem_kept(&path, &objects) {
             removed_objects += 1;
+            doomed.push(path);
+        }
+    }
+    for path in sharded_entries(cache.root(), "seals") {
+        if !stem_kept(&path, &objects) {
             doomed.push(path);
         }
     }

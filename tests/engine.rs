@@ -359,11 +359,8 @@ fn damaged_objects_are_detected_and_rebuilt() {
         .find_map(|l| l.trim().strip_prefix("output   nums  "))
         .unwrap();
     let object = s.path(object);
-    let mut perms = std::fs::metadata(&object).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&object, perms).unwrap();
-    std::fs::write(&object, "tampered\n").unwrap();
+    // Same size and time: the seal cannot tell, the re-hash on read can.
+    flip_byte(&object, true);
     let ran = s.xlpipe(&["run", "p.toml", "--force", "train[alpha=0.0,seed=1]"]);
     assert_eq!(ran.code, 1, "{ran}");
     assert!(ran.stderr.contains("is damaged"), "{ran}");
@@ -467,4 +464,82 @@ outputs = ["out"]
     assert_eq!(s.ok(&["run", "p.toml"]).counts(), (3, 0));
     // The library file on its own runs everything.
     assert_eq!(s.ok(&["run", "lib.toml"]).counts(), (1, 2));
+}
+
+const DAMAGE: &str = r#"
+[pipeline]
+name = "damage"
+
+[stages.p]
+kind = "command"
+cmd = "seq 1 1000 > {outputs.o}"
+outputs = ["o"]
+
+[stages.c]
+kind = "command"
+inputs.x = "p"
+cmd = "wc -l < {inputs.x} > {outputs.o}"
+outputs = ["o"]
+"#;
+
+fn object(s: &Scratch, stage: &str) -> std::path::PathBuf {
+    let shown = s.ok(&["show", stage, "--pipeline", "damage"]).stdout;
+    s.path(
+        shown
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output   o  "))
+            .unwrap_or_else(|| panic!("no output of {stage}: {shown}")),
+    )
+}
+
+/// Rewrite one byte of a (read-only) cached file; `keep_time` puts its
+/// modification time back, as damage below the file system's notice would.
+fn flip_byte(path: &std::path::Path, keep_time: bool) {
+    let meta = std::fs::metadata(path).unwrap();
+    let mut perms = meta.permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(path, perms).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+    if keep_time {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(meta.modified().unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn damaged_objects_are_noticed_and_rebuilt() {
+    let s = Scratch::new();
+    s.write("p.toml", DAMAGE);
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (2, 0));
+    let expected = std::fs::read(object(&s, "c")).unwrap();
+
+    // A changed output is not a cache hit: plan says so, run rebuilds it.
+    flip_byte(&object(&s, "c"), false);
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(plan.contains("1 to run"), "{plan}");
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 1));
+    assert_eq!(std::fs::read(object(&s, "c")).unwrap(), expected);
+
+    // Upstream damage, and --force: the rebuilt object replaces the damaged
+    // one, and the consumer stays cached (same content, same key).
+    let p = object(&s, "p");
+    flip_byte(&p, false);
+    let forced = s.ok(&["run", "p.toml", "--force", "p"]);
+    assert_eq!(forced.counts(), (1, 1), "{forced}");
+    assert_eq!(std::fs::read(&p).unwrap()[..2], *b"1\n");
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 2));
+
+    // Damage that keeps size and time: only re-hashing finds it.
+    flip_byte(&p, true);
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 2));
+    let verify = s.xlpipe(&["verify"]);
+    assert_eq!(verify.code, 1, "{verify}");
+    assert!(verify.stdout.contains("1 damaged"), "{verify}");
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 1));
+    assert_eq!(std::fs::read(&p).unwrap()[..2], *b"1\n");
+    let clean = s.ok(&["verify"]);
+    assert!(clean.stdout.contains("0 damaged"), "{clean}");
 }
