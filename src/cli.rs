@@ -1,5 +1,6 @@
 //! The `xlpipe` command line.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -202,6 +203,59 @@ pub fn kinds() -> Vec<Arc<dyn Stage>> {
         .collect()
 }
 
+/// The end of a run's output: each failure once (its error and log), and
+/// the instances skipped because an input failed counted per stage (all
+/// named with `-v`), so a failing grid prints lines per stage, not per
+/// instance.
+fn failure_report(summary: &crate::run::RunSummary, verbose: bool) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let stage_of = |name: &str| name.split('[').next().unwrap_or(name).to_string();
+    let mut failed_by_stage: BTreeMap<String, Vec<&crate::run::Failure>> = BTreeMap::new();
+    for failure in &summary.failed {
+        failed_by_stage
+            .entry(stage_of(&failure.instance))
+            .or_default()
+            .push(failure);
+    }
+    const SHOWN: usize = 3;
+    for (stage, failures) in &failed_by_stage {
+        let shown = if verbose { failures.len() } else { SHOWN };
+        for failure in failures.iter().take(shown) {
+            let _ = writeln!(out, "error: {} failed: {}", failure.instance, failure.error);
+            if let Some(log) = &failure.log {
+                let _ = writeln!(out, "  log: {}", log.display());
+            }
+        }
+        if failures.len() > shown {
+            let _ = writeln!(
+                out,
+                "error: {} more instances of {stage} failed (-v lists them all)",
+                failures.len() - shown
+            );
+        }
+    }
+    let mut skipped_by_stage: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for name in &summary.skipped {
+        skipped_by_stage
+            .entry(stage_of(name))
+            .or_default()
+            .push(name);
+    }
+    for (stage, names) in &skipped_by_stage {
+        if verbose || names.len() == 1 {
+            let _ = writeln!(out, "not run because an input failed: {}", names.join(", "));
+        } else {
+            let _ = writeln!(
+                out,
+                "not run because an input failed: {} instances of {stage} (-v lists them)",
+                names.len()
+            );
+        }
+    }
+    out
+}
+
 /// Exit status: 0 success, 1 a stage or the tool failed, 2 invalid pipeline.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -272,18 +326,7 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                 summary.skipped.len(),
                 clock.elapsed().as_secs_f64()
             );
-            for failure in &summary.failed {
-                eprintln!("error: {} failed: {}", failure.instance, failure.error);
-                if let Some(log) = &failure.log {
-                    eprintln!("  log: {}", log.display());
-                }
-            }
-            if !summary.skipped.is_empty() {
-                eprintln!(
-                    "not run because an input failed: {}",
-                    summary.skipped.join(", ")
-                );
-            }
+            eprint!("{}", failure_report(&summary, cli.verbose));
             Ok(if summary.failed.is_empty() {
                 ExitCode::SUCCESS
             } else {

@@ -47,6 +47,20 @@ pub struct RunOptions {
     pub slurm_poll: Duration,
 }
 
+/// Pipelines with more instances than this log "will run" per instance
+/// only with `-v`.
+const GRID_QUIET: usize = 100;
+
+/// A failure as it happens: in full on small pipelines; on grids only in
+/// the run's closing summary (and here with `-v`), so it is printed once.
+fn log_failure(pipeline: &Pipeline, failure: &Failure) {
+    if pipeline.instances.len() <= GRID_QUIET {
+        tracing::error!("{} failed: {}", failure.instance, failure.error);
+    } else {
+        tracing::debug!("{} failed: {}", failure.instance, failure.error);
+    }
+}
+
 #[derive(Debug)]
 pub struct Failure {
     pub instance: String,
@@ -261,11 +275,21 @@ pub fn run(
             } else {
                 why_run(pipeline, cache, i, &key, &inputs)
             };
-            tracing::info!(
-                "{} will run: {}",
-                pipeline.instances[i].name,
-                reasons.join("; ")
-            );
+            // A line per instance helps on small pipelines and buries the
+            // rest on grids: there it is a debug line (`-v`).
+            if pipeline.instances.len() <= GRID_QUIET {
+                tracing::info!(
+                    "{} will run: {}",
+                    pipeline.instances[i].name,
+                    reasons.join("; ")
+                );
+            } else {
+                tracing::debug!(
+                    "{} will run: {}",
+                    pipeline.instances[i].name,
+                    reasons.join("; ")
+                );
+            }
             runnable.push(Job {
                 instance: i,
                 key,
@@ -332,7 +356,7 @@ pub fn run(
                             running.insert(i, Slot::Slurm);
                         }
                         Err(failure) => {
-                            tracing::error!("{} failed: {}", failure.instance, failure.error);
+                            log_failure(pipeline, &failure);
                             state[i] = State::Failed;
                             bar.inc(1);
                             summary.failed.push(failure);
@@ -382,7 +406,7 @@ pub fn run(
                 release(i, &dependants, &relevant, &mut waiting_on, &mut ready);
             }
             Err(failure) => {
-                tracing::error!("{} failed: {}", failure.instance, failure.error);
+                log_failure(pipeline, &failure);
                 state[i] = State::Failed;
                 summary.failed.push(failure);
             }

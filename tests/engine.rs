@@ -543,3 +543,42 @@ fn damaged_objects_are_noticed_and_rebuilt() {
     let clean = s.ok(&["verify"]);
     assert!(clean.stdout.contains("0 damaged"), "{clean}");
 }
+
+#[test]
+fn a_failing_grid_prints_lines_per_stage_not_per_instance() {
+    let s = Scratch::new();
+    let values: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+    s.write(
+        "p.toml",
+        &format!(
+            r#"[grid]
+i = [{}]
+
+[stages.prep]
+kind = "command"
+cmd = "echo no data >&2; exit 1"
+outputs = ["x"]
+
+[stages.work]
+kind = "command"
+inputs.x = "prep"
+cmd = "echo ${{i}} > {{outputs.y}}"
+outputs = ["y"]
+"#,
+            values.join(", ")
+        ),
+    );
+    let ran = s.xlpipe(&["run", "p.toml"]);
+    assert_eq!(ran.code, 1, "{ran}");
+    let bytes = ran.stdout.len() + ran.stderr.len();
+    assert!(bytes < 2048, "{bytes} bytes of output:\n{ran}");
+    assert!(ran.stdout.contains("failed 1, skipped 1000"), "{ran}");
+    assert!(
+        ran.stderr
+            .contains("not run because an input failed: 1000 instances of work"),
+        "{ran}"
+    );
+    assert_eq!(ran.stderr.matches("prep failed").count(), 1, "{ran}");
+    let verbose = s.xlpipe(&["run", "p.toml", "-v"]);
+    assert!(verbose.stderr.contains("work[i=999]"), "{verbose}");
+}
