@@ -327,6 +327,10 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                 clock.elapsed().as_secs_f64()
             );
             eprint!("{}", failure_report(&summary, cli.verbose));
+            if crate::interrupt::interrupted() {
+                eprintln!("interrupted: the running commands were ended");
+                return Ok(ExitCode::from(130));
+            }
             Ok(if summary.failed.is_empty() {
                 ExitCode::SUCCESS
             } else {

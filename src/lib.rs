@@ -12,6 +12,7 @@ pub mod dag;
 pub mod diag;
 pub mod executor;
 pub mod hashing;
+pub mod interrupt;
 pub mod logging;
 pub mod maintenance;
 pub mod pipeline;

@@ -152,6 +152,9 @@ pub fn run(
     progress: &MultiProgress,
 ) -> anyhow::Result<RunSummary> {
     let _cache_lock = cache.lock_shared()?;
+    // Commands run in process groups of their own: an interrupted run
+    // ends them itself.
+    crate::interrupt::on_interrupt(xlpipe_stages::end_live_commands);
     let n = pipeline.instances.len();
     let forced = select(pipeline, &options.force)?;
     let (relevant, may_run) = if !options.only.is_empty() {
@@ -602,6 +605,7 @@ pub fn execute_task_file(
         );
     }
     let _cache_lock = cache.lock_shared()?;
+    crate::interrupt::on_interrupt(xlpipe_stages::end_live_commands);
     let task = Task {
         spec,
         stage,
@@ -629,7 +633,7 @@ impl Task {
             error: format!("{error:#}"),
             log,
         };
-        let _key_lock = self
+        let key_lock = self
             .cache
             .lock_key(&self.spec.key, &self.spec.instance)
             .map_err(|e| fail(e, None))?;
@@ -642,7 +646,8 @@ impl Task {
             .cache
             .temp_dir(&self.spec.key)
             .map_err(|e| fail(e, None))?;
-        let result = self.execute_in(&temp, &log_path);
+        use std::os::fd::AsRawFd;
+        let result = self.execute_in(&temp, &log_path, key_lock.as_raw_fd());
         if let Err(err) = remove_path(&temp) {
             tracing::warn!("could not remove {}: {err}", temp.display());
         }
@@ -655,6 +660,7 @@ impl Task {
         &self,
         temp: &std::path::Path,
         log_path: &std::path::Path,
+        key_lock_fd: i32,
     ) -> anyhow::Result<Record> {
         let mut inputs = BTreeMap::new();
         for (slot, records) in &self.spec.inputs {
@@ -695,6 +701,7 @@ impl Task {
             fetch: self.spec.fetch.clone(),
             state_dir: self.cache.state_dir(self.stage.kind())?,
             progress: self.progress.clone(),
+            key_lock_fd: Some(key_lock_fd),
         };
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -22,7 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Mutex, Once};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -99,7 +99,7 @@ impl SlurmExecutor {
         poll: Duration,
         results: mpsc::Sender<JobResult>,
     ) -> anyhow::Result<SlurmExecutor> {
-        install_cancel_handler();
+        crate::interrupt::on_interrupt(cancel_live_jobs);
         // A zero interval (RunOptions::default()) would ask squeue non-stop.
         let poll = poll.max(Duration::from_millis(100));
         let cache_root = std::path::absolute(cache.root())?;
@@ -494,66 +494,6 @@ fn outcome(
             output
         }),
     }))
-}
-
-/// On Ctrl-C or SIGTERM, cancel the jobs this run is waiting for, then exit.
-///
-/// The signal handler only writes a byte to a pipe (all a handler may
-/// safely do); a thread blocked on the pipe runs `scancel`.
-fn install_cancel_handler() {
-    static INSTALLED: Once = Once::new();
-    INSTALLED.call_once(|| {
-        if let Err(err) = catch_interrupts() {
-            tracing::warn!(
-                "cannot catch Ctrl-C, so an interrupted run would leave its Slurm jobs running: {err}"
-            );
-        }
-    });
-}
-
-static SIGNAL_PIPE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(std::sync::atomic::Ordering::Relaxed);
-    let byte = 1u8;
-    // SAFETY: write(2) is async-signal-safe; the buffer is a live local.
-    unsafe {
-        libc::write(fd, (&byte as *const u8).cast(), 1);
-    }
-}
-
-fn catch_interrupts() -> std::io::Result<()> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe(2) fills the two-element array it is given.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let [read_end, write_end] = fds;
-    SIGNAL_PIPE.store(write_end, std::sync::atomic::Ordering::Relaxed);
-    std::thread::Builder::new()
-        .name("slurm cancel".into())
-        .spawn(move || {
-            let mut byte = 0u8;
-            // SAFETY: reads one byte into a live local from a pipe this
-            // thread owns the read end of.
-            while unsafe { libc::read(read_end, (&mut byte as *mut u8).cast(), 1) } != 1 {}
-            cancel_live_jobs();
-            std::process::exit(130);
-        })?;
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: installs a handler that only calls write(2); the
-        // sigaction struct is fully initialised.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    Ok(())
 }
 
 fn cancel_live_jobs() {

@@ -582,3 +582,94 @@ outputs = ["y"]
     let verbose = s.xlpipe(&["run", "p.toml", "-v"]);
     assert!(verbose.stderr.contains("work[i=999]"), "{verbose}");
 }
+
+fn lines_of(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn wait_for(what: &str, deadline_s: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(deadline_s);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const SLOW: &str = r#"
+[stages.slow]
+kind = "command"
+cmd = "echo start >> COUNT; sleep 2; echo end >> COUNT; echo done > {outputs.o}"
+outputs = ["o"]
+"#;
+
+#[test]
+fn a_killed_runs_command_keeps_its_key_locked_until_it_ends() {
+    let s = Scratch::new();
+    let count = s.path("count");
+    s.write(
+        "p.toml",
+        &SLOW.replace("COUNT", &count.display().to_string()),
+    );
+    let mut first = s.spawn(&["run", "p.toml"]);
+    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
+    first.kill().unwrap(); // SIGKILL: no chance to clean up
+    first.wait().unwrap();
+    // The orphaned command still holds the key: the rerun waits for it
+    // instead of computing the same key beside it.
+    let again = s.ok(&["run", "p.toml"]);
+    assert_eq!(again.counts(), (1, 0), "{again}");
+    assert_eq!(lines_of(&count), ["start", "end", "start", "end"]);
+}
+
+#[test]
+fn sigterm_ends_the_running_command_and_exits() {
+    let s = Scratch::new();
+    let count = s.path("count");
+    s.write(
+        "p.toml",
+        &SLOW.replace("COUNT", &count.display().to_string()),
+    );
+    let mut run = s.spawn(&["run", "p.toml"]);
+    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(run.id() as i32, libc::SIGTERM);
+    }
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(lines_of(&count), ["start"], "the command outlived xlpipe");
+}
+
+#[test]
+fn a_background_child_cannot_change_an_output_after_it_was_hashed() {
+    let s = Scratch::new();
+    s.write(
+        "p.toml",
+        r#"
+[pipeline]
+name = "damage"
+
+[stages.late]
+kind = "command"
+cmd = "exec 3> {outputs.o}; echo first >&3; ( sleep 1; echo LATE >&3 ) & exit 0"
+outputs = ["o"]
+"#,
+    );
+    s.ok(&["run", "p.toml"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let shown = s.ok(&["show", "late", "--pipeline", "damage"]).stdout;
+    let object = s.path(
+        shown
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output   o  "))
+            .unwrap(),
+    );
+    assert_eq!(std::fs::read_to_string(object).unwrap(), "first\n");
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 1));
+    assert!(s.ok(&["verify"]).stdout.contains("0 damaged"));
+}

@@ -15,7 +15,7 @@
 //! paths are in `XLPIPE_IN_<NAME>` / `XLPIPE_OUT_<NAME>`. Its stdout and
 //! stderr go to the stage's log file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::process::{Command, Stdio};
 
@@ -180,7 +180,7 @@ impl Stage for CommandStage {
             .open(&ctx.log_path)
             .with_context(|| format!("opening log {}", ctx.log_path.display()))?;
         tracing::info!("$ {line}");
-        let status = command
+        command
             .arg("-c")
             .arg(&line)
             .current_dir(&ctx.base_dir)
@@ -188,9 +188,8 @@ impl Stage for CommandStage {
             .envs(&p.env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .status()
-            .with_context(|| "starting `sh`")?;
+            .stderr(log);
+        let status = run_in_own_group(command, ctx.key_lock_fd)?;
         if !status.success() {
             anyhow::bail!(
                 "command exited with {status}: {line}\n(see the stage log for its output)"
@@ -202,6 +201,82 @@ impl Stage for CommandStage {
             }
         }
         Ok(())
+    }
+}
+
+/// Process groups of the commands running now, for [`end_live_commands`].
+static LIVE_GROUPS: std::sync::Mutex<BTreeSet<i32>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Run `command` as the leader of a process group of its own, holding the
+/// key's lock (inherited), and end whatever it left running in that group
+/// when it exits: a background child writing on after the command returned
+/// would change outputs after they were hashed.
+fn run_in_own_group(
+    mut command: Command,
+    key_lock_fd: Option<i32>,
+) -> anyhow::Result<std::process::ExitStatus> {
+    use std::os::unix::process::CommandExt;
+    command.process_group(0);
+    if let Some(fd) = key_lock_fd {
+        // SAFETY: between fork and exec the closure only calls fcntl(2),
+        // which is async-signal-safe, on a descriptor the parent holds open.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = command.spawn().with_context(|| "starting `sh`")?;
+    let group = child.id() as i32;
+    LIVE_GROUPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(group);
+    let status = child.wait();
+    // SAFETY: killpg(2) on the group this function created.
+    unsafe {
+        libc::killpg(group, libc::SIGKILL);
+    }
+    LIVE_GROUPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&group);
+    Ok(status?)
+}
+
+/// End every running command's process group (SIGTERM, then SIGKILL after
+/// a grace period): what xlpipe does when it is interrupted. Commands run
+/// in groups of their own, so a terminal's Ctrl-C reaches only xlpipe.
+pub fn end_live_commands() {
+    let groups: Vec<i32> = LIVE_GROUPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    if groups.is_empty() {
+        return;
+    }
+    for &group in &groups {
+        // SAFETY: killpg(2) on groups this process created.
+        unsafe {
+            libc::killpg(group, libc::SIGTERM);
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    // SAFETY: killpg with signal 0 only asks whether the group exists.
+    let alive = |g: i32| unsafe { libc::killpg(g, 0) } == 0;
+    while groups.iter().any(|&g| alive(g)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for &group in &groups {
+        // SAFETY: as above.
+        unsafe {
+            libc::killpg(group, libc::SIGKILL);
+        }
     }
 }
 

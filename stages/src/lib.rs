@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use command::CommandStage;
+pub use command::{end_live_commands, CommandStage};
 pub use download::DownloadStage;
 
 /// One kind of pipeline stage (`kind = "..."` in a pipeline file).
@@ -254,6 +254,11 @@ pub struct StageContext {
     pub state_dir: PathBuf,
     /// Draws progress bars that cooperate with the engine's display.
     pub progress: indicatif::MultiProgress,
+    /// The descriptor of the lock the engine holds on this key, for child
+    /// processes to inherit: the lock then lasts until the last of them
+    /// exits, even if xlpipe is killed first, so no other run computes the
+    /// key while an orphaned command still writes it.
+    pub key_lock_fd: Option<i32>,
 }
 
 impl StageContext {
