@@ -95,11 +95,7 @@ dtype = "{dtype}"
                 .map(|c| burn::tensor::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
                 .collect()
         };
-        let diff = values
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = common::max_abs_diff(&values, &expected);
         eprintln!("encode {dtype}: max |diff| to transformers {diff:e}");
         assert!(diff <= tolerance, "{dtype}: embeddings differ by {diff}");
     }

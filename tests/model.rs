@@ -221,3 +221,17 @@ fn hub_models_come_from_the_hub_cache_offline() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_nan_anywhere_fails_the_comparison() {
+    let good = [0.5f32, -1.0, 2.0];
+    assert_eq!(common::max_abs_diff(&good, &good), 0.0);
+    for i in 0..3 {
+        let mut bad = good;
+        bad[i] = f32::NAN;
+        assert!(common::max_abs_diff(&bad, &good) > 1.0);
+        assert!(common::max_abs_diff(&good, &bad) > 1.0);
+    }
+    let all_nan = [f32::NAN; 3];
+    assert!(common::max_abs_diff(&all_nan, &good).is_infinite());
+}

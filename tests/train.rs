@@ -191,11 +191,7 @@ fn resume_after_kill_gives_the_same_weights() {
         safetensors_floats(&output(&uninterrupted, "resume", "model").join("model.safetensors"));
     let b = safetensors_floats(&output(&killed, "resume", "model").join("model.safetensors"));
     assert_eq!(a.len(), b.len());
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = common::max_abs_diff(&a, &b);
     assert!(diff <= 1e-6, "weights differ by {diff} after resume");
 }
 
