@@ -171,6 +171,7 @@ impl Cache {
     pub fn write_record(&self, record: &Record) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec_pretty(record)?;
         write_atomic(&self.record_path(&record.key), &bytes)
+            .with_context(|| format!("recording the result of {}", record.instance))
     }
 
     pub fn remove_record(&self, key: &str) {
@@ -217,6 +218,7 @@ impl Cache {
         let seal = file_stamps(&self.object_path(hash))
             .with_context(|| format!("sealing object {hash}"))?;
         write_atomic(&self.seal_path(hash), &serde_json::to_vec(&seal)?)
+            .with_context(|| format!("sealing object {hash}"))
     }
 
     /// Whether object `hash` is present and undamaged as far as its seal
@@ -373,13 +375,20 @@ impl Cache {
 /// whole new one, even after a crash.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().expect("atomic write target has a parent");
-    fs::create_dir_all(dir)?;
     let temp = dir.join(format!(".{}", unique_name("partial")));
-    let mut file = File::create(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&temp, path).with_context(|| format!("writing {}", path.display()))?;
+    let written = (|| -> io::Result<()> {
+        fs::create_dir_all(dir)?;
+        let mut file = File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&temp, path)
+    })();
+    if let Err(err) = written {
+        // A partial file is never trusted; leave none behind (disk full).
+        let _ = fs::remove_file(&temp);
+        return Err(err).with_context(|| format!("writing {}", path.display()));
+    }
     Ok(())
 }
 

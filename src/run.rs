@@ -734,7 +734,11 @@ impl Task {
             if !path.exists() {
                 anyhow::bail!("stage finished without writing its output `{name}`");
             }
-            stored.insert(name.clone(), self.cache.store(&path)?);
+            let hash = self
+                .cache
+                .store(&path)
+                .with_context(|| format!("storing output `{name}` in the cache"))?;
+            stored.insert(name.clone(), hash);
         }
         let record = Record {
             key: self.spec.key.clone(),

@@ -673,3 +673,73 @@ outputs = ["o"]
     assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 1));
     assert!(s.ok(&["verify"]).stdout.contains("0 damaged"));
 }
+
+#[test]
+fn a_full_disk_is_named_and_leaves_no_partial_files() {
+    let s = Scratch::new();
+    let mount = s.path("small");
+    std::fs::create_dir_all(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    // The output takes (nearly) all the space: storing it is a rename, but
+    // its seal and record cannot be written.
+    s.write(
+        "p.toml",
+        r#"
+[stages.fill]
+kind = "command"
+cmd = "dd if=/dev/zero of={outputs.o} bs=1k count=250 2>/dev/null; true"
+outputs = ["o"]
+"#,
+    );
+    let cache = mount.join("cache");
+    let ran = std::process::Command::new(env!("CARGO_BIN_EXE_xlpipe"))
+        .arg("--cache")
+        .arg(&cache)
+        .args(["run", "p.toml"])
+        .current_dir(s.path(""))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(!ran.status.success(), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    // The step (storing the output: its seal) and the file are named.
+    assert!(
+        stderr.contains("fill failed: storing output `o` in the cache"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("writing {}", cache.join("seals").display())),
+        "no path: {stderr}"
+    );
+    let partial = walk_names(&cache)
+        .into_iter()
+        .filter(|n| n.contains(".partial-"))
+        .count();
+    assert_eq!(partial, 0, "partial files left behind");
+}
+
+fn walk_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        names.push(entry.file_name().to_string_lossy().into_owned());
+        if entry.path().is_dir() {
+            names.extend(walk_names(&entry.path()));
+        }
+    }
+    names
+}
