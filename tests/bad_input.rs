@@ -227,3 +227,34 @@ fn bad_executor_tables_and_names() {
     );
     assert_eq!(s.records(), 0);
 }
+
+#[test]
+fn a_missing_include_is_reported_where_it_is_named() {
+    refused(
+        &format!("[pipeline]\nname = \"x\"\ninclude = [\"missing.toml\"]\n\n{OK_STAGE}"),
+        &[
+            "p.toml:3:12",
+            "pipeline.include",
+            "missing.toml",
+            "cannot read",
+        ],
+    );
+    refused(
+        "[pipeline]\nname = \"x\"\nextends = \"nowhere.toml\"\n",
+        &["p.toml:3:11", "pipeline.extends", "nowhere.toml"],
+    );
+}
+
+#[test]
+fn invalid_utf8_is_located() {
+    let s = Scratch::new();
+    let mut bytes = OK_STAGE.replace("echo", "echo \u{0}").into_bytes();
+    let at = bytes.iter().position(|&b| b == 0).unwrap();
+    bytes[at] = 0xff;
+    std::fs::write(s.path("p.toml"), bytes).unwrap();
+    refused_in(
+        &s,
+        "p.toml",
+        &["p.toml", "line 3, column 13", "not valid UTF-8"],
+    );
+}

@@ -188,10 +188,22 @@ fn read_file(
             format!("extends/include cycle: {}", cycle.join(" -> ")),
         )]);
     }
-    let text = std::fs::read_to_string(path).map_err(|err| {
+    let bytes = std::fs::read(path).map_err(|err| {
         vec![Diagnostic::file(
             path,
             format!("cannot read pipeline file: {err}"),
+        )]
+    })?;
+    let text = String::from_utf8(bytes).map_err(|err| {
+        let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = valid.len() - valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+        vec![Diagnostic::file(
+            path,
+            format!(
+                "line {line}, column {column} (byte {}): not valid UTF-8 (TOML files are UTF-8)",
+                valid.len()
+            ),
         )]
     })?;
     let file_id = sources.add(path.to_path_buf(), text);
@@ -203,6 +215,29 @@ fn read_file(
     let result = parse_file(file_id, &base_dir, sources, chain);
     chain.pop();
     result
+}
+
+/// [`read_file`] of a file another one names at `loc`: a file that cannot
+/// be read is reported there, at the naming line.
+fn read_named(
+    path: &Path,
+    loc: Loc,
+    field: &str,
+    sources: &mut Sources,
+    chain: &mut Vec<PathBuf>,
+) -> Result<FileSpec, Vec<Diagnostic>> {
+    read_file(path, sources, chain).map_err(|diagnostics| {
+        diagnostics
+            .into_iter()
+            .map(|d| {
+                if d.line == 0 && d.file == path {
+                    sources.error(loc, field, format!("{}: {}", path.display(), d.message))
+                } else {
+                    d
+                }
+            })
+            .collect()
+    })
 }
 
 fn parse_file(
@@ -265,7 +300,13 @@ fn parse_file(
 
     // Start from the base, add includes, then apply this file on top.
     let mut merged = match &header.extends {
-        Some(base) => read_file(&base_dir.join(base), sources, chain)?,
+        Some((base, loc)) => read_named(
+            &base_dir.join(base),
+            *loc,
+            "pipeline.extends",
+            sources,
+            chain,
+        )?,
         None => FileSpec {
             name: None,
             description: None,
@@ -278,8 +319,13 @@ fn parse_file(
     // that came from an `include` is a duplicate.
     let inherited: Vec<String> = merged.stages.iter().map(|s| s.name.clone()).collect();
     let includes = header.include.iter().map(|f| (f, false));
-    for (include, library) in includes.chain(header.library.iter().map(|f| (f, true))) {
-        let included = read_file(&base_dir.join(include), sources, chain)?;
+    for ((include, loc), library) in includes.chain(header.library.iter().map(|f| (f, true))) {
+        let field = if library {
+            "pipeline.library"
+        } else {
+            "pipeline.include"
+        };
+        let included = read_named(&base_dir.join(include), *loc, field, sources, chain)?;
         for var in included.grid {
             set_grid_var(&mut merged.grid, var);
         }
@@ -387,9 +433,10 @@ fn deep_merge(base: &mut toml::Table, child: toml::Table) {
 struct PipelineHeader {
     name: Option<String>,
     description: Option<String>,
-    extends: Option<String>,
-    include: Vec<String>,
-    library: Vec<String>,
+    /// Each with where it is named, for errors about the file it names.
+    extends: Option<(String, Loc)>,
+    include: Vec<(String, Loc)>,
+    library: Vec<(String, Loc)>,
 }
 
 fn parse_header(
@@ -429,7 +476,7 @@ fn parse_header(
                 Err(e) => errors.push(e),
             },
             "extends" => match string() {
-                Ok(s) => header.extends = Some(s),
+                Ok(s) => header.extends = Some((s, loc)),
                 Err(e) => errors.push(e),
             },
             key @ ("include" | "library") => match value.get_ref().as_array() {
@@ -442,7 +489,7 @@ fn parse_header(
                     for item in items.iter() {
                         let loc = Loc::new(file, item.span());
                         match item.get_ref().as_str() {
-                            Some(s) => list.push(s.to_string()),
+                            Some(s) => list.push((s.to_string(), loc)),
                             None => errors.push(sources.error(loc, &field, "expected a file path")),
                         }
                     }
