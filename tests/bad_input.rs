@@ -258,3 +258,19 @@ fn invalid_utf8_is_located() {
         &["p.toml", "line 3, column 13", "not valid UTF-8"],
     );
 }
+
+#[test]
+fn an_unused_grid_variable_is_refused() {
+    refused(
+        &format!("[grid]\nalpha = [0.0, 1.0]\nsede = [1, 2]\n\n{OK_STAGE}"),
+        &["p.toml:2:", "grid.alpha", "used by no stage", "grid.sede"],
+    );
+}
+
+#[test]
+fn a_template_in_a_key_is_refused() {
+    refused(
+        "[grid]\na = [1, 2]\n\n[stages.s]\nkind = \"command\"\ncmd = \"echo ${a} > {outputs.o}\"\noutputs = [\"o\"]\nenv = { \"${a}\" = \"x\" }\n",
+        &["p.toml:8:", "stages.s.env.${a}", "not in keys"],
+    );
+}

@@ -195,6 +195,28 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
         own.sort_unstable();
         own.dedup();
         vars[s] = own;
+        for path in keys_with_templates(&stage.params) {
+            errors.push(sources.error(
+                param_loc(stage, &path),
+                &format!("stages.{}.{path}", stage.name),
+                "`${...}` is substituted in values, not in keys: this key would stay literally as written",
+            ));
+        }
+    }
+    // A grid variable no stage uses multiplies nothing: almost always a
+    // typo or a leftover, and silently running one instance instead of a
+    // grid hides it.
+    for (i, var) in spec.grid.iter().enumerate() {
+        if !vars.iter().any(|v| v.contains(&i)) {
+            errors.push(sources.error(
+                var.loc,
+                &format!("grid.{}", var.name),
+                format!(
+                    "grid variable `{}` is used by no stage (no param says \"${{{}}}\"): remove it or use it",
+                    var.name, var.name
+                ),
+            ));
+        }
     }
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
@@ -592,6 +614,28 @@ fn scan_vars(params: &toml::Table) -> Vec<(String, String)> {
     for (k, v) in params {
         walk(v, k.clone(), &mut out);
     }
+    out
+}
+
+/// Dotted paths of the table keys in `params` that hold a `${...}`.
+fn keys_with_templates(params: &toml::Table) -> Vec<String> {
+    fn walk(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (k, v) in table {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if !template_vars(k).is_empty() {
+                out.push(path.clone());
+            }
+            if let toml::Value::Table(inner) = v {
+                walk(inner, &path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(params, "", &mut out);
     out
 }
 
