@@ -115,7 +115,7 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
         stage_kinds.push(found);
         for input in &stage.inputs {
             for r in &input.refs {
-                if !spec.stages.iter().any(|s| s.name == r.stage) {
+                if !spec.index.contains_key(&r.stage) {
                     let mut message = format!("no stage named `{}`", r.stage);
                     if let Some(near) =
                         nearest(&r.stage, spec.stages.iter().map(|s| s.name.as_str()))
@@ -321,10 +321,7 @@ struct Built {
 }
 
 fn stage_index(spec: &PipelineSpec, name: &str) -> usize {
-    spec.stages
-        .iter()
-        .position(|s| s.name == name)
-        .expect("references checked")
+    *spec.index.get(name).expect("references checked")
 }
 
 /// Stages in dependency order, or the dependency cycles, each printed in full.

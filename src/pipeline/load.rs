@@ -30,6 +30,8 @@ pub struct PipelineSpec {
     pub file: PathBuf,
     pub grid: Vec<GridVar>,
     pub stages: Vec<StageSpec>,
+    /// Stage name -> its index in `stages`.
+    pub index: std::collections::HashMap<String, usize>,
     /// `[executors.NAME]` tables, validated by `expand`.
     pub executors: Vec<ExecutorSpec>,
     pub sources: Sources,
@@ -114,12 +116,19 @@ pub fn load(path: &Path) -> Result<PipelineSpec, Vec<Diagnostic>> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "pipeline".into())
     });
+    let stages = keep_needed_library_stages(file.stages);
+    let index = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.clone(), i))
+        .collect();
     Ok(PipelineSpec {
         name,
         description: file.description.unwrap_or_default(),
         file: path.to_path_buf(),
         grid: file.grid,
-        stages: keep_needed_library_stages(file.stages),
+        stages,
+        index,
         executors: file.executors,
         sources,
     })
@@ -138,9 +147,11 @@ fn keep_needed_library_stages(stages: Vec<StageSpec>) -> Vec<StageSpec> {
         .filter(|s| !s.library)
         .map(|s| s.name.as_str())
         .collect();
+    let by_name: std::collections::HashMap<&str, &StageSpec> =
+        stages.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut frontier: Vec<&str> = needed.iter().copied().collect();
     while let Some(name) = frontier.pop() {
-        let Some(stage) = stages.iter().find(|s| s.name == name) else {
+        let Some(stage) = by_name.get(name) else {
             continue;
         };
         for r in stage.inputs.iter().flat_map(|i| &i.refs) {
@@ -317,7 +328,15 @@ fn parse_file(
     };
     // Only stages inherited through `extends` may be overridden below; one
     // that came from an `include` is a duplicate.
-    let inherited: Vec<String> = merged.stages.iter().map(|s| s.name.clone()).collect();
+    let inherited: std::collections::HashSet<String> =
+        merged.stages.iter().map(|s| s.name.clone()).collect();
+    // Stage name -> index in `merged.stages`: a lookup per stage, not a scan.
+    let mut position: std::collections::HashMap<String, usize> = merged
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.clone(), i))
+        .collect();
     let includes = header.include.iter().map(|f| (f, false));
     for ((include, loc), library) in includes.chain(header.library.iter().map(|f| (f, true))) {
         let field = if library {
@@ -334,9 +353,10 @@ fn parse_file(
         }
         for mut stage in included.stages {
             stage.library |= library;
-            if let Some(existing) = merged.stages.iter().find(|s| s.name == stage.name) {
-                errors.push(duplicate_stage(sources, &stage, existing));
+            if let Some(&existing) = position.get(&stage.name) {
+                errors.push(duplicate_stage(sources, &stage, &merged.stages[existing]));
             } else {
+                position.insert(stage.name.clone(), merged.stages.len());
                 merged.stages.push(stage);
             }
         }
@@ -348,10 +368,17 @@ fn parse_file(
         merge_executor(&mut merged.executors, executor);
     }
     for stage in own_stages {
-        match merged.stages.iter_mut().find(|s| s.name == stage.name) {
-            Some(existing) if inherited.contains(&stage.name) => override_stage(existing, stage),
-            Some(existing) => errors.push(duplicate_stage(sources, &stage, existing)),
-            None => merged.stages.push(stage),
+        match position.get(&stage.name) {
+            Some(&existing) if inherited.contains(&stage.name) => {
+                override_stage(&mut merged.stages[existing], stage)
+            }
+            Some(&existing) => {
+                errors.push(duplicate_stage(sources, &stage, &merged.stages[existing]))
+            }
+            None => {
+                position.insert(stage.name.clone(), merged.stages.len());
+                merged.stages.push(stage);
+            }
         }
     }
     if !errors.is_empty() {
