@@ -274,3 +274,15 @@ fn a_template_in_a_key_is_refused() {
         &["p.toml:8:", "stages.s.env.${a}", "not in keys"],
     );
 }
+
+#[test]
+fn an_error_is_reported_once_not_again_by_what_depends_on_it() {
+    let err = refused(
+        "[stages.model]\nkind = \"import\"\npath = \"no-such-folder\"\n\n\
+         [stages.use]\nkind = \"command\"\ninputs.m = \"model\"\ncmd = \"ls {inputs.m} > {outputs.o}\"\noutputs = [\"o\"]\n\n\
+         [stages.again]\nkind = \"command\"\ninputs.u = \"use\"\ncmd = \"cat {inputs.u} > {outputs.o}\"\noutputs = [\"o\"]\n",
+        &["p.toml:3:", "no-such-folder", "2 stage(s) that depend on the stages above were not checked"],
+    );
+    assert_eq!(err.matches("error:").count(), 2, "{err}");
+    assert!(!err.contains("no matching instance"), "{err}");
+}

@@ -227,6 +227,10 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
         position: vec![usize::MAX; spec.stages.len()],
         instances: Vec::new(),
     };
+    // Stages whose params or inputs were refused, and those downstream of
+    // them: what follows from an error is not reported as errors of its own.
+    let mut broken = vec![false; spec.stages.len()];
+    let mut held_back = 0usize;
     for &s in &order {
         let stage = &spec.stages[s];
         let kind = stage_kinds[s].clone().expect("kinds checked above");
@@ -253,6 +257,18 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
             }
         }
         let input_names: Vec<String> = stage.inputs.iter().map(|i| i.slot.clone()).collect();
+        let upstream_broken = stage
+            .inputs
+            .iter()
+            .flat_map(|i| &i.refs)
+            .any(|r| broken[stage_index(&spec, &r.stage)]);
+        if upstream_broken {
+            broken[s] = true;
+            held_back += 1;
+            built.stages.push(def);
+            continue;
+        }
+        let errors_before = errors.len();
         for binding in cartesian(&spec.grid, &vars[s]) {
             let name = instance_name(&stage.name, &binding);
             let context = if binding.is_empty() {
@@ -296,7 +312,16 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
                 }
             }
         }
+        broken[s] = errors.len() > errors_before;
         built.stages.push(def);
+    }
+    if held_back > 0 && !errors.is_empty() {
+        errors.push(Diagnostic::file(
+            &spec.file,
+            format!(
+                "{held_back} stage(s) that depend on the stages above were not checked; fix those first"
+            ),
+        ));
     }
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
