@@ -286,3 +286,92 @@ fn an_error_is_reported_once_not_again_by_what_depends_on_it() {
     assert_eq!(err.matches("error:").count(), 2, "{err}");
     assert!(!err.contains("no matching instance"), "{err}");
 }
+
+/// Mutations of a shipped pipeline (lines dropped, doubled, swapped,
+/// characters changed): `plan` never panics or hangs, and every error names
+/// a file (and, for errors in one, its line).
+#[test]
+fn mutated_pipelines_give_located_errors_and_no_panic() {
+    let pipelines = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    // The shipped file, valid where it runs: its library by absolute path,
+    // its model folder present.
+    let original = std::fs::read_to_string(pipelines.join("quickstart.toml"))
+        .unwrap()
+        .replace(
+            "library = [\"datasets.toml\"]",
+            &format!(
+                "library = [\"{}\"]",
+                pipelines.join("datasets.toml").display()
+            ),
+        )
+        .replace("../models/multilingual-e5-small", "model");
+    let lines: Vec<&str> = original.lines().collect();
+    let s = Scratch::new();
+    s.write("model/config.json", "{}");
+    s.write("quickstart.toml", &original);
+    assert_eq!(
+        s.xlpipe(&["plan", "quickstart.toml"]).code,
+        0,
+        "the unmutated file plans"
+    );
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let specials = [
+        "\"", "[", "]", "=", "{", "}", "${", ".", "\n", "#", "0", "-",
+    ];
+    let mut refused = 0;
+    for round in 0..300 {
+        let mut mutated: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        for _ in 0..1 + next(3) {
+            let at = next(mutated.len());
+            match next(4) {
+                0 => {
+                    mutated.remove(at);
+                }
+                1 => {
+                    let copy = mutated[at].clone();
+                    mutated.insert(at, copy);
+                }
+                2 => {
+                    let other = next(mutated.len());
+                    mutated.swap(at, other)
+                }
+                _ => {
+                    let line = &mut mutated[at];
+                    let cut = line
+                        .char_indices()
+                        .map(|(i, _)| i)
+                        .nth(next(line.chars().count().max(1)))
+                        .unwrap_or(line.len());
+                    line.insert_str(cut, specials[next(specials.len())]);
+                }
+            }
+        }
+        s.write("quickstart.toml", &mutated.join("\n"));
+        let ran = s.xlpipe(&["plan", "quickstart.toml"]);
+        assert!(
+            !ran.stderr.contains("panicked"),
+            "round {round}: a panic\n{}\n{ran}",
+            mutated.join("\n")
+        );
+        assert!(matches!(ran.code, 0 | 2), "round {round}: {ran}");
+        if ran.code == 2 {
+            refused += 1;
+            for line in ran.stderr.lines().filter(|l| l.starts_with("error:")) {
+                assert!(
+                    line.contains(".toml"),
+                    "round {round}: unlocated: {line}\n{ran}"
+                );
+            }
+        }
+    }
+    assert!(
+        refused > 100,
+        "only {refused} of 300 mutations were refused"
+    );
+}
