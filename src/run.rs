@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use xlpipe_stages::{FetchSettings, InputArtifact, Stage, StageContext};
 
 use crate::cache::{remove_path, Cache, InputRecord, InstanceRef, Record};
-use crate::diag::nearest;
+use crate::diag::did_you_mean;
 use crate::executor::{self, ExecutorConfig};
 use crate::pipeline::Pipeline;
 use crate::plan::{instance_key, why_run};
@@ -93,9 +93,7 @@ pub fn select(pipeline: &Pipeline, selectors: &[String]) -> anyhow::Result<Vec<b
         }
         if !matched {
             let names = pipeline.stages.iter().map(|s| s.name.as_str());
-            let hint = nearest(selector, names)
-                .map(|n| format!("; did you mean `{n}`?"))
-                .unwrap_or_default();
+            let hint = did_you_mean(selector, names);
             anyhow::bail!("no stage or instance named `{selector}`{hint}");
         }
     }
@@ -169,12 +167,10 @@ pub fn run(
 
     let default_executor = options.executor.as_deref().unwrap_or(executor::DEFAULT);
     if !pipeline.executors.contains_key(default_executor) {
-        let hint = nearest(
+        let hint = did_you_mean(
             default_executor,
             pipeline.executors.keys().map(String::as_str),
-        )
-        .map(|n| format!("; did you mean `{n}`?"))
-        .unwrap_or_default();
+        );
         anyhow::bail!("--executor: no executor named `{default_executor}`{hint}");
     }
     let executor_name: Vec<&str> = (0..n)

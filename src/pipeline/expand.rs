@@ -19,7 +19,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use xlpipe_stages::{Interface, ParamError, ParamsEnv, Stage};
 
 use super::load::{GridVar, OutputRef, PipelineSpec, StageSpec};
-use crate::diag::{nearest, Diagnostic, Diagnostics, Loc, Sources};
+use crate::diag::{did_you_mean, nearest, Diagnostic, Diagnostics, Loc, Sources};
 use crate::executor::{self, ExecutorConfig};
 
 /// A validated pipeline, expanded over its grid.
@@ -116,12 +116,11 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
         for input in &stage.inputs {
             for r in &input.refs {
                 if !spec.index.contains_key(&r.stage) {
-                    let mut message = format!("no stage named `{}`", r.stage);
-                    if let Some(near) =
-                        nearest(&r.stage, spec.stages.iter().map(|s| s.name.as_str()))
-                    {
-                        message.push_str(&format!("; did you mean `{near}`?"));
-                    }
+                    let message = format!(
+                        "no stage named `{}`{}",
+                        r.stage,
+                        did_you_mean(&r.stage, spec.stages.iter().map(|s| s.name.as_str()))
+                    );
                     errors.push(sources.error(
                         r.loc,
                         &format!("stages.{}.inputs.{}", stage.name, input.slot),
@@ -179,10 +178,7 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
                     &format!("stages.{}.{path}", stage.name),
                     format!(
                         "grid variable `{var}` is not defined in [grid]{}",
-                        match nearest(&var, spec.grid.iter().map(|g| g.name.as_str())) {
-                            Some(near) => format!("; did you mean `{near}`?"),
-                            None => String::new(),
-                        }
+                        did_you_mean(&var, spec.grid.iter().map(|g| g.name.as_str()))
                     ),
                 )),
             }
