@@ -344,8 +344,8 @@ pub struct FrozenStates {
     /// Who produced them, for error messages.
     pub producer: String,
     dir: PathBuf,
-    /// (set, text) -> (first token, tokens)
-    index: HashMap<(usize, String), (usize, usize)>,
+    /// Per set: text -> (first token, tokens)
+    index: Vec<HashMap<String, (usize, usize)>>,
     data: memmap2::Mmap,
 }
 
@@ -362,16 +362,19 @@ impl FrozenStates {
         let texts = strings(&frame, "text")?;
         let offsets = integers(&frame, "offset")?;
         let lengths = integers(&frame, "length")?;
-        let index = texts
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                (
-                    (sets[i] as usize, t),
-                    (offsets[i] as usize, lengths[i] as usize),
+        // One map per set, so that a lookup by `&str` allocates nothing.
+        let mut index: Vec<HashMap<String, (usize, usize)>> = vec![HashMap::new(); meta.sets.len()];
+        for (i, text) in texts.into_iter().enumerate() {
+            let set = index.get_mut(sets[i] as usize).with_context(|| {
+                format!(
+                    "{}: row {i} names set {} of {}",
+                    dir.display(),
+                    sets[i],
+                    meta.sets.len()
                 )
-            })
-            .collect();
+            })?;
+            set.insert(text, (offsets[i] as usize, lengths[i] as usize));
+        }
         let bin = dir.join("states.bin");
         let file =
             std::fs::File::open(&bin).with_context(|| format!("opening {}", bin.display()))?;
@@ -453,8 +456,8 @@ impl FrozenStates {
     }
 
     fn locate(&self, set: usize, text: &str) -> anyhow::Result<(usize, usize)> {
-        self.index
-            .get(&(set, text.to_string()))
+        self.index[set]
+            .get(text)
             .copied()
             .ok_or_else(|| {
                 anyhow::anyhow!(
