@@ -269,30 +269,21 @@ impl Cache {
         quarantine
     }
 
-    /// Re-hash every object in the store: damaged ones are moved out (the
-    /// next run rebuilds them), intact ones sealed afresh. Returns
-    /// (objects checked, damaged ones' paths).
-    pub fn verify_all(&self) -> anyhow::Result<(usize, Vec<PathBuf>)> {
-        let mut checked = 0;
-        let mut damaged = Vec::new();
-        let objects = self.root.join("objects");
-        for shard in fs::read_dir(&objects).into_iter().flatten().flatten() {
-            for entry in fs::read_dir(shard.path())?.flatten() {
-                let path = entry.path();
-                let Some(hash) = path.file_name().and_then(|n| n.to_str()).map(String::from) else {
-                    continue;
-                };
-                checked += 1;
-                match hash_path(&path) {
-                    Ok(actual) if actual == hash => self.seal(&hash)?,
-                    _ => {
-                        self.quarantine(&path);
-                        damaged.push(path);
-                    }
-                }
+    /// Re-hash object `hash` (for `xlpipe verify`): an intact one is sealed
+    /// afresh, a damaged or unreadable one moved out of the store (the next
+    /// run rebuilds it). Returns whether it was intact.
+    pub fn reverify(&self, hash: &str) -> anyhow::Result<bool> {
+        let path = self.object_path(hash);
+        match hash_path(&path) {
+            Ok(actual) if actual == hash => {
+                self.seal(hash)?;
+                Ok(true)
+            }
+            _ => {
+                self.quarantine(&path);
+                Ok(false)
             }
         }
-        Ok((checked, damaged))
     }
 
     /// Re-hash an object before a stage reads it. A damaged object is moved

@@ -144,7 +144,17 @@ pub fn status(cache: &Cache) -> String {
 pub fn verify(cache: &Cache) -> anyhow::Result<(String, bool)> {
     // Exclusive: a run may be reading an object this moves away.
     let _lock = cache.lock_exclusive()?;
-    let (checked, damaged) = cache.verify_all()?;
+    let objects = sharded_entries(cache.root(), "objects");
+    let mut damaged = Vec::new();
+    for path in &objects {
+        let Some(hash) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !cache.reverify(hash)? {
+            damaged.push(path);
+        }
+    }
+    let checked = objects.len();
     let mut out = format!("verified {checked} objects: {} damaged\n", damaged.len());
     for path in &damaged {
         out += &format!(
