@@ -92,10 +92,22 @@ impl Cache {
 
     /// Shared by every run; gc takes it exclusively, so it never deletes
     /// what a live run may still use.
+    ///
+    /// A run that finds the cache unused first clears what killed runs left
+    /// behind (their work folders in `tmp/`, half-written `.partial-*`
+    /// files), which no live run can own then.
     pub fn lock_shared(&self) -> anyhow::Result<File> {
         let file = self.open_lock_file(&self.root.join("lock"))?;
+        if file.try_lock().is_ok() {
+            self.clear_leftovers();
+            // flock(2) converts the exclusive lock into a shared one.
+            file.lock_shared()?;
+            return Ok(file);
+        }
         if file.try_lock_shared().is_err() {
-            tracing::warn!("waiting for `xlpipe gc` to finish with the cache");
+            tracing::warn!(
+                "waiting for another xlpipe (gc, or a run clearing leftovers) to release the cache"
+            );
             file.lock_shared()?;
         }
         Ok(file)
@@ -121,6 +133,33 @@ impl Cache {
             file.lock()?;
         }
         Ok(file)
+    }
+
+    /// Remove work folders under `tmp/` and `.partial-*` files beside
+    /// records, seals and refs. Only called with the cache held
+    /// exclusively. Key locks stay: a command orphaned by a killed run may
+    /// still hold one (see `lock_key`).
+    fn clear_leftovers(&self) {
+        let mut leftovers: Vec<PathBuf> = list_dir(&self.root.join("tmp"));
+        for dir in ["records", "seals", "refs"] {
+            leftovers.extend(sharded_entries(&self.root, dir).into_iter().filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(".partial-"))
+            }));
+        }
+        if !leftovers.is_empty() {
+            tracing::info!(
+                "removing {} leftovers of interrupted runs from {}",
+                leftovers.len(),
+                self.root.display()
+            );
+        }
+        for path in leftovers {
+            if let Err(err) = remove_path(&path) {
+                tracing::warn!("could not remove {}: {err}", path.display());
+            }
+        }
     }
 
     fn open_lock_file(&self, path: &Path) -> anyhow::Result<File> {
@@ -437,6 +476,23 @@ fn unique_name(prefix: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The entries of a folder (none if it cannot be read).
+pub fn list_dir(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some(e.ok()?.path()))
+        .collect()
+}
+
+/// The entries of every shard of `root/dir` (`records/ab/…`, `objects/ab/…`).
+pub fn sharded_entries(root: &Path, dir: &str) -> Vec<PathBuf> {
+    list_dir(&root.join(dir))
+        .iter()
+        .flat_map(|shard| list_dir(shard))
+        .collect()
 }
 
 pub fn remove_path(path: &Path) -> io::Result<()> {

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::cache::{disk_usage, remove_path, Cache, InstanceRef};
+use crate::cache::{disk_usage, list_dir, remove_path, sharded_entries, Cache, InstanceRef};
 
 /// `xlpipe show STAGE`: params, artifacts and timings of matching instances.
 pub fn show(cache: &Cache, selector: &str, pipeline: Option<&str>) -> anyhow::Result<String> {
@@ -227,15 +227,15 @@ pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<Strin
             doomed.push(path);
         }
     }
-    // No run holds the cache now, so work in progress and key locks are stale.
-    for dir in ["tmp", "locks"] {
-        doomed.extend(
-            fs::read_dir(cache.root().join(dir))
-                .into_iter()
-                .flatten()
-                .filter_map(|e| Some(e.ok()?.path())),
-        );
-    }
+    // No run holds the cache now, so work in progress is stale, and so is
+    // every key lock but one that a command orphaned by a killed run still
+    // holds: removing that one would let a rerun compute its key beside it.
+    doomed.extend(list_dir(&cache.root().join("tmp")));
+    doomed.extend(
+        list_dir(&cache.root().join("locks"))
+            .into_iter()
+            .filter(|lock| fs::File::open(lock).is_ok_and(|file| file.try_lock().is_ok())),
+    );
     let bytes: u64 = doomed.iter().map(|p| disk_usage(p)).sum();
     if !dry_run {
         for path in &doomed {
@@ -249,20 +249,6 @@ pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<Strin
         keys.len(),
         kept_pipelines.len()
     ))
-}
-
-fn sharded_entries(root: &Path, dir: &str) -> Vec<PathBuf> {
-    fs::read_dir(root.join(dir))
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .flat_map(|shard| {
-            fs::read_dir(shard.path())
-                .into_iter()
-                .flatten()
-                .filter_map(|e| Some(e.ok()?.path()))
-        })
-        .collect()
 }
 
 pub fn human_bytes(bytes: u64) -> String {

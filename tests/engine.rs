@@ -626,6 +626,59 @@ fn a_killed_runs_command_keeps_its_key_locked_until_it_ends() {
 }
 
 #[test]
+fn gc_keeps_the_key_lock_of_an_orphaned_command() {
+    let s = Scratch::new();
+    let count = s.path("count");
+    s.write(
+        "p.toml",
+        &SLOW.replace("COUNT", &count.display().to_string()),
+    );
+    let mut first = s.spawn(&["run", "p.toml"]);
+    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // gc may run (no xlpipe holds the cache), but must not free the key
+    // that the orphaned command still computes.
+    s.ok(&["gc"]);
+    let again = s.ok(&["run", "p.toml"]);
+    assert_eq!(again.counts(), (1, 0), "{again}");
+    assert_eq!(lines_of(&count), ["start", "end", "start", "end"]);
+}
+
+#[test]
+fn the_next_run_clears_what_a_killed_run_left_behind() {
+    let s = Scratch::new();
+    let count = s.path("count");
+    s.write(
+        "p.toml",
+        &SLOW.replace("COUNT", &count.display().to_string()),
+    );
+    let mut first = s.spawn(&["run", "p.toml"]);
+    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let tmp = s.cache().join("tmp");
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().count() > 0,
+        "the killed run left no work folder"
+    );
+    // A record write cut short by the kill.
+    let shard = s.cache().join("records").join("ab");
+    std::fs::create_dir_all(&shard).unwrap();
+    std::fs::write(shard.join(".partial-1-2-3"), "{\"key\":").unwrap();
+    assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 0));
+    let left: Vec<String> = walk_names(&tmp)
+        .into_iter()
+        .chain(
+            walk_names(&s.cache().join("records"))
+                .into_iter()
+                .filter(|n| n.starts_with(".partial-")),
+        )
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn sigterm_ends_the_running_command_and_exits() {
     let s = Scratch::new();
     let count = s.path("count");
