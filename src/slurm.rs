@@ -18,7 +18,6 @@
 //! so its key is simply cached. Ctrl-C (or SIGTERM) cancels the run's jobs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -28,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{remove_path, Cache};
+use crate::cache::{remove_path, write_atomic, Cache};
 use crate::executor::SlurmOptions;
 use crate::run::{Failure, JobResult, Outcome, TaskSpec};
 
@@ -175,7 +174,7 @@ impl SlurmExecutor {
         std::fs::create_dir_all(folder)
             .with_context(|| format!("creating {}", folder.display()))?;
         let task_file = folder.join("task.json");
-        write_atomically(&task_file, &serde_json::to_vec_pretty(task)?)?;
+        write_atomic(&task_file, &serde_json::to_vec_pretty(task)?)?;
         let program = options
             .program
             .as_ref()
@@ -190,7 +189,7 @@ impl SlurmExecutor {
             &task_file,
         );
         let script_file = folder.join("job.sh");
-        write_atomically(&script_file, script.as_bytes())?;
+        write_atomic(&script_file, script.as_bytes())?;
 
         let output = Command::new("sbatch")
             .arg("--parsable")
@@ -219,7 +218,7 @@ impl SlurmExecutor {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
         };
-        write_atomically(&folder.join("job.json"), &serde_json::to_vec(&marker)?)?;
+        write_atomic(&folder.join("job.json"), &serde_json::to_vec(&marker)?)?;
         tracing::info!("{}: submitted as Slurm job {job}", task.instance);
         Ok(job)
     }
@@ -294,16 +293,6 @@ fn job_script(
 
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let temp = path.with_extension("tmp");
-    let mut file =
-        std::fs::File::create(&temp).with_context(|| format!("writing {}", temp.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// Jobs of earlier runs that are still queued or running, by key. Folders
