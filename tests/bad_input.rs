@@ -260,6 +260,24 @@ fn invalid_utf8_is_located() {
 }
 
 #[test]
+fn too_deep_nesting_is_located() {
+    let dotted = vec!["k"; 200].join(".");
+    refused(
+        &format!("{OK_STAGE}\n{dotted} = 1\n"),
+        &["p.toml:6:1: TOML syntax: recursion limit"],
+    );
+    refused(
+        &format!("{OK_STAGE}\n[{dotted}]\n"),
+        &["p.toml:6:1: TOML syntax: recursion limit"],
+    );
+    let arrays = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    refused(
+        &format!("{OK_STAGE}x = {arrays}\n"),
+        &["p.toml:5:", "max recursion depth"],
+    );
+}
+
+#[test]
 fn an_unused_grid_variable_is_refused() {
     refused(
         &format!("[grid]\nalpha = [0.0, 1.0]\nsede = [1, 2]\n\n{OK_STAGE}"),

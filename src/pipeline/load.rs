@@ -260,7 +260,10 @@ fn parse_file(
     // Parse from a copy: `sources` must stay mutable for included files.
     let text = sources.text(file).to_string();
     let root = DeTable::parse(&text).map_err(|err| {
-        let loc = Loc::new(file, err.span().unwrap_or(0..0));
+        let span = err
+            .span()
+            .unwrap_or_else(|| longest_dotted_key(&text).unwrap_or(0..0));
+        let loc = Loc::new(file, span);
         vec![sources.error(loc, "", format!("TOML syntax: {}", err.message()))]
     })?;
     let mut errors = Vec::new();
@@ -789,6 +792,39 @@ fn parse_inputs(
     } else {
         Err(errors)
     }
+}
+
+/// Where a TOML error without a position most likely is: the parser
+/// reports a key of too many dotted parts (its recursion limit) with no
+/// span, so point at the line whose key (or table header) has the most
+/// dots outside quotes.
+fn longest_dotted_key(text: &str) -> Option<std::ops::Range<usize>> {
+    let mut best: Option<(usize, std::ops::Range<usize>)> = None;
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let key = if trimmed.starts_with('[') {
+            trimmed
+        } else {
+            trimmed.split('=').next().unwrap_or_default()
+        };
+        let mut quote = None;
+        let mut dots = 0;
+        for c in key.chars() {
+            match (quote, c) {
+                (None, '"' | '\'') => quote = Some(c),
+                (Some(q), _) if c == q => quote = None,
+                (None, '.') => dots += 1,
+                _ => {}
+            }
+        }
+        if dots > best.as_ref().map_or(0, |(n, _)| *n) {
+            let offset = start + (line.len() - trimmed.len());
+            best = Some((dots, offset..offset + key.trim_end().len()));
+        }
+        start += line.len();
+    }
+    best.map(|(_, span)| span)
 }
 
 fn parse_ref(text: &str) -> Option<(String, Option<String>, bool)> {
