@@ -18,7 +18,7 @@ use anyhow::Context;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 
 use crate::cache::{Cache, Record};
-use crate::cli::open_pipeline;
+use crate::registry::open_pipeline;
 use crate::plan::plan;
 use crate::run::{run, RunOptions};
 

@@ -1,19 +1,19 @@
 //! The `xlpipe` command line.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use indicatif::MultiProgress;
-use xlpipe_stages::{FetchSettings, Stage};
+use xlpipe_stages::FetchSettings;
 
 use crate::cache::Cache;
 use crate::diag::Diagnostics;
-use crate::pipeline::{self, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::plan::{plan, Status};
 use crate::run::{run, select, RunOptions};
+use crate::registry::{kinds, open_pipeline};
 use crate::{bench, dag, maintenance};
 
 #[derive(Parser)]
@@ -196,13 +196,6 @@ fn default_gpus() -> u32 {
         .unwrap_or(1)
 }
 
-pub fn kinds() -> Vec<Arc<dyn Stage>> {
-    xlpipe_stages::registry()
-        .into_iter()
-        .map(Arc::from)
-        .collect()
-}
-
 /// The end of a run's output: each failure once (its error and log), and
 /// the instances skipped because an input failed counted per stage (all
 /// named with `-v`), so a failing grid prints lines per stage, not per
@@ -211,7 +204,7 @@ fn failure_report(summary: &crate::run::RunSummary, verbose: bool) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let stage_of = |name: &str| name.split('[').next().unwrap_or(name).to_string();
-    let mut failed_by_stage: BTreeMap<String, Vec<&crate::run::Failure>> = BTreeMap::new();
+    let mut failed_by_stage: BTreeMap<String, Vec<&crate::task::Failure>> = BTreeMap::new();
     for failure in &summary.failed {
         failed_by_stage
             .entry(stage_of(&failure.instance))
@@ -272,10 +265,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-pub fn open_pipeline(file: &Path) -> anyhow::Result<Pipeline> {
-    Ok(pipeline::open(file, &kinds())?)
 }
 
 fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
@@ -339,7 +328,7 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
         }
         Command::ExecJob { task } => {
             let cache = Cache::open(&cli.cache)?;
-            crate::run::execute_task_file(&cache, &task, &kinds(), progress)?;
+            crate::task::execute_task_file(&cache, &task, &kinds(), progress)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan { file, force } => {

@@ -17,5 +17,7 @@ pub mod logging;
 pub mod maintenance;
 pub mod pipeline;
 pub mod plan;
+pub mod registry;
 pub mod run;
 pub mod slurm;
+pub mod task;

@@ -8,23 +8,20 @@
 //! or submitted to Slurm when its stage's executor says so ([`crate::slurm`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
-use xlpipe_stages::{FetchSettings, InputArtifact, Stage, StageContext};
+use xlpipe_stages::FetchSettings;
 
-use crate::cache::{remove_path, Cache, InputRecord, InstanceRef, Record};
+use crate::cache::{Cache, InputRecord, InstanceRef, Record};
 use crate::diag::did_you_mean;
 use crate::executor::{self, ExecutorConfig};
 use crate::pipeline::Pipeline;
 use crate::plan::{instance_key, why_run};
 use crate::slurm::SlurmExecutor;
+use crate::task::{Failure, JobResult, Outcome, Task, TaskSpec};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -59,13 +56,6 @@ fn log_failure(pipeline: &Pipeline, failure: &Failure) {
     } else {
         tracing::debug!("{} failed: {}", failure.instance, failure.error);
     }
-}
-
-#[derive(Debug)]
-pub struct Failure {
-    pub instance: String,
-    pub error: String,
-    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -128,14 +118,6 @@ struct Job {
     forced: bool,
     inputs: BTreeMap<String, Vec<InputRecord>>,
 }
-
-pub enum Outcome {
-    Ran(Record),
-    /// Another run computed the key while this one waited for its lock.
-    FoundCached(Record),
-}
-
-pub type JobResult = (usize, Result<Outcome, Failure>);
 
 /// Where a started instance runs, and what it holds there.
 enum Slot {
@@ -540,216 +522,4 @@ fn spawn_job(i: usize, task: Task, sender: mpsc::Sender<JobResult>) -> anyhow::R
         })
         .context("starting a worker thread")?;
     Ok(())
-}
-
-/// Everything needed to compute one instance's key, owned and serialisable:
-/// a local worker gets it directly, a Slurm job as `task.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskSpec {
-    pub kind: String,
-    /// The kind's version the key was computed with.
-    pub version: u32,
-    pub params: serde_json::Value,
-    pub instance: String,
-    pub key: String,
-    pub forced: bool,
-    pub inputs: BTreeMap<String, Vec<InputRecord>>,
-    pub producers_grid: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
-    pub outputs: Vec<String>,
-    pub base_dir: PathBuf,
-    pub devices: BTreeMap<String, Vec<u32>>,
-    pub fetch: FetchSettings,
-}
-
-impl TaskSpec {
-    /// For a process started elsewhere (a Slurm job): relative paths would
-    /// resolve against its own working folder.
-    fn with_absolute_paths(mut self) -> anyhow::Result<TaskSpec> {
-        self.base_dir = std::path::absolute(&self.base_dir)?;
-        for mirror in &mut self.fetch.mirrors {
-            *mirror = std::path::absolute(&*mirror)?;
-        }
-        Ok(self)
-    }
-}
-
-/// Compute the instance a Slurm job's `task.json` describes (`xlpipe
-/// exec-job`). Like a local worker it takes the key's lock, so a key is never
-/// computed twice at once, and its record is the only thing that says it
-/// succeeded.
-pub fn execute_task_file(
-    cache: &Cache,
-    file: &std::path::Path,
-    kinds: &[Arc<dyn Stage>],
-    progress: &MultiProgress,
-) -> anyhow::Result<()> {
-    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let spec: TaskSpec =
-        serde_json::from_slice(&text).with_context(|| format!("parsing {}", file.display()))?;
-    let stage = kinds
-        .iter()
-        .find(|k| k.kind() == spec.kind)
-        .cloned()
-        .with_context(|| format!("this xlpipe has no stage kind `{}`", spec.kind))?;
-    if stage.version() != spec.version {
-        anyhow::bail!(
-            "this xlpipe has version {} of stage kind `{}`, the run expects {}: \
-             the nodes must run the same xlpipe as the machine that submits",
-            stage.version(),
-            spec.kind,
-            spec.version
-        );
-    }
-    let _cache_lock = cache.lock_shared()?;
-    crate::interrupt::on_interrupt(xlpipe_stages::end_live_commands);
-    let task = Task {
-        spec,
-        stage,
-        progress: progress.clone(),
-        cache: cache.clone(),
-    };
-    match task.execute() {
-        Ok(_) => Ok(()),
-        Err(failure) => Err(anyhow::anyhow!("{}", failure.error)),
-    }
-}
-
-struct Task {
-    spec: TaskSpec,
-    stage: Arc<dyn Stage>,
-    progress: MultiProgress,
-    cache: Cache,
-}
-
-impl Task {
-    fn execute(self) -> Result<Outcome, Failure> {
-        let log_path = self.cache.log_path(&self.spec.key);
-        let fail = |error: anyhow::Error, log: Option<PathBuf>| Failure {
-            instance: self.spec.instance.clone(),
-            error: format!("{error:#}"),
-            log,
-        };
-        let key_lock = self
-            .cache
-            .lock_key(&self.spec.key, &self.spec.instance)
-            .map_err(|e| fail(e, None))?;
-        if !self.spec.forced {
-            if let Some(record) = self.cache.record(&self.spec.key) {
-                return Ok(Outcome::FoundCached(record));
-            }
-        }
-        let temp = self
-            .cache
-            .temp_dir(&self.spec.key)
-            .map_err(|e| fail(e, None))?;
-        use std::os::fd::AsRawFd;
-        let result = self.execute_in(&temp, &log_path, key_lock.as_raw_fd());
-        if let Err(err) = remove_path(&temp) {
-            tracing::warn!("could not remove {}: {err}", temp.display());
-        }
-        result
-            .map(Outcome::Ran)
-            .map_err(|e| fail(e, Some(log_path)))
-    }
-
-    fn execute_in(
-        &self,
-        temp: &std::path::Path,
-        log_path: &std::path::Path,
-        key_lock_fd: i32,
-    ) -> anyhow::Result<Record> {
-        let mut inputs = BTreeMap::new();
-        for (slot, records) in &self.spec.inputs {
-            let mut artifacts = Vec::new();
-            for r in records {
-                artifacts.push(InputArtifact {
-                    path: self.cache.verify(&r.hash)?,
-                    hash: r.hash.clone(),
-                    producer: r.producer.clone(),
-                    grid: self
-                        .spec
-                        .producers_grid
-                        .get(&r.producer)
-                        .cloned()
-                        .unwrap_or_default(),
-                });
-            }
-            inputs.insert(slot.clone(), artifacts);
-        }
-        let output_dir = temp.join("out");
-        let work_dir = temp.join("work");
-        std::fs::create_dir_all(&output_dir)?;
-        std::fs::create_dir_all(&work_dir)?;
-        std::fs::create_dir_all(log_path.parent().expect("log path has a parent"))?;
-        std::fs::write(
-            log_path,
-            format!("# {} (key {})\n", self.spec.instance, self.spec.key),
-        )?;
-        let context = StageContext {
-            instance: self.spec.instance.clone(),
-            key: self.spec.key.clone(),
-            inputs,
-            output_dir: output_dir.clone(),
-            work_dir,
-            base_dir: self.spec.base_dir.clone(),
-            log_path: log_path.to_path_buf(),
-            devices: self.spec.devices.clone(),
-            fetch: self.spec.fetch.clone(),
-            state_dir: self.cache.state_dir(self.stage.kind())?,
-            progress: self.progress.clone(),
-            key_lock_fd: Some(key_lock_fd),
-        };
-        let started = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let clock = Instant::now();
-        let span =
-            tracing::info_span!("stage", instance = %self.spec.instance, log = %log_path.display());
-        let outcome = span.in_scope(|| {
-            catch_unwind(AssertUnwindSafe(|| {
-                self.stage.run(&self.spec.params, &context)
-            }))
-        });
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => return Err(err),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                anyhow::bail!("stage panicked: {message}");
-            }
-        }
-        let seconds = clock.elapsed().as_secs_f64();
-        let mut stored = BTreeMap::new();
-        for name in &self.spec.outputs {
-            let path = output_dir.join(name);
-            if !path.exists() {
-                anyhow::bail!("stage finished without writing its output `{name}`");
-            }
-            let hash = self
-                .cache
-                .store(&path)
-                .with_context(|| format!("storing output `{name}` in the cache"))?;
-            stored.insert(name.clone(), hash);
-        }
-        let record = Record {
-            key: self.spec.key.clone(),
-            instance: self.spec.instance.clone(),
-            kind: self.stage.kind().to_string(),
-            version: self.stage.version(),
-            params: self.spec.params.clone(),
-            inputs: self.spec.inputs.clone(),
-            outputs: stored,
-            started,
-            seconds,
-            xlpipe_version: env!("CARGO_PKG_VERSION").to_string(),
-        };
-        self.cache.write_record(&record)?;
-        span.in_scope(|| tracing::info!("finished in {seconds:.2}s"));
-        Ok(record)
-    }
 }

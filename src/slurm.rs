@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{remove_path, write_atomic, Cache};
 use crate::executor::SlurmOptions;
-use crate::run::{Failure, JobResult, Outcome, TaskSpec};
+use crate::task::{Failure, JobResult, Outcome, TaskSpec};
 
 /// How long a job that Slurm calls COMPLETED (or has forgotten) may take to
 /// show its record: on a network filesystem the node's writes reach this
