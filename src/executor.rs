@@ -26,8 +26,17 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::diag::{nearest, Diagnostic, Sources};
-use crate::pipeline::load::ExecutorSpec;
+use crate::diag::{nearest, Diagnostic, Loc, Sources};
+
+/// An `[executors.NAME]` table as written (merged over bases and includes).
+#[derive(Debug, Clone)]
+pub struct ExecutorSpec {
+    pub name: String,
+    pub loc: Loc,
+    pub table: toml::Table,
+    /// Location of each key, for errors.
+    pub key_locs: BTreeMap<String, Loc>,
+}
 
 /// The executor of a stage that names none, when `--executor` names none either.
 pub const DEFAULT: &str = "local";

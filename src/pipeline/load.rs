@@ -19,6 +19,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use crate::diag::{Diagnostic, Loc, Sources};
+use crate::executor::ExecutorSpec;
 
 /// A pipeline file with its includes and bases resolved; not yet validated
 /// against stage kinds.
@@ -35,16 +36,6 @@ pub struct PipelineSpec {
     /// `[executors.NAME]` tables, validated by `expand`.
     pub executors: Vec<ExecutorSpec>,
     pub sources: Sources,
-}
-
-/// An `[executors.NAME]` table as written (merged over bases and includes).
-#[derive(Debug, Clone)]
-pub struct ExecutorSpec {
-    pub name: String,
-    pub loc: Loc,
-    pub table: toml::Table,
-    /// Location of each key, for errors.
-    pub key_locs: BTreeMap<String, Loc>,
 }
 
 #[derive(Debug, Clone)]
