@@ -18,8 +18,8 @@ use anyhow::Context;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 
 use crate::cache::{Cache, Record};
-use crate::registry::open_pipeline;
 use crate::plan::plan;
+use crate::registry::open_pipeline;
 use crate::run::{run, RunOptions};
 
 /// The no-op rerun target from the engine's design brief.
@@ -397,10 +397,10 @@ print(json.dumps({"matmul_seconds": matmul, "total_seconds": total, "numpy": np.
 /// relevant answers rank high but not first, as with a real encoder.
 pub fn search(repeat: usize, python: &str) -> anyhow::Result<String> {
     use std::collections::HashMap;
-    use xlpipe_stages::encode::Embeddings;
+    use xlpipe_stages::embeddings::Embeddings;
     use xlpipe_stages::eval::lareqa::{evaluate, TrecOptions};
     use xlpipe_stages::eval::search::{for_each_query, TrecOrder};
-    use xlpipe_stages::train::sampler::SplitMix64;
+    use xlpipe_stages::rng::SplitMix64;
 
     const LANGS: usize = 11;
     const SENTENCES: usize = 1183; // per language: 13,013 + 1 extra candidate

@@ -12,8 +12,8 @@ use crate::cache::Cache;
 use crate::diag::Diagnostics;
 use crate::pipeline::Pipeline;
 use crate::plan::{plan, Status};
-use crate::run::{run, select, RunOptions};
 use crate::registry::{kinds, open_pipeline};
+use crate::run::{run, select, RunOptions};
 use crate::{bench, dag, maintenance};
 
 #[derive(Parser)]

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use common::{embeddings, qrels, Scratch};
 use serde_json::Value;
+use xlpipe_stages::rng::SplitMix64;
 use xlpipe_stages::table::{read_parquet, string_column, strings, write_parquet};
-use xlpipe_stages::train::sampler::SplitMix64;
 
 #[test]
 fn mono_cross_multi_and_bias_by_hand() {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use xlpipe_stages::eval::metrics::{
     evaluate_query, read_qrels, read_run, write_qrels, write_run, Qrels, Run,
 };
-use xlpipe_stages::train::sampler::SplitMix64;
+use xlpipe_stages::rng::SplitMix64;
 
 #[test]
 fn metrics_match_pytrec_eval() {

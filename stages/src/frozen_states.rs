@@ -40,7 +40,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::encode::Dtype;
+use crate::embeddings::Dtype;
 use crate::model::{load_encoder, DeviceChoice, Encoder, OnBackend, TextTokenizer, TokenBatch};
 use crate::table::{int_column, integers, read_parquet, string_column, strings, write_parquet};
 use crate::{

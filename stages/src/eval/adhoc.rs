@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::metrics::{evaluate_query, write_qrels, write_run, Qrels, QueryMetrics, Run};
 use super::search::{for_each_query, TrecOrder};
-use crate::encode::Embeddings;
+use crate::embeddings::Embeddings;
 use crate::table::{integers, read_parquet, string_column, strings, write_parquet};
 use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,

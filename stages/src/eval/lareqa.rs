@@ -42,7 +42,7 @@ use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
 use super::search::{for_each_query, TrecOrder};
-use crate::encode::Embeddings;
+use crate::embeddings::Embeddings;
 use crate::table::{read_parquet, string_column, strings, write_parquet};
 use crate::{
     from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::encode::Embeddings;
+use crate::embeddings::Embeddings;
 use crate::matmul::product;
 
 /// trec_eval's order of candidates: score descending, ties by id descending.

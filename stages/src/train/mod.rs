@@ -988,7 +988,7 @@ pub fn benchmark_cpu_training(
         &tokenizer,
         crate::frozen_states::StatesLayout {
             cut,
-            dtype: crate::encode::Dtype::F16,
+            dtype: crate::embeddings::Dtype::F16,
             batch_size: 64,
         },
         sets,
@@ -1110,7 +1110,7 @@ pub fn benchmark_cpu_encoding(
         &tokenizer,
         crate::frozen_states::StatesLayout {
             cut,
-            dtype: crate::encode::Dtype::F16,
+            dtype: crate::embeddings::Dtype::F16,
             batch_size: 64,
         },
         vec![crate::frozen_states::StateSet {

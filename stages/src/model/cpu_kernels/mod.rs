@@ -153,7 +153,7 @@ fn test_tensor<B: Backend, const D: usize>(
     seed: u64,
     device: &B::Device,
 ) -> Tensor<B, D> {
-    let mut rng = crate::train::sampler::SplitMix64(seed);
+    let mut rng = crate::rng::SplitMix64(seed);
     let n = dims.iter().product();
     let values: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
     Tensor::from_data(TensorData::new(values, dims), device)

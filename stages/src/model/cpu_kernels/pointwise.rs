@@ -16,7 +16,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::{flex_tensor, flex_values, on_cpu, zeros, OnCpu, TrackedTensor};
-use crate::train::sampler::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
