@@ -389,9 +389,13 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                 };
                 maintenance::report_folders(&Cache::open(&cli.cache)?, &name)?
             };
+            let report = kinds()
+                .into_iter()
+                .find(|kind| kind.kind() == "report")
+                .expect("the registry has the report kind");
             for (instance, folder) in folders {
                 println!("{instance}  ({})", folder.display());
-                print!("{}", xlpipe_stages::report::render_main_table(&folder)?);
+                print!("{}", report.render_output(&folder)?.unwrap_or_default());
             }
             Ok(ExitCode::SUCCESS)
         }

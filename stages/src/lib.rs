@@ -72,6 +72,12 @@ pub trait Stage: Send + Sync {
     /// Do the work: read `ctx.inputs`, write every declared output under
     /// `ctx.output(name)`. Errors fail the stage; nothing it wrote is kept.
     fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()>;
+
+    /// What `xlpipe report` prints for a stored output folder of this kind;
+    /// `None` for kinds with nothing to show there.
+    fn render_output(&self, _output: &std::path::Path) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// Every stage kind this build knows, in the order `xlpipe kinds` lists them.

@@ -102,6 +102,10 @@ impl Stage for ReportStage {
         "report"
     }
 
+    fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {
+        render_main_table(output).map(Some)
+    }
+
     fn version(&self) -> u32 {
         // 2: the bootstrap resamples seeds as well as queries.
         // 3: untuned levels labelled "(untuned)" in their setting's colour;
@@ -963,9 +967,8 @@ fn csv_text(frame: &DataFrame) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// The main table of a report folder, formatted for a terminal: what
-/// `xlpipe report` prints.
-pub fn render_main_table(folder: &Path) -> anyhow::Result<String> {
+/// The main table of a report folder, formatted for a terminal.
+fn render_main_table(folder: &Path) -> anyhow::Result<String> {
     let file = folder.join("main.md");
     std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))
 }
