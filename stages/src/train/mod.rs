@@ -907,7 +907,8 @@ pub fn benchmark_cpu_steps(
     let device = Default::default();
     let tokenizer = TextTokenizer::for_model(model_dir)?;
     let mut encoder: Encoder<B> = load_encoder(model_dir, Pooling::Mean, &device)?;
-    let mut optimizer = AdamW::new(0.01, Some(1.0));
+    // The stage's defaults, so the bench times what a default `train` runs.
+    let mut optimizer = AdamW::new(d_wd(), clip_norm(d_one_f()));
     let q = tokenizer.encode(queries, lengths.0)?;
     let p = tokenizer.encode(passages, lengths.1)?;
     let tokens_per_step = (q.mask.iter().sum::<i64>() + p.mask.iter().sum::<i64>()) as usize;
@@ -916,9 +917,9 @@ pub fn benchmark_cpu_steps(
         let clock = std::time::Instant::now();
         let (qi, qm) = q.tensors::<B>(&device);
         let (pi, pm) = p.tensors::<B>(&device);
-        let loss = info_nce(encoder.embed(qi, qm), encoder.embed(pi, pm), 20.0);
+        let loss = info_nce(encoder.embed(qi, qm), encoder.embed(pi, pm), d_scale());
         let grads = GradientsParams::from_grads(loss.backward(), &encoder);
-        encoder = optimizer.step(3e-5, encoder, grads).0;
+        encoder = optimizer.step(d_lr(), encoder, grads).0;
         // Reading a weight waits for the step to finish on any backend.
         let _ = scalar(encoder.embeddings.norm.gamma.val().sum());
         if step > 0 {
