@@ -137,10 +137,11 @@ impl Cache {
 
     /// Remove work folders under `tmp/` and `.partial-*` files beside
     /// records, seals and refs. Only called with the cache held
-    /// exclusively. Key locks stay: a command orphaned by a killed run may
-    /// still hold one (see `lock_key`).
+    /// exclusively. Key locks stay, and so does the work folder of a key
+    /// whose lock is held: by a command orphaned by a killed run, or by a
+    /// Slurm job adopted after a crash.
     fn clear_leftovers(&self) {
-        let mut leftovers: Vec<PathBuf> = list_dir(&self.root.join("tmp"));
+        let mut leftovers = self.unowned_work_folders();
         for dir in ["records", "seals", "refs"] {
             leftovers.extend(sharded_entries(&self.root, dir).into_iter().filter(|path| {
                 path.file_name()
@@ -160,6 +161,25 @@ impl Cache {
                 tracing::warn!("could not remove {}: {err}", path.display());
             }
         }
+    }
+
+    /// Folders under `tmp/` whose key nobody is computing: a work folder is
+    /// named after its key's first 16 characters (`temp_dir`), and a live
+    /// computation holds that key's lock.
+    pub fn unowned_work_folders(&self) -> Vec<PathBuf> {
+        let held: Vec<String> = list_dir(&self.root.join("locks"))
+            .into_iter()
+            .filter(|lock| key_lock_held(lock))
+            .filter_map(|lock| Some(lock.file_name()?.to_str()?.to_string()))
+            .collect();
+        list_dir(&self.root.join("tmp"))
+            .into_iter()
+            .filter(|folder| {
+                let name = folder.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let prefix = name.split('-').next().unwrap_or(name);
+                !held.iter().any(|lock| lock.starts_with(prefix))
+            })
+            .collect()
     }
 
     fn open_lock_file(&self, path: &Path) -> anyhow::Result<File> {
@@ -476,6 +496,12 @@ fn unique_name(prefix: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Whether some process holds the key lock file at `path` (see
+/// `Cache::lock_key`).
+pub fn key_lock_held(path: &Path) -> bool {
+    File::open(path).is_ok_and(|file| file.try_lock().is_err())
 }
 
 /// The entries of a folder (none if it cannot be read).

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
-use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::cache::{disk_usage, list_dir, remove_path, sharded_entries, Cache, InstanceRef};
+use crate::cache::{
+    disk_usage, key_lock_held, list_dir, remove_path, sharded_entries, Cache, InstanceRef,
+};
 
 /// `xlpipe show STAGE`: params, artifacts and timings of matching instances.
 pub fn show(cache: &Cache, selector: &str, pipeline: Option<&str>) -> anyhow::Result<String> {
@@ -105,14 +106,7 @@ pub fn report_folders(cache: &Cache, name: &str) -> anyhow::Result<Vec<(String, 
 }
 
 pub fn status(cache: &Cache) -> String {
-    let count = |dir: &str| {
-        fs::read_dir(cache.root().join(dir))
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|shard| fs::read_dir(shard.path()).map_or(0, |e| e.count()))
-            .sum::<usize>()
-    };
+    let count = |dir: &str| sharded_entries(cache.root(), dir).len();
     let mut out = format!(
         "cache {}: {} records, {} objects, {}\n",
         cache.root().display(),
@@ -227,14 +221,15 @@ pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<Strin
             doomed.push(path);
         }
     }
-    // No run holds the cache now, so work in progress is stale, and so is
-    // every key lock but one that a command orphaned by a killed run still
-    // holds: removing that one would let a rerun compute its key beside it.
-    doomed.extend(list_dir(&cache.root().join("tmp")));
+    // No run holds the cache now, so work in progress and key locks are
+    // stale, except a key still being computed (by a command orphaned by a
+    // killed run, or an adopted Slurm job): removing its lock would let a
+    // rerun compute the key beside it.
+    doomed.extend(cache.unowned_work_folders());
     doomed.extend(
         list_dir(&cache.root().join("locks"))
             .into_iter()
-            .filter(|lock| fs::File::open(lock).is_ok_and(|file| file.try_lock().is_ok())),
+            .filter(|lock| !key_lock_held(lock)),
     );
     let bytes: u64 = doomed.iter().map(|p| disk_usage(p)).sum();
     if !dry_run {

@@ -606,9 +606,10 @@ cmd = "echo start >> COUNT; sleep 2; echo end >> COUNT; echo done > {outputs.o}"
 outputs = ["o"]
 "#;
 
-#[test]
-fn a_killed_runs_command_keeps_its_key_locked_until_it_ends() {
-    let s = Scratch::new();
+/// Run SLOW and SIGKILL xlpipe while its command sleeps (no chance to
+/// clean up), leaving that command running as an orphan; returns the file
+/// the command logs its start and end to.
+fn orphan_a_command(s: &Scratch) -> std::path::PathBuf {
     let count = s.path("count");
     s.write(
         "p.toml",
@@ -616,8 +617,15 @@ fn a_killed_runs_command_keeps_its_key_locked_until_it_ends() {
     );
     let mut first = s.spawn(&["run", "p.toml"]);
     wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
-    first.kill().unwrap(); // SIGKILL: no chance to clean up
+    first.kill().unwrap();
     first.wait().unwrap();
+    count
+}
+
+#[test]
+fn a_killed_runs_command_keeps_its_key_locked_until_it_ends() {
+    let s = Scratch::new();
+    let count = orphan_a_command(&s);
     // The orphaned command still holds the key: the rerun waits for it
     // instead of computing the same key beside it.
     let again = s.ok(&["run", "p.toml"]);
@@ -628,18 +636,12 @@ fn a_killed_runs_command_keeps_its_key_locked_until_it_ends() {
 #[test]
 fn gc_keeps_the_key_lock_of_an_orphaned_command() {
     let s = Scratch::new();
-    let count = s.path("count");
-    s.write(
-        "p.toml",
-        &SLOW.replace("COUNT", &count.display().to_string()),
-    );
-    let mut first = s.spawn(&["run", "p.toml"]);
-    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    let count = orphan_a_command(&s);
     // gc may run (no xlpipe holds the cache), but must not free the key
     // that the orphaned command still computes.
     s.ok(&["gc"]);
+    let work_folders = std::fs::read_dir(s.cache().join("tmp")).unwrap().count();
+    assert_eq!(work_folders, 1, "gc removed the orphan's work folder");
     let again = s.ok(&["run", "p.toml"]);
     assert_eq!(again.counts(), (1, 0), "{again}");
     assert_eq!(lines_of(&count), ["start", "end", "start", "end"]);
@@ -648,15 +650,19 @@ fn gc_keeps_the_key_lock_of_an_orphaned_command() {
 #[test]
 fn the_next_run_clears_what_a_killed_run_left_behind() {
     let s = Scratch::new();
-    let count = s.path("count");
-    s.write(
-        "p.toml",
-        &SLOW.replace("COUNT", &count.display().to_string()),
-    );
-    let mut first = s.spawn(&["run", "p.toml"]);
-    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    let count = orphan_a_command(&s);
+    // Its work folder is kept while the orphan holds the key; once that
+    // ends, nothing owns the folder.
+    wait_for("the orphan to end", 30, || {
+        lines_of(&count) == ["start", "end"]
+    });
+    let locks = s.cache().join("locks");
+    wait_for("the orphan to release its key", 30, || {
+        std::fs::read_dir(&locks)
+            .unwrap()
+            .flatten()
+            .all(|lock| std::fs::File::open(lock.path()).is_ok_and(|file| file.try_lock().is_ok()))
+    });
     let tmp = s.cache().join("tmp");
     assert!(
         std::fs::read_dir(&tmp).unwrap().count() > 0,
