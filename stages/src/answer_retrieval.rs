@@ -33,10 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::datasets::lareqa::RetrievalTables;
 use crate::datasets::split_sentences;
 use crate::table::{integers, read_parquet, strings};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct AnswerRetrievalStage;
 
@@ -49,8 +46,8 @@ enum Unit {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AnswerRetrievalParams {
-    #[serde(default = "d_unit")]
+pub struct AnswerRetrievalParams {
+    #[serde(default = "default_unit")]
     unit: Unit,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_questions: Option<usize>,
@@ -61,41 +58,34 @@ struct AnswerRetrievalParams {
     max_paragraphs: Option<usize>,
 }
 
-fn d_unit() -> Unit {
+fn default_unit() -> Unit {
     Unit::Sentence
 }
 
-impl Stage for AnswerRetrievalStage {
-    fn kind(&self) -> &'static str {
-        "answer_retrieval"
-    }
+impl TypedStage for AnswerRetrievalStage {
+    type Params = AnswerRetrievalParams;
+    const KIND: &'static str = "answer_retrieval";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "extractive QA -> answer-sentence (or paragraph) retrieval set in the LAReQA layout";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "extractive QA -> answer-sentence (or paragraph) retrieval set in the LAReQA layout"
-    }
-
-    fn canonical_params(
+    fn validate(
         &self,
-        params: &toml::Table,
+        p: AnswerRetrievalParams,
         _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: AnswerRetrievalParams = parse_params(params)?;
+    ) -> Result<AnswerRetrievalParams, ParamError> {
         if p.max_questions == Some(0) {
             return Err(ParamError::new("max_questions", "must be at least 1"));
         }
         if p.max_paragraphs == Some(0) {
             return Err(ParamError::new("max_paragraphs", "must be at least 1"));
         }
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &AnswerRetrievalParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
@@ -104,8 +94,7 @@ impl Stage for AnswerRetrievalStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: AnswerRetrievalParams = from_canonical(params)?;
+    fn execute(&self, p: &AnswerRetrievalParams, ctx: &StageContext) -> anyhow::Result<()> {
         let mut set = RetrievalTables::default();
         let mut seen_qids = HashSet::new();
         for input in ctx.inputs("data") {

@@ -22,16 +22,13 @@ use std::process::{Command, Stdio};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct CommandStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CommandParams {
+pub struct CommandParams {
     /// Shell command line.
     cmd: String,
     /// Names of the outputs the command must create.
@@ -59,25 +56,13 @@ enum Deps {
     Hashed(BTreeMap<String, String>),
 }
 
-impl Stage for CommandStage {
-    fn kind(&self) -> &'static str {
-        "command"
-    }
+impl TypedStage for CommandStage {
+    type Params = CommandParams;
+    const KIND: &'static str = "command";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "run an external program with declared inputs and outputs";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "run an external program with declared inputs and outputs"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: CommandParams = parse_params(params)?;
+    fn validate(&self, mut p: CommandParams, env: &ParamsEnv) -> Result<CommandParams, ParamError> {
         for (i, name) in p.outputs.iter().enumerate() {
             if !is_plain_name(name) {
                 return Err(ParamError::new(
@@ -116,16 +101,14 @@ impl Stage for CommandStage {
                 return Err(ParamError::new("deps", "expected a list of file paths"));
             }
         };
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        params: &serde_json::Value,
+        p: &CommandParams,
         input_names: &[String],
     ) -> Result<Interface, ParamError> {
-        let p: CommandParams =
-            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
         for placeholder in placeholders(&p.cmd) {
             match placeholder.split_once('.') {
                 Some(("inputs", name)) if input_names.iter().any(|n| n == name) => {}
@@ -143,13 +126,12 @@ impl Stage for CommandStage {
                 .iter()
                 .map(|name| InputSlot::many(name))
                 .collect(),
-            outputs: p.outputs,
-            resources: p.resources,
+            outputs: p.outputs.clone(),
+            resources: p.resources.clone(),
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: CommandParams = from_canonical(params)?;
+    fn execute(&self, p: &CommandParams, ctx: &StageContext) -> anyhow::Result<()> {
         let mut vars = BTreeMap::new();
         let mut command = Command::new("sh");
         for (slot, artifacts) in &ctx.inputs {
@@ -357,6 +339,7 @@ fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Stage;
 
     #[test]
     fn finds_placeholders_and_ignores_shell_braces() {

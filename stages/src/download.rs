@@ -28,16 +28,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::content::{hex, sha256_file};
-use crate::{
-    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct DownloadStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DownloadParams {
+pub struct DownloadParams {
     /// One file: its URL ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     url: Option<String>,
@@ -66,25 +63,14 @@ const BACKOFF: [Duration; 3] = [
     Duration::from_secs(15),
 ];
 
-impl Stage for DownloadStage {
-    fn kind(&self) -> &'static str {
-        "download"
-    }
+impl TypedStage for DownloadStage {
+    type Params = DownloadParams;
+    const KIND: &'static str = "download";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "fetch files by URL + sha256, from mirror folders or the network";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "fetch files by URL + sha256, from mirror folders or the network"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: DownloadParams = parse_params(params)?;
+    /// The canonical form lists every file in `files`, each with its name.
+    fn validate(&self, p: DownloadParams, _env: &ParamsEnv) -> Result<DownloadParams, ParamError> {
         let mut files = p.files;
         let single = p.url.is_some();
         match (p.url, p.sha256) {
@@ -140,23 +126,22 @@ impl Stage for DownloadStage {
             file.name = Some(name.clone());
             names.push(name);
         }
-        Ok(to_canonical(&DownloadParams {
+        Ok(DownloadParams {
             url: None,
             sha256: None,
             files,
-        }))
+        })
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &DownloadParams,
         _input_names: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface::producing(&["files"]))
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: DownloadParams = from_canonical(params)?;
+    fn execute(&self, p: &DownloadParams, ctx: &StageContext) -> anyhow::Result<()> {
         let out = ctx.output("files");
         fs::create_dir_all(&out)?;
         let partial_dir = ctx.state_dir.join("partial");
@@ -390,6 +375,7 @@ fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Stage;
     use std::path::PathBuf;
 
     #[test]

@@ -34,62 +34,48 @@ use crate::embeddings::Dtype;
 use crate::frozen_states::FrozenStates;
 use crate::model::{load_encoder, DeviceChoice, OnBackend, Pooling, TextTokenizer};
 use crate::table::{read_parquet, string_column, strings, write_parquet};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct EncodeStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EncodeParams {
+pub struct EncodeParams {
     table: String,
     text: String,
     id: String,
     #[serde(default)]
     prefix: String,
-    #[serde(default = "d_len")]
+    #[serde(default = "default_max_len")]
     max_len: usize,
-    #[serde(default = "d_batch")]
+    #[serde(default = "default_batch_size")]
     batch_size: usize,
     #[serde(default)]
     pooling: Pooling,
-    #[serde(default = "d_dtype")]
+    #[serde(default = "default_dtype")]
     dtype: Dtype,
     #[serde(default)]
     device: DeviceChoice,
 }
 
-fn d_len() -> usize {
+fn default_max_len() -> usize {
     128
 }
-fn d_batch() -> usize {
+fn default_batch_size() -> usize {
     64
 }
-fn d_dtype() -> Dtype {
+fn default_dtype() -> Dtype {
     Dtype::F32
 }
 
-impl Stage for EncodeStage {
-    fn kind(&self) -> &'static str {
-        "encode"
-    }
+impl TypedStage for EncodeStage {
+    type Params = EncodeParams;
+    const KIND: &'static str = "encode";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "embed a text column with a model (length-bucketed batches, f32 or f16)";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "embed a text column with a model (length-bucketed batches, f32 or f16)"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: EncodeParams = parse_params(params)?;
+    fn validate(&self, mut p: EncodeParams, _env: &ParamsEnv) -> Result<EncodeParams, ParamError> {
         if p.batch_size == 0 {
             return Err(ParamError::new("batch_size", "must be at least 1"));
         }
@@ -100,16 +86,10 @@ impl Stage for EncodeStage {
             ));
         }
         p.device = p.device.check()?;
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
-        &self,
-        params: &serde_json::Value,
-        _inputs: &[String],
-    ) -> Result<Interface, ParamError> {
-        let p: EncodeParams =
-            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
+    fn interface_for(&self, p: &EncodeParams, _inputs: &[String]) -> Result<Interface, ParamError> {
         Ok(Interface {
             inputs: vec![
                 InputSlot::one("model"),
@@ -121,9 +101,8 @@ impl Stage for EncodeStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: EncodeParams = from_canonical(params)?;
-        p.device.run(ctx, Encoding { p: &p, ctx })
+    fn execute(&self, p: &EncodeParams, ctx: &StageContext) -> anyhow::Result<()> {
+        p.device.run(ctx, Encoding { p, ctx })
     }
 }
 

@@ -43,10 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::embeddings::Dtype;
 use crate::model::{load_encoder, DeviceChoice, Encoder, OnBackend, TextTokenizer, TokenBatch};
 use crate::table::{int_column, integers, read_parquet, string_column, strings, write_parquet};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct FrozenStatesStage;
 
@@ -62,23 +59,23 @@ struct ColumnSpec {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FrozenStatesParams {
+pub struct FrozenStatesParams {
     table: String,
     columns: Vec<ColumnSpec>,
     /// The top layers a consumer trains; the states are those below them.
     train_layers: usize,
-    #[serde(default = "d_dtype")]
+    #[serde(default = "default_dtype")]
     dtype: Dtype,
-    #[serde(default = "d_batch")]
+    #[serde(default = "default_batch_size")]
     batch_size: usize,
     #[serde(default)]
     device: DeviceChoice,
 }
 
-fn d_dtype() -> Dtype {
+fn default_dtype() -> Dtype {
     Dtype::F16
 }
-fn d_batch() -> usize {
+fn default_batch_size() -> usize {
     64
 }
 
@@ -107,25 +104,17 @@ pub struct StatesMeta {
     pub tokens: usize,
 }
 
-impl Stage for FrozenStatesStage {
-    fn kind(&self) -> &'static str {
-        "frozen_states"
-    }
+impl TypedStage for FrozenStatesStage {
+    type Params = FrozenStatesParams;
+    const KIND: &'static str = "frozen_states";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "token states of a model's frozen bottom layers over a table's texts, for top-layer training and encoding";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "token states of a model's frozen bottom layers over a table's texts, for top-layer training and encoding"
-    }
-
-    fn canonical_params(
+    fn validate(
         &self,
-        params: &toml::Table,
+        mut p: FrozenStatesParams,
         _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: FrozenStatesParams = parse_params(params)?;
+    ) -> Result<FrozenStatesParams, ParamError> {
         if p.columns.is_empty() {
             return Err(ParamError::new("columns", "name at least one text column"));
         }
@@ -141,16 +130,14 @@ impl Stage for FrozenStatesStage {
             return Err(ParamError::new("batch_size", "must be at least 1"));
         }
         p.device = p.device.check()?;
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        params: &serde_json::Value,
+        p: &FrozenStatesParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
-        let p: FrozenStatesParams =
-            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
         Ok(Interface {
             inputs: vec![InputSlot::one("model"), InputSlot::one("texts")],
             resources: p.device.resources(),
@@ -158,9 +145,8 @@ impl Stage for FrozenStatesStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: FrozenStatesParams = from_canonical(params)?;
-        p.device.run(ctx, Computing { p: &p, ctx })
+    fn execute(&self, p: &FrozenStatesParams, ctx: &StageContext) -> anyhow::Result<()> {
+        p.device.run(ctx, Computing { p, ctx })
     }
 }
 

@@ -20,10 +20,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::download::download_resuming;
-use crate::{
-    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct HfModelStage;
 
@@ -36,16 +33,16 @@ const OPTIONAL: &[&str] = &[
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HfModelParams {
+pub struct HfModelParams {
     id: String,
-    #[serde(default = "main")]
+    #[serde(default = "default_revision")]
     revision: String,
     /// The commit `revision` pointed to in the hub cache (canonical form).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     commit: Option<String>,
 }
 
-fn main() -> String {
+fn default_revision() -> String {
     "main".into()
 }
 
@@ -70,25 +67,18 @@ fn hub_offline() -> bool {
         .is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false" | "False"))
 }
 
-impl Stage for HfModelStage {
-    fn kind(&self) -> &'static str {
-        "hf_model"
-    }
+impl TypedStage for HfModelStage {
+    type Params = HfModelParams;
+    const KIND: &'static str = "hf_model";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "a Hugging Face hub model by id (hub cache first, HF_HUB_OFFLINE honoured)";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "a Hugging Face hub model by id (hub cache first, HF_HUB_OFFLINE honoured)"
-    }
-
-    fn canonical_params(
+    fn validate(
         &self,
-        params: &toml::Table,
+        mut p: HfModelParams,
         _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: HfModelParams = parse_params(params)?;
+    ) -> Result<HfModelParams, ParamError> {
         if p.commit.is_some() {
             return Err(ParamError::new(
                 "commit",
@@ -107,19 +97,18 @@ impl Stage for HfModelStage {
                 .and_then(|d| std::fs::read_to_string(d.join("refs").join(&p.revision)).ok())
                 .map(|s| s.trim().to_string())
         };
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &HfModelParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface::producing(&["files"]))
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: HfModelParams = from_canonical(params)?;
+    fn execute(&self, p: &HfModelParams, ctx: &StageContext) -> anyhow::Result<()> {
         let out = ctx.output("files");
         std::fs::create_dir_all(&out)?;
         let snapshot = p

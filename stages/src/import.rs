@@ -20,16 +20,13 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::content::{copy_tree, hash_path, sha256_file};
-use crate::{
-    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct ImportStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ImportParams {
+pub struct ImportParams {
     path: String,
     /// Expected sha256 of a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,25 +39,13 @@ struct ImportParams {
     content: Option<String>,
 }
 
-impl Stage for ImportStage {
-    fn kind(&self) -> &'static str {
-        "import"
-    }
+impl TypedStage for ImportStage {
+    type Params = ImportParams;
+    const KIND: &'static str = "import";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "bring a local file or folder into the cache";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "bring a local file or folder into the cache"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: ImportParams = parse_params(params)?;
+    fn validate(&self, mut p: ImportParams, env: &ParamsEnv) -> Result<ImportParams, ParamError> {
         if p.resolved.is_some() || p.content.is_some() {
             return Err(ParamError::new(
                 "",
@@ -83,34 +68,33 @@ impl Stage for ImportStage {
         }
         p.resolved = Some(resolved);
         p.content = Some(content);
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &ImportParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface::producing(&["files"]))
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: ImportParams = from_canonical(params)?;
-        let source = p.resolved.expect("canonical params are resolved");
+    fn execute(&self, p: &ImportParams, ctx: &StageContext) -> anyhow::Result<()> {
+        let source = p.resolved.as_ref().expect("canonical params are resolved");
         let out = ctx.output("files");
         if source.is_dir() {
-            copy_tree(&source, &out)?;
+            copy_tree(source, &out)?;
         } else {
             fs::create_dir_all(&out)?;
             let name = source
                 .file_name()
                 .context("imported path has no file name")?;
-            fs::copy(&source, out.join(name))
+            fs::copy(source, out.join(name))
                 .with_context(|| format!("copying {}", source.display()))?;
         }
         // The source may have changed between planning and now: what was
         // copied must be what the key promised.
-        let expected = p.content.expect("canonical params are hashed");
+        let expected = p.content.as_deref().expect("canonical params are hashed");
         let copied = if source.is_dir() {
             out.clone()
         } else {

@@ -38,7 +38,10 @@ use serde::Serialize;
 pub use command::{end_live_commands, CommandStage};
 pub use download::DownloadStage;
 
-/// One kind of pipeline stage (`kind = "..."` in a pipeline file).
+/// One kind of pipeline stage (`kind = "..."` in a pipeline file), as the
+/// engine sees it: params in and out as JSON, so that one registry can hold
+/// every kind. Stage kinds implement [`TypedStage`] instead; this trait is
+/// the blanket implementation over it.
 pub trait Stage: Send + Sync {
     /// The name used in pipeline files.
     fn kind(&self) -> &'static str;
@@ -75,8 +78,96 @@ pub trait Stage: Send + Sync {
 
     /// What `xlpipe report` prints for a stored output folder of this kind;
     /// `None` for kinds with nothing to show there.
-    fn render_output(&self, _output: &std::path::Path) -> anyhow::Result<Option<String>> {
+    fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>>;
+}
+
+/// One stage kind written against its own params type: a new kind is its
+/// params struct and its `execute`.
+///
+/// `Params` derives serde with `#[serde(deny_unknown_fields)]`; a field's
+/// default is a function named `default_<field>` (one that several fields
+/// share is named for what they share, e.g. `default_depth`). The canonical form the cache hashes is
+/// `Params` serialised after [`TypedStage::validate`], so every setting that
+/// changes the output must be a field, and defaults are written out.
+pub trait TypedStage: Send + Sync {
+    /// The stage's params, everything in its table but `kind` and `inputs`.
+    type Params: Serialize + DeserializeOwned;
+
+    /// The name used in pipeline files.
+    const KIND: &'static str;
+
+    /// Implementation version: bump it whenever a code change alters what the
+    /// stage writes, so cached outputs of older code are not reused.
+    const VERSION: u32;
+
+    /// One line for `xlpipe kinds` and error messages.
+    const SUMMARY: &'static str;
+
+    /// Check what serde cannot (ranges, files named in params) and bring the
+    /// params to canonical form. Parsed, not yet validated, params come in.
+    fn validate(&self, params: Self::Params, _env: &ParamsEnv) -> Result<Self::Params, ParamError> {
+        Ok(params)
+    }
+
+    /// Input slots, outputs and resources of a stage with these params.
+    /// `input_names` are the slots the pipeline file connects, for stages
+    /// whose slots are user-defined.
+    fn interface_for(
+        &self,
+        params: &Self::Params,
+        input_names: &[String],
+    ) -> Result<Interface, ParamError>;
+
+    /// Do the work: read `ctx.inputs`, write every declared output under
+    /// `ctx.output(name)`. Errors fail the stage; nothing it wrote is kept.
+    fn execute(&self, params: &Self::Params, ctx: &StageContext) -> anyhow::Result<()>;
+
+    /// What `xlpipe report` prints for a stored output folder of this kind;
+    /// `None` for kinds with nothing to show there.
+    fn render_output(&self, _output: &Path) -> anyhow::Result<Option<String>> {
         Ok(None)
+    }
+}
+
+impl<T: TypedStage> Stage for T {
+    fn kind(&self) -> &'static str {
+        T::KIND
+    }
+
+    fn version(&self) -> u32 {
+        T::VERSION
+    }
+
+    fn summary(&self) -> &'static str {
+        T::SUMMARY
+    }
+
+    fn canonical_params(
+        &self,
+        params: &toml::Table,
+        env: &ParamsEnv,
+    ) -> Result<serde_json::Value, ParamError> {
+        let parsed = parse_params(params)?;
+        let canonical = self.validate(parsed, env)?;
+        Ok(serde_json::to_value(&canonical).expect("stage params serialize to JSON"))
+    }
+
+    fn interface(
+        &self,
+        params: &serde_json::Value,
+        input_names: &[String],
+    ) -> Result<Interface, ParamError> {
+        let params = from_canonical::<T::Params>(params)
+            .map_err(|err| ParamError::new("", err.to_string()))?;
+        self.interface_for(&params, input_names)
+    }
+
+    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
+        self.execute(&from_canonical(params)?, ctx)
+    }
+
+    fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {
+        TypedStage::render_output(self, output)
     }
 }
 
@@ -141,7 +232,7 @@ impl fmt::Display for ParamError {
 
 /// Deserialize a stage's params into its typed struct, reporting the failing
 /// field's path (the struct should use `deny_unknown_fields`).
-pub fn parse_params<P: DeserializeOwned>(params: &toml::Table) -> Result<P, ParamError> {
+pub(crate) fn parse_params<P: DeserializeOwned>(params: &toml::Table) -> Result<P, ParamError> {
     let value = toml::Value::Table(params.clone());
     serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
@@ -150,13 +241,8 @@ pub fn parse_params<P: DeserializeOwned>(params: &toml::Table) -> Result<P, Para
     })
 }
 
-/// Serialize typed params to their canonical JSON form.
-pub fn to_canonical<P: Serialize>(params: &P) -> serde_json::Value {
-    serde_json::to_value(params).expect("stage params serialize to JSON")
-}
-
-/// Read back canonical params in `run` / `interface`.
-pub fn from_canonical<P: DeserializeOwned>(params: &serde_json::Value) -> anyhow::Result<P> {
+/// Read back canonical params.
+fn from_canonical<P: DeserializeOwned>(params: &serde_json::Value) -> anyhow::Result<P> {
     Ok(serde_json::from_value(params.clone())?)
 }
 
@@ -302,5 +388,83 @@ impl StageContext {
         bar.set_prefix(self.instance.clone());
         bar.set_message(what.to_string());
         bar
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kind with one defaulted field and one checked field.
+    struct Echo;
+
+    #[derive(Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct EchoParams {
+        words: Vec<String>,
+        #[serde(default = "default_repeat")]
+        repeat: u32,
+    }
+
+    fn default_repeat() -> u32 {
+        2
+    }
+
+    impl TypedStage for Echo {
+        type Params = EchoParams;
+        const KIND: &'static str = "echo";
+        const VERSION: u32 = 7;
+        const SUMMARY: &'static str = "repeat words";
+
+        fn validate(&self, mut p: EchoParams, _env: &ParamsEnv) -> Result<EchoParams, ParamError> {
+            if p.repeat == 0 {
+                return Err(ParamError::new("repeat", "must be at least 1"));
+            }
+            p.words.sort();
+            Ok(p)
+        }
+
+        fn interface_for(&self, p: &EchoParams, _: &[String]) -> Result<Interface, ParamError> {
+            Ok(Interface::producing(&[p.words[0].as_str()]))
+        }
+
+        fn execute(&self, _p: &EchoParams, _ctx: &StageContext) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn canonical(toml_text: &str) -> Result<serde_json::Value, ParamError> {
+        let env = ParamsEnv {
+            base_dir: PathBuf::from("."),
+        };
+        Echo.canonical_params(&toml_text.parse().unwrap(), &env)
+    }
+
+    #[test]
+    fn the_json_trait_is_the_typed_stage_with_defaults_written_out_and_validated() {
+        let stage: &dyn Stage = &Echo;
+        assert_eq!(
+            (stage.kind(), stage.version(), stage.summary()),
+            ("echo", 7, "repeat words")
+        );
+        let value = canonical("words = [\"b\", \"a\"]").unwrap();
+        assert_eq!(value, serde_json::json!({"words": ["a", "b"], "repeat": 2}));
+        let interface = stage.interface(&value, &[]).unwrap();
+        assert_eq!(interface.outputs, ["a"]);
+        assert!(stage.render_output(Path::new(".")).unwrap().is_none());
+
+        let err = canonical("words = []\nrepeat = 0").unwrap_err();
+        assert_eq!(
+            (err.path.as_str(), err.message.as_str()),
+            ("repeat", "must be at least 1")
+        );
+        let err = canonical("words = [\"a\"]\nrepeats = 3").unwrap_err();
+        assert!(err.message.contains("unknown field `repeats`"), "{err}");
+        let err = canonical("words = [1]").unwrap_err();
+        assert_eq!(err.path, "words[0]");
+        let err = stage
+            .interface(&serde_json::json!({"words": "a"}), &[])
+            .unwrap_err();
+        assert_eq!(err.path, "");
     }
 }

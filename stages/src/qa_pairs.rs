@@ -30,10 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::datasets::split_sentences;
 use crate::datasets::squad::context_id;
 use crate::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct QaPairsStage;
 
@@ -60,22 +57,22 @@ fn default_unit() -> Unit {
     Unit::Sentence
 }
 
-fn default_validation() -> f64 {
+fn default_validation_fraction() -> f64 {
     0.1
 }
 
-fn default_negatives() -> HardNegatives {
+fn default_hard_negatives() -> HardNegatives {
     HardNegatives::None
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct QaPairsParams {
+pub struct QaPairsParams {
     #[serde(default = "default_unit")]
     unit: Unit,
-    #[serde(default = "default_validation")]
+    #[serde(default = "default_validation_fraction")]
     validation_fraction: f64,
-    #[serde(default = "default_negatives")]
+    #[serde(default = "default_hard_negatives")]
     hard_negatives: HardNegatives,
     /// Seed of the validation split, the subset and negative choice.
     #[serde(default)]
@@ -92,26 +89,15 @@ struct QaPairsParams {
     exclude_articles: bool,
 }
 
-impl Stage for QaPairsStage {
-    fn kind(&self) -> &'static str {
-        "qa_pairs"
-    }
+impl TypedStage for QaPairsStage {
+    type Params = QaPairsParams;
+    const KIND: &'static str = "qa_pairs";
+    // 2: excluded_articles in meta.json.
+    const VERSION: u32 = 2;
+    const SUMMARY: &'static str =
+        "English (question, passage) training pairs, evaluation paragraphs removed";
 
-    fn version(&self) -> u32 {
-        // 2: excluded_articles in meta.json.
-        2
-    }
-
-    fn summary(&self) -> &'static str {
-        "English (question, passage) training pairs, evaluation paragraphs removed"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: QaPairsParams = parse_params(params)?;
+    fn validate(&self, p: QaPairsParams, _env: &ParamsEnv) -> Result<QaPairsParams, ParamError> {
         if !(0.0..1.0).contains(&p.validation_fraction) {
             return Err(ParamError::new("validation_fraction", "must be in [0, 1)"));
         }
@@ -121,12 +107,12 @@ impl Stage for QaPairsStage {
                 "`same_paragraph` needs unit = \"sentence\"",
             ));
         }
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &QaPairsParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
@@ -143,8 +129,7 @@ impl Stage for QaPairsStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: QaPairsParams = from_canonical(params)?;
+    fn execute(&self, p: &QaPairsParams, ctx: &StageContext) -> anyhow::Result<()> {
         let qa = read_parquet(&ctx.input("qa")?.join("qa.parquet"))?;
         let qids = strings(&qa, "qid")?;
         let questions = strings(&qa, "question")?;

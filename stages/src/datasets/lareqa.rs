@@ -20,16 +20,13 @@ use serde_json::Value;
 
 use super::{input_file, parse_json, reader_interface, Articles};
 use crate::table::{string_column, write_parquet, OnError, ReadReport};
-use crate::{
-    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct LareqaStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LareqaParams {
+pub struct LareqaParams {
     /// Languages to read, each from `<lang>.json` in the input folder.
     langs: Vec<String>,
     /// Read only the first N paragraphs of each file (their sentences and
@@ -46,52 +43,40 @@ struct LareqaParams {
     on_error: OnError,
 }
 
-impl Stage for LareqaStage {
-    fn kind(&self) -> &'static str {
-        "lareqa"
-    }
+impl TypedStage for LareqaStage {
+    type Params = LareqaParams;
+    const KIND: &'static str = "lareqa";
+    // 2: `articles`, articles.parquet.
+    const VERSION: u32 = 2;
+    const SUMMARY: &'static str =
+        "read XQuAD-R / MLQA-R into questions, candidate sentences and qrels";
 
-    fn version(&self) -> u32 {
-        // 2: `articles`, articles.parquet.
-        2
-    }
-
-    fn summary(&self) -> &'static str {
-        "read XQuAD-R / MLQA-R into questions, candidate sentences and qrels"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: LareqaParams = parse_params(params)?;
+    fn validate(&self, p: LareqaParams, _env: &ParamsEnv) -> Result<LareqaParams, ParamError> {
         if p.langs.is_empty() {
             return Err(ParamError::new("langs", "name at least one language"));
         }
         if let Some(articles) = &p.articles {
             articles.check()?;
         }
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &LareqaParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(reader_interface())
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: LareqaParams = from_canonical(params)?;
+    fn execute(&self, p: &LareqaParams, ctx: &StageContext) -> anyhow::Result<()> {
         let dir = ctx.input("files")?;
         let out = ctx.output("data");
         std::fs::create_dir_all(&out)?;
         let mut tables = RetrievalTables::default();
         let mut report = ReadReport::new(p.on_error);
         for lang in &p.langs {
-            read_language(dir, lang, &p, &mut tables, &mut report)?;
+            read_language(dir, lang, p, &mut tables, &mut report)?;
         }
         report.kept = tables.q_id.len();
         tables.write(&out)?;

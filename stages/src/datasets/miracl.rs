@@ -13,16 +13,13 @@ use serde_json::Value;
 
 use super::{input_file, reader_interface};
 use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
-use crate::{
-    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{Interface, ParamError, StageContext, TypedStage};
 
 pub struct MiraclStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MiraclParams {
+pub struct MiraclParams {
     lang: String,
     topics: String,
     qrels: String,
@@ -32,38 +29,21 @@ struct MiraclParams {
     on_error: OnError,
 }
 
-impl Stage for MiraclStage {
-    fn kind(&self) -> &'static str {
-        "miracl"
-    }
+impl TypedStage for MiraclStage {
+    type Params = MiraclParams;
+    const KIND: &'static str = "miracl";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "read MIRACL-style topics, qrels and a jsonl passage corpus";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "read MIRACL-style topics, qrels and a jsonl passage corpus"
-    }
-
-    fn canonical_params(
+    fn interface_for(
         &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: MiraclParams = parse_params(params)?;
-        Ok(to_canonical(&p))
-    }
-
-    fn interface(
-        &self,
-        _params: &serde_json::Value,
+        _p: &MiraclParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(reader_interface())
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: MiraclParams = from_canonical(params)?;
+    fn execute(&self, p: &MiraclParams, ctx: &StageContext) -> anyhow::Result<()> {
         let dir = ctx.input("files")?;
         let mut report = ReadReport::new(p.on_error);
         let out = ctx.output("data");

@@ -27,16 +27,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{input_file, reader_interface};
 use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
-use crate::{
-    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct ParallelStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ParallelParams {
+pub struct ParallelParams {
     /// Set name -> language -> file in the input folder.
     sets: BTreeMap<String, BTreeMap<String, String>>,
     /// Keep the first N lines of each set (for quick runs).
@@ -46,25 +43,14 @@ struct ParallelParams {
     on_error: OnError,
 }
 
-impl Stage for ParallelStage {
-    fn kind(&self) -> &'static str {
-        "parallel"
-    }
+impl TypedStage for ParallelStage {
+    type Params = ParallelParams;
+    const KIND: &'static str = "parallel";
+    const VERSION: u32 = 2;
+    const SUMMARY: &'static str =
+        "read line-aligned parallel text (NTREX, FLORES, TICO-19, Tatoeba)";
 
-    fn version(&self) -> u32 {
-        2
-    }
-
-    fn summary(&self) -> &'static str {
-        "read line-aligned parallel text (NTREX, FLORES, TICO-19, Tatoeba)"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: ParallelParams = parse_params(params)?;
+    fn validate(&self, p: ParallelParams, _env: &ParamsEnv) -> Result<ParallelParams, ParamError> {
         if p.sets.is_empty() {
             return Err(ParamError::new("sets", "name at least one set of files"));
         }
@@ -76,19 +62,18 @@ impl Stage for ParallelStage {
                 ));
             }
         }
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &ParallelParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(reader_interface())
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: ParallelParams = from_canonical(params)?;
+    fn execute(&self, p: &ParallelParams, ctx: &StageContext) -> anyhow::Result<()> {
         let dir = ctx.input("files")?;
         let mut report = ReadReport::new(p.on_error);
         let (mut set_col, mut lang_col, mut id_col, mut text_col) =

@@ -26,16 +26,13 @@ use serde_json::Value;
 
 use super::{char_to_byte, input_file, parse_json, reader_interface, split_sentences, Articles};
 use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
-use crate::{
-    from_canonical, parse_params, to_canonical, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct SquadStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SquadParams {
+pub struct SquadParams {
     /// Files in the input folder: `.json`, `.jsonl`, `.json.gz` or `.zip`
     /// (every `.json`/`.jsonl` member is read).
     files: Vec<String>,
@@ -51,45 +48,29 @@ struct SquadParams {
     on_error: OnError,
 }
 
-impl Stage for SquadStage {
-    fn kind(&self) -> &'static str {
-        "squad"
-    }
+impl TypedStage for SquadStage {
+    type Params = SquadParams;
+    const KIND: &'static str = "squad";
+    // 2: the `title` column.
+    const VERSION: u32 = 2;
+    const SUMMARY: &'static str =
+        "read SQuAD-format QA (JSON, JSON Lines, .gz, encrypted .zip) with answer sentences";
 
-    fn version(&self) -> u32 {
-        // 2: the `title` column.
-        2
-    }
-
-    fn summary(&self) -> &'static str {
-        "read SQuAD-format QA (JSON, JSON Lines, .gz, encrypted .zip) with answer sentences"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: SquadParams = parse_params(params)?;
+    fn validate(&self, p: SquadParams, _env: &ParamsEnv) -> Result<SquadParams, ParamError> {
         if p.files.is_empty() {
             return Err(ParamError::new("files", "name at least one file"));
         }
         if let Some(articles) = &p.articles {
             articles.check()?;
         }
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
-        &self,
-        _params: &serde_json::Value,
-        _inputs: &[String],
-    ) -> Result<Interface, ParamError> {
+    fn interface_for(&self, _p: &SquadParams, _inputs: &[String]) -> Result<Interface, ParamError> {
         Ok(reader_interface())
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: SquadParams = from_canonical(params)?;
+    fn execute(&self, p: &SquadParams, ctx: &StageContext) -> anyhow::Result<()> {
         let dir = ctx.input("files")?;
         let mut rows = Rows::default();
         let mut report = ReadReport::new(p.on_error);

@@ -30,24 +30,21 @@ use super::metrics::{evaluate_query, write_qrels, write_run, Qrels, QueryMetrics
 use super::search::{for_each_query, TrecOrder};
 use crate::embeddings::Embeddings;
 use crate::table::{integers, read_parquet, string_column, strings, write_parquet};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct EvaluateAdhocStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AdhocParams {
-    #[serde(default = "d_depth")]
+pub struct AdhocParams {
+    #[serde(default = "default_depth")]
     depth: usize,
     /// The dataset's name in reports (default: the stage's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dataset: Option<String>,
 }
 
-fn d_depth() -> usize {
+fn default_depth() -> usize {
     100
 }
 
@@ -63,39 +60,24 @@ fn values(m: &QueryMetrics) -> [f64; 4] {
     ]
 }
 
-impl Stage for EvaluateAdhocStage {
-    fn kind(&self) -> &'static str {
-        "evaluate_adhoc"
-    }
+impl TypedStage for EvaluateAdhocStage {
+    type Params = AdhocParams;
+    const KIND: &'static str = "evaluate_adhoc";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "ad-hoc retrieval with graded qrels (MIRACL): nDCG@10, R@100 over a top-100 run";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "ad-hoc retrieval with graded qrels (MIRACL): nDCG@10, R@100 over a top-100 run"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let p: AdhocParams = parse_params(params)?;
+    fn validate(&self, p: AdhocParams, _env: &ParamsEnv) -> Result<AdhocParams, ParamError> {
         if p.depth < 100 {
             return Err(ParamError::new(
                 "depth",
                 "must be at least 100 (recall_100 needs the top 100)",
             ));
         }
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
-        &self,
-        _params: &serde_json::Value,
-        _inputs: &[String],
-    ) -> Result<Interface, ParamError> {
+    fn interface_for(&self, _p: &AdhocParams, _inputs: &[String]) -> Result<Interface, ParamError> {
         Ok(Interface {
             inputs: vec![
                 InputSlot::one("data"),
@@ -106,8 +88,7 @@ impl Stage for EvaluateAdhocStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: AdhocParams = from_canonical(params)?;
+    fn execute(&self, p: &AdhocParams, ctx: &StageContext) -> anyhow::Result<()> {
         let queries = Embeddings::read(ctx.input("queries")?)?;
         let corpus = Embeddings::read(ctx.input("corpus")?)?;
         let frame = read_parquet(&ctx.input("data")?.join("qrels.parquet"))?;

@@ -38,10 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::search::{for_each_query, TrecOrder};
 use crate::embeddings::Embeddings;
 use crate::table::{string_column, write_parquet};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, StageContext, TypedStage};
 
 pub struct EvaluateBitextStage;
 
@@ -56,52 +53,38 @@ enum Directions {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BitextParams {
-    #[serde(default = "d_directions")]
+pub struct BitextParams {
+    #[serde(default = "default_directions")]
     directions: Directions,
-    #[serde(default = "d_pivot")]
+    #[serde(default = "default_pivot")]
     pivot: String,
-    #[serde(default = "d_depth")]
+    #[serde(default = "default_trec_depth")]
     trec_depth: usize,
     /// The dataset's name in reports (default: the stage's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dataset: Option<String>,
 }
 
-fn d_directions() -> Directions {
+fn default_directions() -> Directions {
     Directions::Pivot
 }
-fn d_pivot() -> String {
+fn default_pivot() -> String {
     "en".into()
 }
-fn d_depth() -> usize {
+fn default_trec_depth() -> usize {
     10
 }
 
-impl Stage for EvaluateBitextStage {
-    fn kind(&self) -> &'static str {
-        "evaluate_bitext"
-    }
+impl TypedStage for EvaluateBitextStage {
+    type Params = BitextParams;
+    const KIND: &'static str = "evaluate_bitext";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "bitext retrieval on parallel sentences: accuracy@1 and mAP in both directions";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "bitext retrieval on parallel sentences: accuracy@1 and mAP in both directions"
-    }
-
-    fn canonical_params(
+    fn interface_for(
         &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        Ok(to_canonical(&parse_params::<BitextParams>(params)?))
-    }
-
-    fn interface(
-        &self,
-        _params: &serde_json::Value,
+        _p: &BitextParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
@@ -110,8 +93,7 @@ impl Stage for EvaluateBitextStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: BitextParams = from_canonical(params)?;
+    fn execute(&self, p: &BitextParams, ctx: &StageContext) -> anyhow::Result<()> {
         let all = Embeddings::read(ctx.input("sentences")?)?;
         let mut sets: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (row, sid) in all.ids.iter().enumerate() {
@@ -124,14 +106,14 @@ impl Stage for EvaluateBitextStage {
         }
         let mut directions: Vec<Direction> = Vec::new();
         for (set, rows) in &sets {
-            directions.extend(evaluate_set(set, &all, rows, &p)?);
+            directions.extend(evaluate_set(set, &all, rows, p)?);
         }
         anyhow::ensure!(
             !directions.is_empty(),
             "no direction to score (is the pivot `{}` in the sets?)",
             p.pivot
         );
-        write_results(&ctx.output("results"), &directions, &p)
+        write_results(&ctx.output("results"), &directions, p)
     }
 }
 

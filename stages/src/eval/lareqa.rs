@@ -44,24 +44,21 @@ use serde::{Deserialize, Serialize};
 use super::search::{for_each_query, TrecOrder};
 use crate::embeddings::Embeddings;
 use crate::table::{read_parquet, string_column, strings, write_parquet};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct EvaluateLareqaStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EvaluateParams {
+pub struct EvaluateParams {
     /// Top-k depth of the language-share statistic.
-    #[serde(default = "d_k")]
+    #[serde(default = "default_depth")]
     top_k: usize,
     /// Ranked candidates per query in the TREC run files (0: whole pool).
-    #[serde(default = "d_k")]
+    #[serde(default = "default_depth")]
     trec_depth: usize,
     /// Settings whose TREC run and qrels files are written.
-    #[serde(default = "d_trec_settings")]
+    #[serde(default = "default_trec_settings")]
     trec_settings: Vec<Setting>,
     /// The dataset's name in reports (default: the stage's name), so that
     /// evaluations of different models on one set line up.
@@ -69,44 +66,37 @@ struct EvaluateParams {
     dataset: Option<String>,
 }
 
-fn d_k() -> usize {
+fn default_depth() -> usize {
     10
 }
 
-fn d_trec_settings() -> Vec<Setting> {
+fn default_trec_settings() -> Vec<Setting> {
     vec![Setting::Mono, Setting::Cross, Setting::Multi]
 }
 
-impl Stage for EvaluateLareqaStage {
-    fn kind(&self) -> &'static str {
-        "evaluate_lareqa"
-    }
+impl TypedStage for EvaluateLareqaStage {
+    type Params = EvaluateParams;
+    const KIND: &'static str = "evaluate_lareqa";
+    const VERSION: u32 = 3;
+    const SUMMARY: &'static str =
+        "LAReQA retrieval: mono / cross / multilingual mAP, MRR, R@k, nDCG@10 and language bias";
 
-    fn version(&self) -> u32 {
-        3
-    }
-
-    fn summary(&self) -> &'static str {
-        "LAReQA retrieval: mono / cross / multilingual mAP, MRR, R@k, nDCG@10 and language bias"
-    }
-
-    fn canonical_params(
+    fn validate(
         &self,
-        params: &toml::Table,
+        mut p: EvaluateParams,
         _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: EvaluateParams = parse_params(params)?;
+    ) -> Result<EvaluateParams, ParamError> {
         if p.top_k == 0 {
             return Err(ParamError::new("top_k", "must be at least 1"));
         }
         p.trec_settings.sort();
         p.trec_settings.dedup();
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &EvaluateParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
@@ -119,8 +109,7 @@ impl Stage for EvaluateLareqaStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: EvaluateParams = from_canonical(params)?;
+    fn execute(&self, p: &EvaluateParams, ctx: &StageContext) -> anyhow::Result<()> {
         let questions = Embeddings::read(ctx.input("questions")?)?;
         let candidates = Embeddings::read(ctx.input("candidates")?)?;
         let qrels = read_parquet(&ctx.input("data")?.join("qrels.parquet"))?;
@@ -138,7 +127,7 @@ impl Stage for EvaluateLareqaStage {
             relevant.entry(cid.1).or_default().push(index);
         }
         let trec = TrecOptions {
-            settings: p.trec_settings,
+            settings: p.trec_settings.clone(),
             depth: p.trec_depth,
         };
         let evaluation = evaluate(&questions, &candidates, &relevant, p.top_k, &trec)?;

@@ -26,9 +26,9 @@ pub struct EncoderConfig {
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     pub max_position_embeddings: usize,
-    #[serde(default = "one")]
+    #[serde(default = "default_type_vocab_size")]
     pub type_vocab_size: usize,
-    #[serde(default = "default_eps")]
+    #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub pad_token_id: usize,
@@ -36,18 +36,18 @@ pub struct EncoderConfig {
     pub hidden_dropout_prob: f64,
     #[serde(default = "default_dropout")]
     pub attention_probs_dropout_prob: f64,
-    #[serde(default = "default_act")]
+    #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
     /// Not from the file: chosen by the pipeline.
     #[serde(skip)]
     pub pooling: Pooling,
 }
 
-fn one() -> usize {
+fn default_type_vocab_size() -> usize {
     1
 }
 
-fn default_eps() -> f64 {
+fn default_layer_norm_eps() -> f64 {
     1e-12
 }
 
@@ -55,7 +55,7 @@ fn default_dropout() -> f64 {
     0.1
 }
 
-fn default_act() -> String {
+fn default_hidden_act() -> String {
     "gelu".into()
 }
 

@@ -33,28 +33,28 @@ pub struct M2m100Config {
     pub decoder_attention_heads: usize,
     pub encoder_ffn_dim: usize,
     pub decoder_ffn_dim: usize,
-    #[serde(default = "default_activation")]
+    #[serde(default = "default_activation_function")]
     pub activation_function: String,
-    #[serde(default = "yes")]
+    #[serde(default = "default_scale_embedding")]
     pub scale_embedding: bool,
-    #[serde(default = "one")]
+    #[serde(default = "default_pad_token_id")]
     pub pad_token_id: usize,
-    #[serde(default = "two")]
+    #[serde(default = "default_eos_token_id")]
     pub eos_token_id: usize,
-    #[serde(default = "two")]
+    #[serde(default = "default_eos_token_id")]
     pub decoder_start_token_id: usize,
 }
 
-fn default_activation() -> String {
+fn default_activation_function() -> String {
     "relu".into()
 }
-fn yes() -> bool {
+fn default_scale_embedding() -> bool {
     true
 }
-fn one() -> usize {
+fn default_pad_token_id() -> usize {
     1
 }
-fn two() -> usize {
+fn default_eos_token_id() -> usize {
     2
 }
 

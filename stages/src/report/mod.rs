@@ -50,44 +50,41 @@ use serde_json::Value;
 
 use crate::eval::adhoc::ADHOC_METRICS;
 use crate::table::{read_parquet, string_column, strings, write_parquet};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputArtifact, InputSlot, Interface, ParamError,
-    ParamsEnv, Stage, StageContext,
-};
+use crate::{InputArtifact, InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 use stats::{mean_ci, p_text, paired_bootstrap, PairedBootstrap};
 
 pub struct ReportStage;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReportParams {
+pub struct ReportParams {
     #[serde(default)]
     in_domain: Vec<String>,
-    #[serde(default = "d_metric")]
+    #[serde(default = "default_metric")]
     metric: String,
-    #[serde(default = "d_replicate")]
+    #[serde(default = "default_replicate")]
     replicate: String,
-    #[serde(default = "d_x")]
+    #[serde(default = "default_x")]
     x: String,
-    #[serde(default = "d_baselines")]
+    #[serde(default = "default_baselines")]
     baselines: Vec<f64>,
-    #[serde(default = "d_samples")]
+    #[serde(default = "default_bootstrap_samples")]
     bootstrap_samples: usize,
 }
 
-fn d_metric() -> String {
+fn default_metric() -> String {
     "map".into()
 }
-fn d_replicate() -> String {
+fn default_replicate() -> String {
     "seed".into()
 }
-fn d_x() -> String {
+fn default_x() -> String {
     "alpha".into()
 }
-fn d_baselines() -> Vec<f64> {
+fn default_baselines() -> Vec<f64> {
     vec![0.0, 1.0]
 }
-fn d_samples() -> usize {
+fn default_bootstrap_samples() -> usize {
     1000
 }
 
@@ -97,32 +94,16 @@ const BITEXT_METRICS: [&str; 2] = ["accuracy_1", "map"];
 /// The language-bias metric (lower is better), multilingual setting only.
 const BIAS: &str = "bias";
 
-impl Stage for ReportStage {
-    fn kind(&self) -> &'static str {
-        "report"
-    }
+impl TypedStage for ReportStage {
+    type Params = ReportParams;
+    const KIND: &'static str = "report";
+    // 2: the bootstrap resamples seeds as well as queries.
+    // 3: untuned levels labelled "(untuned)" in their setting's colour;
+    // the t quantile beyond 30 degrees of freedom to 1e-4.
+    const VERSION: u32 = 3;
+    const SUMMARY: &'static str = "result tables (mean ± 95% CI over seeds, paired bootstrap) and plots of a grid's evaluations";
 
-    fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {
-        render_main_table(output).map(Some)
-    }
-
-    fn version(&self) -> u32 {
-        // 2: the bootstrap resamples seeds as well as queries.
-        // 3: untuned levels labelled "(untuned)" in their setting's colour;
-        // the t quantile beyond 30 degrees of freedom to 1e-4.
-        3
-    }
-
-    fn summary(&self) -> &'static str {
-        "result tables (mean ± 95% CI over seeds, paired bootstrap) and plots of a grid's evaluations"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: ReportParams = parse_params(params)?;
+    fn validate(&self, mut p: ReportParams, _env: &ParamsEnv) -> Result<ReportParams, ParamError> {
         let known = LAREQA_METRICS
             .iter()
             .chain(&BITEXT_METRICS)
@@ -144,12 +125,12 @@ impl Stage for ReportStage {
         }
         p.in_domain.sort();
         p.in_domain.dedup();
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        _params: &serde_json::Value,
+        _p: &ReportParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
@@ -158,16 +139,19 @@ impl Stage for ReportStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: ReportParams = from_canonical(params)?;
+    fn execute(&self, p: &ReportParams, ctx: &StageContext) -> anyhow::Result<()> {
         let evaluations = ctx
             .inputs("evaluations")
             .iter()
-            .map(|a| Evaluation::load(a, &p))
+            .map(|a| Evaluation::load(a, p))
             .collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!evaluations.is_empty(), "no evaluations to report");
-        let report = Report::new(&p, evaluations);
+        let report = Report::new(p, evaluations);
         report.write(&ctx.output("report"))
+    }
+
+    fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {
+        render_main_table(output).map(Some)
     }
 }
 

@@ -52,10 +52,7 @@ use crate::model::{
     Pooling, TextTokenizer, TokenBatch,
 };
 use crate::table::{read_parquet, strings, write_parquet};
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{parse_params, InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 use optim::AdamW;
 use sampler::{AlphaSchedule, Batch, HybridSampler, LanguageChoice, Mix, ParallelPairs};
 
@@ -73,44 +70,44 @@ enum Init {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TrainParams {
+pub struct TrainParams {
     alpha: f64,
     /// Ramp alpha linearly to this value over training.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     alpha_end: Option<f64>,
-    #[serde(default = "uniform")]
+    #[serde(default = "default_language_choice")]
     language_choice: LanguageChoice,
     /// How monolingual batches are placed: independently with probability
     /// alpha (`bernoulli`, the paper's), or alpha's share in every block
     /// of 20 steps (`stratified`).
-    #[serde(default = "bernoulli")]
+    #[serde(default = "default_mix")]
     mix: Mix,
     /// Train on these languages only (default: every language of the pairs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     langs: Option<Vec<String>>,
     steps: usize,
-    #[serde(default = "d32")]
+    #[serde(default = "default_batch_size")]
     batch_size: usize,
-    #[serde(default = "d_lr")]
+    #[serde(default = "default_lr")]
     lr: f64,
-    #[serde(default = "d_wd")]
+    #[serde(default = "default_weight_decay")]
     weight_decay: f64,
-    #[serde(default = "d_warmup")]
+    #[serde(default = "default_warmup_ratio")]
     warmup_ratio: f64,
-    #[serde(default = "d_one_f")]
+    #[serde(default = "default_max_grad_norm")]
     max_grad_norm: f64,
-    #[serde(default = "d_one")]
+    #[serde(default = "default_grad_accumulation")]
     grad_accumulation: usize,
     /// Logit scale, 1 / temperature (sentence-transformers uses 20).
-    #[serde(default = "d_scale")]
+    #[serde(default = "default_scale")]
     scale: f64,
-    #[serde(default = "d_qlen")]
+    #[serde(default = "default_query_max_len")]
     query_max_len: usize,
-    #[serde(default = "d_plen")]
+    #[serde(default = "default_passage_max_len")]
     passage_max_len: usize,
-    #[serde(default = "d_qprefix")]
+    #[serde(default = "default_query_prefix")]
     query_prefix: String,
-    #[serde(default = "d_pprefix")]
+    #[serde(default = "default_passage_prefix")]
     passage_prefix: String,
     #[serde(default)]
     pooling: Pooling,
@@ -118,20 +115,20 @@ struct TrainParams {
     #[serde(default)]
     hard_negatives: bool,
     /// Validate every this many steps (0: never).
-    #[serde(default = "d_eval")]
+    #[serde(default = "default_every")]
     eval_every: usize,
-    #[serde(default = "d_val_batches")]
+    #[serde(default = "default_val_batches")]
     val_batches: usize,
     /// Stop after this many evaluations without a better validation loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     patience: Option<usize>,
-    #[serde(default = "d_eval")]
+    #[serde(default = "default_every")]
     checkpoint_every: usize,
     #[serde(default)]
     seed: u64,
     #[serde(default)]
     device: DeviceChoice,
-    #[serde(default = "d_init")]
+    #[serde(default = "default_init")]
     init: Init,
     /// Train only the top this many transformer layers (and what is above
     /// them); the embeddings and the layers below stay frozen. Default: all.
@@ -144,87 +141,76 @@ struct TrainParams {
     /// Embed each side of a batch in length-sorted groups padded to at most
     /// this share of their tokens (1: one padded batch). The batch, its
     /// in-batch negatives and its loss stay the same.
-    #[serde(default = "d_max_padding")]
+    #[serde(default = "default_max_padding")]
     max_padding: f64,
 }
 
-fn uniform() -> LanguageChoice {
+fn default_language_choice() -> LanguageChoice {
     LanguageChoice::Uniform
 }
-fn bernoulli() -> Mix {
+fn default_mix() -> Mix {
     Mix::Bernoulli
 }
-fn d32() -> usize {
+fn default_batch_size() -> usize {
     32
 }
-fn d_lr() -> f64 {
+fn default_lr() -> f64 {
     3e-5
 }
-fn d_wd() -> f64 {
+fn default_weight_decay() -> f64 {
     0.01
 }
-fn d_warmup() -> f64 {
+fn default_warmup_ratio() -> f64 {
     0.1
 }
-fn d_one_f() -> f64 {
+fn default_max_grad_norm() -> f64 {
     1.0
 }
-fn d_one() -> usize {
+fn default_grad_accumulation() -> usize {
     1
 }
-fn d_scale() -> f64 {
+fn default_scale() -> f64 {
     20.0
 }
-fn d_qlen() -> usize {
+fn default_query_max_len() -> usize {
     32
 }
-fn d_plen() -> usize {
+fn default_passage_max_len() -> usize {
     128
 }
-fn d_qprefix() -> String {
+fn default_query_prefix() -> String {
     "query: ".into()
 }
-fn d_pprefix() -> String {
+fn default_passage_prefix() -> String {
     "passage: ".into()
 }
-fn d_eval() -> usize {
+fn default_every() -> usize {
     100
 }
-fn d_val_batches() -> usize {
+fn default_val_batches() -> usize {
     8
 }
-fn d_max_padding() -> f64 {
+fn default_max_padding() -> f64 {
     0.1
 }
-fn d_init() -> Init {
+fn default_init() -> Init {
     Init::Pretrained
 }
 
-impl Stage for TrainStage {
-    fn kind(&self) -> &'static str {
-        "train"
-    }
+impl TypedStage for TrainStage {
+    type Params = TrainParams;
+    const KIND: &'static str = "train";
+    // 2: clipping by the global gradient norm, PyTorch's AdamW (eps 1e-8,
+    // no decay on biases and LayerNorm weights), grad_norm in metrics.
+    // 3: the CPU kernels' dropout masks (a counter-based SplitMix64
+    // stream), so the same seed trains other weights than version 2.
+    // 4: each side embedded in length-sorted groups (other dropout
+    // draws), partial fine-tuning, stored states.
+    const VERSION: u32 = 4;
+    const SUMMARY: &'static str =
+        "fine-tune an encoder with hybrid mono/cross-lingual batches (InfoNCE)";
 
-    fn version(&self) -> u32 {
-        // 2: clipping by the global gradient norm, PyTorch's AdamW (eps 1e-8,
-        // no decay on biases and LayerNorm weights), grad_norm in metrics.
-        // 3: the CPU kernels' dropout masks (a counter-based SplitMix64
-        // stream), so the same seed trains other weights than version 2.
-        // 4: each side embedded in length-sorted groups (other dropout
-        // draws), partial fine-tuning, stored states.
-        4
-    }
-
-    fn summary(&self) -> &'static str {
-        "fine-tune an encoder with hybrid mono/cross-lingual batches (InfoNCE)"
-    }
-
-    fn canonical_params(
-        &self,
-        params: &toml::Table,
-        _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: TrainParams = parse_params(params)?;
+    fn validate(&self, mut p: TrainParams, _env: &ParamsEnv) -> Result<TrainParams, ParamError> {
         for (name, value) in [("alpha", Some(p.alpha)), ("alpha_end", p.alpha_end)] {
             if let Some(v) = value {
                 if !(0.0..=1.0).contains(&v) {
@@ -264,16 +250,10 @@ impl Stage for TrainStage {
             ));
         }
         p.device = p.device.check()?;
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
-        &self,
-        params: &serde_json::Value,
-        _inputs: &[String],
-    ) -> Result<Interface, ParamError> {
-        let p: TrainParams =
-            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
+    fn interface_for(&self, p: &TrainParams, _inputs: &[String]) -> Result<Interface, ParamError> {
         Ok(Interface {
             inputs: vec![
                 InputSlot::one("model"),
@@ -285,9 +265,8 @@ impl Stage for TrainStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: TrainParams = from_canonical(params)?;
-        p.device.run(ctx, Training { p: &p, ctx })
+    fn execute(&self, p: &TrainParams, ctx: &StageContext) -> anyhow::Result<()> {
+        p.device.run(ctx, Training { p, ctx })
     }
 }
 
@@ -908,7 +887,7 @@ pub fn benchmark_cpu_steps(
     let tokenizer = TextTokenizer::for_model(model_dir)?;
     let mut encoder: Encoder<B> = load_encoder(model_dir, Pooling::Mean, &device)?;
     // The stage's defaults, so the bench times what a default `train` runs.
-    let mut optimizer = AdamW::new(d_wd(), clip_norm(d_one_f()));
+    let mut optimizer = AdamW::new(default_weight_decay(), clip_norm(default_max_grad_norm()));
     let q = tokenizer.encode(queries, lengths.0)?;
     let p = tokenizer.encode(passages, lengths.1)?;
     let tokens_per_step = (q.mask.iter().sum::<i64>() + p.mask.iter().sum::<i64>()) as usize;
@@ -917,9 +896,13 @@ pub fn benchmark_cpu_steps(
         let clock = std::time::Instant::now();
         let (qi, qm) = q.tensors::<B>(&device);
         let (pi, pm) = p.tensors::<B>(&device);
-        let loss = info_nce(encoder.embed(qi, qm), encoder.embed(pi, pm), d_scale());
+        let loss = info_nce(
+            encoder.embed(qi, qm),
+            encoder.embed(pi, pm),
+            default_scale(),
+        );
         let grads = GradientsParams::from_grads(loss.backward(), &encoder);
-        encoder = optimizer.step(d_lr(), encoder, grads).0;
+        encoder = optimizer.step(default_lr(), encoder, grads).0;
         // Reading a weight waits for the step to finish on any backend.
         let _ = scalar(encoder.embeddings.norm.gamma.val().sum());
         if step > 0 {

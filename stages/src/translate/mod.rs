@@ -53,16 +53,13 @@ use memory::with_memory;
 use nllb::NllbTranslation;
 use precomputed::precomputed;
 
-use crate::{
-    from_canonical, parse_params, to_canonical, InputSlot, Interface, ParamError, ParamsEnv, Stage,
-    StageContext,
-};
+use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct TranslateStage;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TranslateParams {
+pub struct TranslateParams {
     /// Output language name -> how to get there.
     langs: BTreeMap<String, LangSpec>,
     /// Texts per call of a command backend.
@@ -110,7 +107,7 @@ enum LangSpec {
         #[serde(default = "default_length_penalty")]
         length_penalty: f32,
         /// Sentences decoded together.
-        #[serde(default = "default_nmt_batch")]
+        #[serde(default = "default_batch_size")]
         batch_size: usize,
         #[serde(default)]
         device: DeviceChoice,
@@ -129,7 +126,7 @@ fn default_max_length() -> usize {
 fn default_length_penalty() -> f32 {
     1.0
 }
-fn default_nmt_batch() -> usize {
+fn default_batch_size() -> usize {
     16
 }
 
@@ -151,25 +148,17 @@ pub trait Translator {
     fn translate(&mut self, texts: &[String]) -> anyhow::Result<Vec<Option<String>>>;
 }
 
-impl Stage for TranslateStage {
-    fn kind(&self) -> &'static str {
-        "translate"
-    }
+impl TypedStage for TranslateStage {
+    type Params = TranslateParams;
+    const KIND: &'static str = "translate";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "translate English QA pairs (precomputed, command, dictionary or NLLB / M2M100 backends) with a translation memory";
 
-    fn version(&self) -> u32 {
-        1
-    }
-
-    fn summary(&self) -> &'static str {
-        "translate English QA pairs (precomputed, command, dictionary or NLLB / M2M100 backends) with a translation memory"
-    }
-
-    fn canonical_params(
+    fn validate(
         &self,
-        params: &toml::Table,
+        mut p: TranslateParams,
         _env: &ParamsEnv,
-    ) -> Result<serde_json::Value, ParamError> {
-        let mut p: TranslateParams = parse_params(params)?;
+    ) -> Result<TranslateParams, ParamError> {
         for (name, spec) in &mut p.langs {
             if let LangSpec::Nllb {
                 beams,
@@ -209,16 +198,14 @@ impl Stage for TranslateStage {
                 ));
             }
         }
-        Ok(to_canonical(&p))
+        Ok(p)
     }
 
-    fn interface(
+    fn interface_for(
         &self,
-        params: &serde_json::Value,
+        p: &TranslateParams,
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
-        let p: TranslateParams =
-            from_canonical(params).map_err(|e| ParamError::new("", e.to_string()))?;
         let needs = |f: fn(&LangSpec) -> bool| p.langs.values().any(f);
         let mut inputs = vec![InputSlot::one("pairs")];
         inputs.push(InputSlot {
@@ -249,8 +236,7 @@ impl Stage for TranslateStage {
         })
     }
 
-    fn run(&self, params: &serde_json::Value, ctx: &StageContext) -> anyhow::Result<()> {
-        let p: TranslateParams = from_canonical(params)?;
+    fn execute(&self, p: &TranslateParams, ctx: &StageContext) -> anyhow::Result<()> {
         let pairs_dir = ctx.input("pairs")?;
         let unit = read_unit(pairs_dir)?;
         let mut english = English::default();
