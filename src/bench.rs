@@ -397,10 +397,10 @@ print(json.dumps({"matmul_seconds": matmul, "total_seconds": total, "numpy": np.
 /// relevant answers rank high but not first, as with a real encoder.
 pub fn search(repeat: usize, python: &str) -> anyhow::Result<String> {
     use std::collections::HashMap;
-    use xlpipe_stages::embeddings::Embeddings;
-    use xlpipe_stages::eval::lareqa::{evaluate, TrecOptions};
-    use xlpipe_stages::eval::search::{for_each_query, TrecOrder};
-    use xlpipe_stages::rng::SplitMix64;
+    use xlpipe_eval::embeddings::Embeddings;
+    use xlpipe_eval::search::{for_each_query, TrecOrder};
+    use xlpipe_ml::rng::SplitMix64;
+    use xlpipe_stages::evaluate::lareqa::{evaluate, TrecOptions};
 
     const LANGS: usize = 11;
     const SENTENCES: usize = 1183; // per language: 13,013 + 1 extra candidate
@@ -622,7 +622,7 @@ pub struct TranslateBench<'a> {
 /// next to transformers' `generate` on the same model, texts, batches and
 /// threads, in the same run; also says whether both produced the same text.
 pub fn translate(b: &TranslateBench) -> anyhow::Result<String> {
-    use xlpipe_stages::nmt::GenerationConfig;
+    use xlpipe_ml::nmt::GenerationConfig;
     let words: Vec<&str> = BENCH_TEXT.split_whitespace().collect();
     let texts: Vec<String> = (0..b.sentences)
         .map(|i| {
@@ -640,7 +640,7 @@ pub fn translate(b: &TranslateBench) -> anyhow::Result<String> {
         ..GenerationConfig::default()
     };
     let (ours, our_seconds) =
-        xlpipe_stages::nmt::translator::benchmark_cpu(b.model, b.target, config, b.batch, &texts)?;
+        xlpipe_ml::nmt::translator::benchmark_cpu(b.model, b.target, config, b.batch, &texts)?;
 
     let theirs = python_baseline(
         &PythonBaseline {

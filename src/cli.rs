@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use indicatif::MultiProgress;
-use xlpipe_stages::FetchSettings;
+use xlpipe_stage_api::FetchSettings;
 
 use crate::cache::Cache;
 use crate::diag::Diagnostics;

@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-pub use xlpipe_stages::content::hash_path;
-use xlpipe_stages::content::update_str;
+pub use xlpipe_stage_api::content::hash_path;
+use xlpipe_stage_api::content::update_str;
 
 /// The cache key of a stage instance: what it is, which code, which settings,
 /// and exactly which input contents.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use xlpipe_stages::FetchSettings;
+use xlpipe_stage_api::FetchSettings;
 
 use crate::cache::{Cache, InputRecord, InstanceRef, Record};
 use crate::diag::did_you_mean;
@@ -134,7 +134,7 @@ pub fn run(
     let _cache_lock = cache.lock_shared()?;
     // Commands run in process groups of their own: an interrupted run
     // ends them itself.
-    crate::interrupt::on_interrupt(xlpipe_stages::end_live_commands);
+    crate::interrupt::on_interrupt(xlpipe_stages::command::end_live_commands);
     let n = pipeline.instances.len();
     let forced = select(pipeline, &options.force)?;
     let (relevant, may_run) = if !options.only.is_empty() {

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use indicatif::MultiProgress;
 use serde::{Deserialize, Serialize};
-use xlpipe_stages::{FetchSettings, InputArtifact, Stage, StageContext};
+use xlpipe_stage_api::{FetchSettings, InputArtifact, Stage, StageContext};
 
 use crate::cache::{remove_path, Cache, InputRecord, Record};
 
@@ -93,7 +93,7 @@ pub fn execute_task_file(
         );
     }
     let _cache_lock = cache.lock_shared()?;
-    crate::interrupt::on_interrupt(xlpipe_stages::end_live_commands);
+    crate::interrupt::on_interrupt(xlpipe_stages::command::end_live_commands);
     let task = Task {
         spec,
         stage,

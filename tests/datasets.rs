@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use common::Scratch;
 use serde_json::Value;
-use xlpipe_stages::table::{read_parquet, strings};
+use xlpipe_stage_api::table::{read_parquet, strings};
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)

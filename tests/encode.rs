@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::Scratch;
 use serde_json::Value;
-use xlpipe_stages::table::{read_parquet, string_column, strings, write_parquet};
+use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
 
 fn golden() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/me5-small.json");

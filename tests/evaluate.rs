@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use common::{embeddings, qrels, Scratch};
 use serde_json::Value;
-use xlpipe_stages::rng::SplitMix64;
-use xlpipe_stages::table::{read_parquet, string_column, strings, write_parquet};
+use xlpipe_ml::rng::SplitMix64;
+use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
 
 #[test]
 fn mono_cross_multi_and_bias_by_hand() {
@@ -274,7 +274,7 @@ fn answer_retrieval_turns_qa_into_a_lareqa_layout() {
                     "Es war 1990.",
                 ]),
             ),
-            xlpipe_stages::table::int_column("sentence_index", vec![0, 1, 0]),
+            xlpipe_stage_api::table::int_column("sentence_index", vec![0, 1, 0]),
         ],
     )
     .unwrap();
@@ -370,7 +370,7 @@ fn adhoc_metrics_match_pytrec_eval_on_its_trec_files() {
         vec![
             string_column("qid", qids),
             string_column("docid", docids),
-            xlpipe_stages::table::int_column("relevance", grades),
+            xlpipe_stage_api::table::int_column("relevance", grades),
         ],
     )
     .unwrap();

@@ -5,10 +5,10 @@ mod common;
 
 use std::collections::HashMap;
 
-use xlpipe_stages::eval::metrics::{
+use xlpipe_eval::metrics::{
     evaluate_query, read_qrels, read_run, write_qrels, write_run, Qrels, Run,
 };
-use xlpipe_stages::rng::SplitMix64;
+use xlpipe_ml::rng::SplitMix64;
 
 #[test]
 fn metrics_match_pytrec_eval() {

@@ -10,7 +10,7 @@ use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{floats, max_abs_diff};
 use serde_json::Value;
-use xlpipe_stages::model::{load_encoder, save_encoder, Pooling, TextTokenizer};
+use xlpipe_ml::model::{load_encoder, save_encoder, Pooling, TextTokenizer};
 
 fn fixtures(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -11,7 +11,7 @@ use burn::backend::Flex;
 use burn::tensor::Tensor;
 use common::{floats, max_abs_diff};
 use serde_json::Value;
-use xlpipe_stages::nmt::{generate, EarlyStopping, GenerationConfig, M2m100, NeuralTranslator};
+use xlpipe_ml::nmt::{generate, EarlyStopping, GenerationConfig, M2m100, NeuralTranslator};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-m2m100")

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use common::Scratch;
 use serde_json::Value;
-use xlpipe_stages::table::{read_parquet, strings};
+use xlpipe_stage_api::table::{read_parquet, strings};
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -306,12 +306,12 @@ langs.zh = {{ backend = "nllb", max_length = 8 }}
     );
 
     // What the stage wrote is what the model says, sentence by sentence.
-    let config = xlpipe_stages::nmt::GenerationConfig {
+    let config = xlpipe_ml::nmt::GenerationConfig {
         beams: 2,
         max_length: 10,
         ..Default::default()
     };
-    let translator = xlpipe_stages::nmt::NeuralTranslator::<burn::backend::Flex>::load(
+    let translator = xlpipe_ml::nmt::NeuralTranslator::<burn::backend::Flex>::load(
         std::path::Path::new(&repo("tests/fixtures/tiny-m2m100")),
         "en",
         "es",

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{embeddings, qrels, Scratch};
-use xlpipe_stages::rng::SplitMix64;
-use xlpipe_stages::table::{read_parquet, strings};
+use xlpipe_ml::rng::SplitMix64;
+use xlpipe_stage_api::table::{read_parquet, strings};
 
 const DIM: usize = 8;
 

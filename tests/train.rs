@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::Scratch;
-use xlpipe_stages::table::read_parquet;
+use xlpipe_stage_api::table::read_parquet;
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -217,7 +217,7 @@ fn adamw_matches_pytorch() {
     use burn::nn::Linear;
     use burn::optim::GradientsParams;
     use burn::tensor::{Tensor, TensorData};
-    use xlpipe_stages::train::optim::AdamW;
+    use xlpipe_ml::optim::AdamW;
     type B = burn::backend::Autodiff<burn::backend::Flex>;
     type Inner = burn::backend::Flex;
 

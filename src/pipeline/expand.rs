@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
-use xlpipe_stages::{Interface, ParamError, ParamsEnv, Stage};
+use xlpipe_stage_api::{Interface, ParamError, ParamsEnv, Stage};
 
 use super::load::{GridVar, OutputRef, PipelineSpec, StageSpec};
 use crate::diag::{did_you_mean, nearest, Diagnostic, Diagnostics, Loc, Sources};

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use expand::{Instance, Pipeline};
-use xlpipe_stages::Stage;
+use xlpipe_stage_api::Stage;
 
 use crate::diag::Diagnostics;
 

@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::datasets::lareqa::RetrievalTables;
 use crate::datasets::split_sentences;
-use crate::table::{integers, read_parquet, strings};
-use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::table::{integers, read_parquet, strings};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct AnswerRetrievalStage;
 

@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct CommandStage;
 
@@ -87,7 +87,7 @@ impl TypedStage for CommandStage {
                 let mut hashed = BTreeMap::new();
                 for (i, path) in paths.into_iter().enumerate() {
                     let full = env.base_dir.join(&path);
-                    let hash = crate::content::hash_path(&full).map_err(|err| {
+                    let hash = xlpipe_stage_api::content::hash_path(&full).map_err(|err| {
                         ParamError::new(
                             format!("deps[{i}]"),
                             format!("cannot read {}: {err}", full.display()),
@@ -339,7 +339,7 @@ fn shell_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Stage;
+    use xlpipe_stage_api::Stage;
 
     #[test]
     fn finds_placeholders_and_ignores_shell_braces() {

@@ -27,8 +27,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::content::{hex, sha256_file};
-use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::content::{hex, sha256_file};
+use xlpipe_stage_api::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct DownloadStage;
 
@@ -375,8 +375,8 @@ fn copy_hashing(from: &Path, to: &Path) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Stage;
     use std::path::PathBuf;
+    use xlpipe_stage_api::Stage;
 
     #[test]
     fn splits_urls_into_mirror_paths() {

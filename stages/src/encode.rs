@@ -30,11 +30,11 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::embeddings::Dtype;
 use crate::frozen_states::FrozenStates;
-use crate::model::{load_encoder, DeviceChoice, OnBackend, Pooling, TextTokenizer};
-use crate::table::{read_parquet, string_column, strings, write_parquet};
-use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_eval::embeddings::Dtype;
+use xlpipe_ml::model::{load_encoder, DeviceChoice, OnBackend, Pooling, TextTokenizer};
+use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct EncodeStage;
 
@@ -85,7 +85,7 @@ impl TypedStage for EncodeStage {
                 "must leave room for the special tokens",
             ));
         }
-        p.device = p.device.check()?;
+        p.device = p.device.check().map_err(|m| ParamError::new("device", m))?;
         Ok(p)
     }
 
@@ -102,7 +102,7 @@ impl TypedStage for EncodeStage {
     }
 
     fn execute(&self, p: &EncodeParams, ctx: &StageContext) -> anyhow::Result<()> {
-        p.device.run(ctx, Encoding { p, ctx })
+        p.device.run(ctx.gpu(), Encoding { p, ctx })
     }
 }
 

@@ -40,10 +40,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::embeddings::Dtype;
-use crate::model::{load_encoder, DeviceChoice, Encoder, OnBackend, TextTokenizer, TokenBatch};
-use crate::table::{int_column, integers, read_parquet, string_column, strings, write_parquet};
-use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_eval::embeddings::Dtype;
+use xlpipe_ml::model::{load_encoder, DeviceChoice, Encoder, OnBackend, TextTokenizer, TokenBatch};
+use xlpipe_stage_api::table::{
+    int_column, integers, read_parquet, string_column, strings, write_parquet,
+};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct FrozenStatesStage;
 
@@ -129,7 +131,7 @@ impl TypedStage for FrozenStatesStage {
         if p.batch_size == 0 {
             return Err(ParamError::new("batch_size", "must be at least 1"));
         }
-        p.device = p.device.check()?;
+        p.device = p.device.check().map_err(|m| ParamError::new("device", m))?;
         Ok(p)
     }
 
@@ -146,7 +148,7 @@ impl TypedStage for FrozenStatesStage {
     }
 
     fn execute(&self, p: &FrozenStatesParams, ctx: &StageContext) -> anyhow::Result<()> {
-        p.device.run(ctx, Computing { p, ctx })
+        p.device.run(ctx.gpu(), Computing { p, ctx })
     }
 }
 

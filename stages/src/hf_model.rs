@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::download::download_resuming;
-use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct HfModelStage;
 

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::content::{copy_tree, hash_path, sha256_file};
-use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::content::{copy_tree, hash_path, sha256_file};
+use xlpipe_stage_api::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct ImportStage;
 

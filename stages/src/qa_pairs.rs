@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::datasets::split_sentences;
 use crate::datasets::squad::context_id;
-use crate::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
-use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct QaPairsStage;
 

@@ -266,14 +266,14 @@ pub fn embeddings<S: AsRef<str>, const D: usize>(
     rows: &[(S, S, [f32; D])],
 ) {
     std::fs::create_dir_all(s.path(dir)).unwrap();
-    xlpipe_stages::table::write_parquet(
+    xlpipe_stage_api::table::write_parquet(
         &s.path(&format!("{dir}/ids.parquet")),
         vec![
-            xlpipe_stages::table::string_column(
+            xlpipe_stage_api::table::string_column(
                 "id",
                 rows.iter().map(|r| r.0.as_ref().to_string()).collect(),
             ),
-            xlpipe_stages::table::string_column(
+            xlpipe_stage_api::table::string_column(
                 "lang",
                 rows.iter().map(|r| r.1.as_ref().to_string()).collect(),
             ),
@@ -294,12 +294,21 @@ pub fn embeddings<S: AsRef<str>, const D: usize>(
 /// A `qrels.parquet` (qid, lang, cid) in folder `d`.
 pub fn qrels(s: &Scratch, rows: &[(String, String, String)]) {
     std::fs::create_dir_all(s.path("d")).unwrap();
-    xlpipe_stages::table::write_parquet(
+    xlpipe_stage_api::table::write_parquet(
         &s.path("d/qrels.parquet"),
         vec![
-            xlpipe_stages::table::string_column("qid", rows.iter().map(|r| r.0.clone()).collect()),
-            xlpipe_stages::table::string_column("lang", rows.iter().map(|r| r.1.clone()).collect()),
-            xlpipe_stages::table::string_column("cid", rows.iter().map(|r| r.2.clone()).collect()),
+            xlpipe_stage_api::table::string_column(
+                "qid",
+                rows.iter().map(|r| r.0.clone()).collect(),
+            ),
+            xlpipe_stage_api::table::string_column(
+                "lang",
+                rows.iter().map(|r| r.1.clone()).collect(),
+            ),
+            xlpipe_stage_api::table::string_column(
+                "cid",
+                rows.iter().map(|r| r.2.clone()).collect(),
+            ),
         ],
     )
     .unwrap();

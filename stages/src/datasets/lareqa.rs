@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{input_file, parse_json, reader_interface, Articles};
-use crate::table::{string_column, write_parquet, OnError, ReadReport};
-use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::table::{string_column, write_parquet, OnError, ReadReport};
+use xlpipe_stage_api::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct LareqaStage;
 

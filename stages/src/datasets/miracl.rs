@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{input_file, reader_interface};
-use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
-use crate::{Interface, ParamError, StageContext, TypedStage};
+use xlpipe_stage_api::table::{int_column, string_column, write_parquet, OnError, ReadReport};
+use xlpipe_stage_api::{Interface, ParamError, StageContext, TypedStage};
 
 pub struct MiraclStage;
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::{InputSlot, Interface};
+use xlpipe_stage_api::{InputSlot, Interface};
 
 /// A range of articles in file order (`articles = { from = 24, to = 48 }`,
 /// `to` exclusive and optional): a split by article that every file of a
@@ -38,9 +38,9 @@ impl Articles {
     }
 
     /// The param check: a range that holds at least one article.
-    pub fn check(&self) -> Result<(), crate::ParamError> {
+    pub fn check(&self) -> Result<(), xlpipe_stage_api::ParamError> {
         match self.to {
-            Some(to) if to <= self.from => Err(crate::ParamError::new(
+            Some(to) if to <= self.from => Err(xlpipe_stage_api::ParamError::new(
                 "articles.to",
                 format!("{to} leaves no article after `from` = {}", self.from),
             )),

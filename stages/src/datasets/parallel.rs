@@ -26,8 +26,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{input_file, reader_interface};
-use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
-use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::table::{int_column, string_column, write_parquet, OnError, ReadReport};
+use xlpipe_stage_api::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct ParallelStage;
 

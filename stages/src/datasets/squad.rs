@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{char_to_byte, input_file, parse_json, reader_interface, split_sentences, Articles};
-use crate::table::{int_column, string_column, write_parquet, OnError, ReadReport};
-use crate::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::table::{int_column, string_column, write_parquet, OnError, ReadReport};
+use xlpipe_stage_api::{Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct SquadStage;
 

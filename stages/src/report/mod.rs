@@ -38,7 +38,6 @@
 //! - `report.md`: the tables above for reading; `plots/*.svg` and `*.png`.
 
 mod plot;
-pub mod stats;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -48,10 +47,12 @@ use polars::prelude::{Column, DataFrame};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::eval::adhoc::ADHOC_METRICS;
-use crate::table::{read_parquet, string_column, strings, write_parquet};
-use crate::{InputArtifact, InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
-use stats::{mean_ci, p_text, paired_bootstrap, PairedBootstrap};
+use crate::evaluate::adhoc::ADHOC_METRICS;
+use xlpipe_eval::stats::{mean_ci, p_text, paired_bootstrap, PairedBootstrap};
+use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
+use xlpipe_stage_api::{
+    InputArtifact, InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage,
+};
 
 pub struct ReportStage;
 

@@ -28,7 +28,6 @@
 //! step, loss, lr, grad_norm, monolingual, val_loss; sampler.json: realised batch mix
 //! and languages; summary.json).
 
-pub mod optim;
 pub mod sampler;
 
 use std::collections::BTreeMap;
@@ -44,17 +43,19 @@ use burn::tensor::{Int, Tensor, TensorData};
 use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
-use crate::content::copy_tree;
 use crate::frozen_states::FrozenStates;
-use crate::model::cpu_kernels::seed_dropout;
-use crate::model::{
+use sampler::{AlphaSchedule, Batch, HybridSampler, LanguageChoice, Mix, ParallelPairs};
+use xlpipe_ml::model::cpu_kernels::seed_dropout;
+use xlpipe_ml::model::{
     length_groups, load_encoder, save_encoder, DeviceChoice, Encoder, EncoderConfig, OnBackend,
     Pooling, TextTokenizer, TokenBatch,
 };
-use crate::table::{read_parquet, strings, write_parquet};
-use crate::{parse_params, InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
-use optim::AdamW;
-use sampler::{AlphaSchedule, Batch, HybridSampler, LanguageChoice, Mix, ParallelPairs};
+use xlpipe_ml::optim::AdamW;
+use xlpipe_stage_api::content::copy_tree;
+use xlpipe_stage_api::table::{read_parquet, strings, write_parquet};
+use xlpipe_stage_api::{
+    parse_params, InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage,
+};
 
 pub struct TrainStage;
 
@@ -249,7 +250,7 @@ impl TypedStage for TrainStage {
                 "must be a share of tokens above 0 (1 = one padded batch)",
             ));
         }
-        p.device = p.device.check()?;
+        p.device = p.device.check().map_err(|m| ParamError::new("device", m))?;
         Ok(p)
     }
 
@@ -266,7 +267,7 @@ impl TypedStage for TrainStage {
     }
 
     fn execute(&self, p: &TrainParams, ctx: &StageContext) -> anyhow::Result<()> {
-        p.device.run(ctx, Training { p, ctx })
+        p.device.run(ctx.gpu(), Training { p, ctx })
     }
 }
 
@@ -972,7 +973,7 @@ pub fn benchmark_cpu_training(
         &tokenizer,
         crate::frozen_states::StatesLayout {
             cut,
-            dtype: crate::embeddings::Dtype::F16,
+            dtype: xlpipe_eval::embeddings::Dtype::F16,
             batch_size: 64,
         },
         sets,
@@ -1094,7 +1095,7 @@ pub fn benchmark_cpu_encoding(
         &tokenizer,
         crate::frozen_states::StatesLayout {
             cut,
-            dtype: crate::embeddings::Dtype::F16,
+            dtype: xlpipe_eval::embeddings::Dtype::F16,
             batch_size: 64,
         },
         vec![crate::frozen_states::StateSet {
@@ -1161,7 +1162,9 @@ fn tempfile_dir(model_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let name = format!(
         "xlpipe-bench-{}-{}",
         std::process::id(),
-        crate::content::hex(&blake3::hash(model_dir.to_string_lossy().as_bytes()).as_bytes()[..4])
+        xlpipe_stage_api::content::hex(
+            &blake3::hash(model_dir.to_string_lossy().as_bytes()).as_bytes()[..4]
+        )
     );
     let dir = std::env::temp_dir().join(name);
     let _ = std::fs::remove_dir_all(&dir);

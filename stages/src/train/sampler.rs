@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::rng::SplitMix64;
+use xlpipe_ml::rng::SplitMix64;
 
 /// How the language of a batch (or both languages of a cross-lingual one)
 /// is drawn.

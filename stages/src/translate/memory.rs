@@ -8,8 +8,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use super::{English, Translator};
-use crate::table::ReadReport;
-use crate::StageContext;
+use xlpipe_stage_api::table::ReadReport;
+use xlpipe_stage_api::StageContext;
 
 /// Translate every English text through `engine`, consulting and then
 /// extending the persistent translation memory.

@@ -19,7 +19,7 @@
 //! texts, one per line, through any line-in line-out program; `dictionary`
 //! translates word by word with a MUSE bilingual dictionary (crude, but real
 //! and available for every language); `nllb` runs an M2M100 / NLLB-200
-//! model in burn (`crate::nmt`: beam search as transformers' `generate`,
+//! model in burn (`xlpipe_ml::nmt`: beam search as transformers' `generate`,
 //! length-sorted batches, CPU or CUDA). Other engines plug in through the
 //! [`Translator`] trait.
 //!
@@ -38,9 +38,9 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::model::DeviceChoice;
 use crate::qa_pairs::Unit;
-use crate::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
+use xlpipe_ml::model::DeviceChoice;
+use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
 mod command;
 mod dictionary;
 mod memory;
@@ -53,7 +53,7 @@ use memory::with_memory;
 use nllb::NllbTranslation;
 use precomputed::precomputed;
 
-use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct TranslateStage;
 
@@ -275,7 +275,7 @@ impl TypedStage for TranslateStage {
                     rows
                 }
                 LangSpec::Nllb { device, .. } => device.run(
-                    ctx,
+                    ctx.gpu(),
                     NllbTranslation {
                         spec,
                         lang: &code,

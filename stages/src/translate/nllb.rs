@@ -3,10 +3,10 @@
 
 use super::memory::with_memory;
 use super::{English, LangSpec, Translator};
-use crate::model::OnBackend;
-use crate::nmt::{EarlyStopping, GenerationConfig, NeuralTranslator};
-use crate::table::ReadReport;
-use crate::StageContext;
+use xlpipe_ml::model::OnBackend;
+use xlpipe_ml::nmt::{EarlyStopping, GenerationConfig, NeuralTranslator};
+use xlpipe_stage_api::table::ReadReport;
+use xlpipe_stage_api::StageContext;
 
 /// The `nllb` backend for one language, for [`DeviceChoice::run`]: load the
 /// model once, then translate what the memory lacks.

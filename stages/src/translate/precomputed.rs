@@ -7,8 +7,8 @@ use anyhow::Context;
 
 use super::English;
 use crate::qa_pairs::Unit;
-use crate::table::{read_parquet, strings};
-use crate::StageContext;
+use xlpipe_stage_api::table::{read_parquet, strings};
+use xlpipe_stage_api::StageContext;
 
 /// Questions and passages of the same question ids in a translated SQuAD.
 /// Hard negatives cannot be looked up this way and stay empty.

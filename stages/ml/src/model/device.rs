@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ParamError;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceChoice {
@@ -31,14 +29,11 @@ impl DeviceChoice {
     }
 
     /// The device to put in canonical params; refuses `cuda` in a build
-    /// without it.
-    pub fn check(self) -> Result<DeviceChoice, ParamError> {
+    /// without it (the message is for the `device` param).
+    pub fn check(self) -> Result<DeviceChoice, &'static str> {
         let device = self.resolved();
         if device == DeviceChoice::Cuda && !cfg!(feature = "cuda") {
-            return Err(ParamError::new(
-                "device",
-                "this xlpipe was built without CUDA (cargo build --features cuda)",
-            ));
+            return Err("this xlpipe was built without CUDA (cargo build --features cuda)");
         }
         Ok(device)
     }
@@ -51,22 +46,18 @@ impl DeviceChoice {
         }
     }
 
-    /// Run `work` on burn's CPU backend, or on CUDA (the GPU the engine
-    /// granted) in a build with it.
-    pub fn run<W: OnBackend>(
-        self,
-        ctx: &crate::StageContext,
-        work: W,
-    ) -> anyhow::Result<W::Output> {
+    /// Run `work` on burn's CPU backend, or on CUDA (`gpu`, the device the
+    /// engine granted; the first when none was) in a build with it.
+    pub fn run<W: OnBackend>(self, gpu: Option<u32>, work: W) -> anyhow::Result<W::Output> {
         match self.resolved() {
             DeviceChoice::Cpu | DeviceChoice::Auto => {
                 work.run::<burn::backend::Flex>(Default::default())
             }
             #[cfg(feature = "cuda")]
-            DeviceChoice::Cuda => work.run::<burn::backend::Cuda>(Self::cuda_device(ctx)?),
+            DeviceChoice::Cuda => work.run::<burn::backend::Cuda>(Self::cuda_device(gpu)?),
             #[cfg(not(feature = "cuda"))]
             DeviceChoice::Cuda => {
-                let _ = ctx;
+                let _ = gpu;
                 anyhow::bail!("this xlpipe was built without CUDA")
             }
         }
@@ -75,7 +66,7 @@ impl DeviceChoice {
     /// The GPU the engine granted this instance, once a probe shows that a
     /// CUDA driver works: without one, burn panics on a device thread.
     #[cfg(feature = "cuda")]
-    fn cuda_device(ctx: &crate::StageContext) -> anyhow::Result<burn::backend::cuda::CudaDevice> {
+    fn cuda_device(gpu: Option<u32>) -> anyhow::Result<burn::backend::cuda::CudaDevice> {
         use burn::backend::cuda::CudaDevice;
         use burn::backend::Cuda;
         let probe = std::panic::catch_unwind(|| {
@@ -86,13 +77,7 @@ impl DeviceChoice {
                 "no usable CUDA device (is the NVIDIA driver installed?); use device = \"cpu\""
             )
         })?;
-        let index = ctx
-            .devices
-            .get("gpu")
-            .and_then(|d| d.first())
-            .copied()
-            .unwrap_or(0);
-        Ok(CudaDevice::new(index as usize))
+        Ok(CudaDevice::new(gpu.unwrap_or(0) as usize))
     }
 }
 

@@ -29,7 +29,8 @@ impl TextTokenizer {
     /// The tokenizer of a Hugging Face model folder, padding with the pad
     /// token its `config.json` names.
     pub fn for_model(dir: &Path) -> anyhow::Result<Self> {
-        let config = super::EncoderConfig::from_file(&dir.join("config.json"), Default::default())?;
+        let config =
+            super::config::EncoderConfig::from_file(&dir.join("config.json"), Default::default())?;
         Self::from_file(&dir.join("tokenizer.json"), config.pad_token_id as u32)
     }
 

@@ -35,10 +35,10 @@ use std::io::Write;
 use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
-use super::search::{for_each_query, TrecOrder};
-use crate::embeddings::Embeddings;
-use crate::table::{string_column, write_parquet};
-use crate::{InputSlot, Interface, ParamError, StageContext, TypedStage};
+use xlpipe_eval::embeddings::Embeddings;
+use xlpipe_eval::search::{for_each_query, TrecOrder};
+use xlpipe_stage_api::table::{string_column, write_parquet};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, StageContext, TypedStage};
 
 pub struct EvaluateBitextStage;
 

@@ -26,11 +26,11 @@ use std::collections::{BTreeMap, HashMap};
 use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
-use super::metrics::{evaluate_query, write_qrels, write_run, Qrels, QueryMetrics, Run};
-use super::search::{for_each_query, TrecOrder};
-use crate::embeddings::Embeddings;
-use crate::table::{integers, read_parquet, string_column, strings, write_parquet};
-use crate::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_eval::embeddings::Embeddings;
+use xlpipe_eval::metrics::{evaluate_query, write_qrels, write_run, Qrels, QueryMetrics, Run};
+use xlpipe_eval::search::{for_each_query, TrecOrder};
+use xlpipe_stage_api::table::{integers, read_parquet, string_column, strings, write_parquet};
+use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct EvaluateAdhocStage;
 

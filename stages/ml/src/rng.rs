@@ -1,4 +1,4 @@
-//! The crate's one random number generator: the training sampler, dropout
+//! xlpipe's one random number generator: the training sampler, dropout
 //! masks and the report's bootstrap all draw from it.
 
 /// SplitMix64: tiny, fast, and fixed forever (unlike library RNGs whose

@@ -9,7 +9,7 @@ use std::mem::MaybeUninit;
 /// `accumulate`, so it may be uninitialised otherwise), each operand given
 /// by its strides along its rows and columns.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn product(
+pub fn product(
     (m, n, k): (usize, usize, usize),
     dst: &mut [MaybeUninit<f32>],
     accumulate: bool,

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::embeddings::Embeddings;
-use crate::matmul::product;
+use xlpipe_ml::matmul::product;
 
 /// trec_eval's order of candidates: score descending, ties by id descending.
 pub struct TrecOrder {
@@ -201,7 +201,7 @@ pub fn for_each_query<T: Send>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::metrics::trec_order;
+    use crate::metrics::trec_order;
 
     #[test]
     fn ranks_and_top_follow_trec_order() {

@@ -1,7 +1,7 @@
 //! The statistics of a report: mean and 95% confidence interval over seeds
 //! (Student's t), and a paired bootstrap over queries.
 
-use crate::rng::SplitMix64;
+use xlpipe_ml::rng::SplitMix64;
 
 /// Mean and half-width of the 95% confidence interval (Student's t with
 /// n - 1 degrees of freedom); no interval from a single value.
