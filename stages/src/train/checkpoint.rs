@@ -1,0 +1,110 @@
+//! A training run's checkpoints: weights, optimizer state and progress,
+//! written every `checkpoint_every` steps under the stage's state folder, so
+//! that a killed run resumes where it stopped (and, the trainer reseeding
+//! every step, trains on exactly as an uninterrupted run would).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+use xlpipe_ml::model::Encoder;
+use xlpipe_ml::optim::AdamW;
+use xlpipe_stage_api::content::copy_tree;
+use xlpipe_stage_api::StageContext;
+
+#[derive(Serialize, Deserialize, Default)]
+/// How far a run got, and a row of metrics per step.
+pub(super) struct Progress {
+    pub step: usize,
+    pub best_val: Option<f64>,
+    pub bad_evals: usize,
+    pub rows: Vec<MetricRow>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub(super) struct MetricRow {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub monolingual: bool,
+    pub val_loss: Option<f64>,
+}
+
+/// The checkpoint folder of one stage instance (named by its key).
+pub(super) struct Checkpoints {
+    dir: PathBuf,
+    /// Full precision: a resumed run must continue from the exact weights.
+    recorder: NamedMpkFileRecorder<FullPrecisionSettings>,
+}
+
+impl Checkpoints {
+    pub(super) fn of(ctx: &StageContext) -> Checkpoints {
+        Checkpoints {
+            dir: ctx.state_dir.join(&ctx.key),
+            recorder: NamedMpkFileRecorder::new(),
+        }
+    }
+
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the best weights so far (by validation loss) are kept.
+    pub(super) fn best_dir(&self) -> PathBuf {
+        self.dir.join("best")
+    }
+
+    /// The last checkpoint's progress, its weights loaded into `encoder`
+    /// and its optimizer state into `optimizer`; `None` with no checkpoint.
+    pub(super) fn resume<B: AutodiffBackend>(
+        &self,
+        encoder: Encoder<B>,
+        optimizer: &mut AdamW,
+        device: &B::Device,
+    ) -> anyhow::Result<(Encoder<B>, Option<Progress>)> {
+        let Ok(text) = std::fs::read_to_string(self.dir.join("progress.json")) else {
+            return Ok((encoder, None));
+        };
+        let progress: Progress = serde_json::from_str(&text)?;
+        // Loading keeps each parameter's frozen or trainable flag.
+        let encoder = encoder.load_record(self.recorder.load(self.dir.join("model"), device)?);
+        optimizer.load(&self.dir.join("optimizer.bin"))?;
+        Ok((encoder, Some(progress)))
+    }
+
+    pub(super) fn save<B: AutodiffBackend>(
+        &self,
+        encoder: &Encoder<B>,
+        optimizer: &AdamW,
+        progress: &Progress,
+    ) -> anyhow::Result<()> {
+        // Write everything under a fresh name, then swap, so a kill never leaves
+        // a half-written checkpoint behind.
+        let partial = self.dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial)?;
+        self.recorder
+            .record(encoder.clone().into_record(), partial.join("model"))?;
+        optimizer.save(&partial.join("optimizer.bin"))?;
+        std::fs::write(partial.join("progress.json"), serde_json::to_vec(progress)?)?;
+        if self.best_dir().is_dir() {
+            copy_tree(&self.best_dir(), &partial.join("best"))?;
+        }
+        let old = self.dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if self.dir.exists() {
+            std::fs::rename(&self.dir, &old)?;
+        }
+        std::fs::rename(&partial, &self.dir)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// A finished stage no longer needs its checkpoints.
+    pub(super) fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
