@@ -15,6 +15,7 @@ use crate::plan::{plan, Status};
 use crate::registry::{kinds, open_pipeline};
 use crate::run::{run, select, RunOptions};
 use crate::{bench, dag, maintenance};
+use xlpipe_stages::translate::bench::TranslateBench;
 
 #[derive(Parser)]
 #[command(
@@ -419,7 +420,10 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
         Command::Bench {
             which: BenchCommand::Search { repeat, python },
         } => {
-            print!("{}", bench::search(repeat, &python)?);
+            print!(
+                "{}",
+                xlpipe_stages::evaluate::bench::report(repeat, &python)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -434,7 +438,7 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
         } => {
             print!(
                 "{}",
-                bench::train(&model, batch, steps, train_layers, &python)?
+                xlpipe_stages::train::bench::report(&model, batch, steps, train_layers, &python)?
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -452,7 +456,7 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
         } => {
             print!(
                 "{}",
-                bench::translate(&bench::TranslateBench {
+                xlpipe_stages::translate::bench::report(&TranslateBench {
                     model: &model,
                     target: &target,
                     sentences,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use common::{embeddings, qrels, Scratch};
 use serde_json::Value;
+use xlpipe_eval::results::{Results, ALL, ANY, BIAS};
 use xlpipe_ml::rng::SplitMix64;
 use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
 
@@ -87,6 +88,44 @@ inputs.candidates = "c"
     assert!(
         close(&summary["top_10_language_share"]["en"], 0.5),
         "{summary}"
+    );
+    // The results format, what `report` reads, holds the same numbers.
+    let results = Results::read(&dir).unwrap();
+    let value = |setting: &str, langs: (&str, &str), metric: &str| {
+        let row = results.rows.iter().find(|r| {
+            (
+                r.setting.as_str(),
+                r.query_lang.as_str(),
+                r.candidate_lang.as_str(),
+                r.metric.as_str(),
+            ) == (setting, langs.0, langs.1, metric)
+        });
+        row.map(|r| (r.value, r.n))
+            .unwrap_or_else(|| panic!("no {setting} {langs:?} {metric} in {:?}", results.rows))
+    };
+    // n: the queries behind a value (each of the 4 query rows once in a
+    // macro average, 2 per language).
+    let near = |got: (f64, usize), want: (f64, usize)| {
+        assert!(
+            (got.0 - want.0).abs() < 1e-9 && got.1 == want.1,
+            "{got:?} vs {want:?}"
+        )
+    };
+    near(value("mono", (ALL, ALL), "map"), (0.75, 4));
+    near(value("mono", ("de", "de"), "map"), (0.5, 2));
+    near(value("cross", ("de", "en"), "map"), (1.0, 2));
+    near(value("cross", (ALL, ALL), "recall_1"), (0.5, 4));
+    near(value("multi", (ALL, ALL), BIAS), (2.0, 4));
+    near(value("multi", ("en", ANY), BIAS), (2.0, 2));
+    // Per query: the mean over its pools (q1 in English and German mono).
+    let mono = &results.queries[&("mono".to_string(), "map".to_string())];
+    assert_eq!(mono.len(), 2, "{mono:?}");
+    assert!((mono["q1"] - 0.75).abs() < 1e-9, "{mono:?}");
+    let bias = &results.queries[&("multi".to_string(), BIAS.to_string())];
+    assert!((bias["q2"] - 2.0).abs() < 1e-9, "{bias:?}");
+    assert_eq!(
+        results.dataset, "",
+        "no `dataset` param: the report names it"
     );
 }
 
@@ -252,6 +291,29 @@ inputs.sentences = "e"
     assert!(run.contains("a/de/en/2 Q0 en:a:1 1 "), "{run}");
     let qrels = std::fs::read_to_string(dir.join("trec/bitext.qrels")).unwrap();
     assert!(qrels.contains("a/de/en/2 0 en:a:2 1"), "{qrels}");
+    // The results format: de->en is in both sets, so each set names its own.
+    let results = Results::read(&dir).unwrap();
+    let value = |langs: (&str, &str), metric: &str| {
+        results
+            .rows
+            .iter()
+            .find(|r| {
+                (
+                    r.query_lang.as_str(),
+                    r.candidate_lang.as_str(),
+                    r.metric.as_str(),
+                ) == (langs.0, langs.1, metric)
+            })
+            .map(|r| r.value)
+            .unwrap_or_else(|| panic!("no {langs:?} {metric} in {:?}", results.rows))
+    };
+    assert!((value((ALL, ALL), "accuracy_1") - 5.5 / 6.0).abs() < 1e-9);
+    assert!((value(("a:de", "en"), "map") - 0.75).abs() < 1e-9);
+    assert!((value(("b:de", "en"), "map") - 1.0).abs() < 1e-9);
+    assert!((value(("fr", "en"), "map") - 1.0).abs() < 1e-9);
+    // a:2 was a query in en->de (rank 1) and de->en (rank 2).
+    let map = &results.queries[&("bitext".to_string(), "map".to_string())];
+    assert!((map["a:2"] - 0.75).abs() < 1e-9, "{map:?}");
 }
 
 #[test]
@@ -413,4 +475,33 @@ inputs.corpus = "corpus"
     }
     let run = std::fs::read_to_string(dir.join("trec/adhoc.run")).unwrap();
     assert_eq!(run.lines().count(), qids.len() * 100);
+    // The results format: per query, what the report's bootstrap resamples,
+    // against pytrec_eval; per language and macro, the means of those.
+    let results = Results::read(&dir).unwrap();
+    for (ours, theirs) in [("ndcg_10", "ndcg_cut_10"), ("recall_100", "recall_100")] {
+        let values = &results.queries[&("adhoc".to_string(), ours.to_string())];
+        assert_eq!(values.len(), qids.len());
+        for (qid, v) in values {
+            let reference = reference[qid][theirs];
+            assert!(
+                (v - reference).abs() <= 1e-6,
+                "{qid} {ours}: {v} vs {reference}"
+            );
+        }
+        let langs: Vec<f64> = ["de", "sw"]
+            .iter()
+            .map(|lang| {
+                let row = results
+                    .rows
+                    .iter()
+                    .find(|r| r.query_lang == *lang && r.metric == ours);
+                row.unwrap().value
+            })
+            .collect();
+        let all = results
+            .rows
+            .iter()
+            .find(|r| r.query_lang == ALL && r.metric == ours);
+        assert!((all.unwrap().value - (langs[0] + langs[1]) / 2.0).abs() < 1e-12);
+    }
 }

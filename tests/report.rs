@@ -152,7 +152,9 @@ bootstrap_samples = 200
         let mean = (x1 + x2) / 2.0;
         let sd = ((x1 - mean).powi(2) + (x2 - mean).powi(2)).sqrt();
         assert!((cell("eval/mono/map", row) - mean).abs() < 1e-12);
-        assert!((cell("eval/mono/map/ci95", row) - 12.706 * sd / 2f64.sqrt()).abs() < 1e-9);
+        // t(0.975, 1 degree of freedom) from scipy.stats.t.ppf.
+        let t = 12.706_204_736_174_698;
+        assert!((cell("eval/mono/map/ci95", row) - t * sd / 2f64.sqrt()).abs() < 1e-9);
         // One in-domain dataset: the domain average is that dataset.
         assert!((cell("in-domain/mono/map", row) - mean).abs() < 1e-12);
     }

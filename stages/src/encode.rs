@@ -31,8 +31,9 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 
 use crate::frozen_states::FrozenStates;
+use crate::on_device::{run_on, BackendWork};
 use xlpipe_eval::embeddings::Dtype;
-use xlpipe_ml::model::{load_encoder, DeviceChoice, OnBackend, Pooling, TextTokenizer};
+use xlpipe_ml::model::{load_encoder, DeviceChoice, Pooling, TextTokenizer};
 use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
 use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
@@ -102,20 +103,17 @@ impl TypedStage for EncodeStage {
     }
 
     fn execute(&self, p: &EncodeParams, ctx: &StageContext) -> anyhow::Result<()> {
-        p.device.run(ctx.gpu(), Encoding { p, ctx })
+        run_on(p.device, ctx, p)
     }
 }
 
-/// An encode stage's run, for [`DeviceChoice::run`].
-struct Encoding<'a> {
-    p: &'a EncodeParams,
-    ctx: &'a StageContext,
-}
-
-impl OnBackend for Encoding<'_> {
-    type Output = ();
-    fn run<B: burn::tensor::backend::Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        encode::<B>(self.p, self.ctx, device)
+impl BackendWork for EncodeParams {
+    fn run<B: burn::tensor::backend::Backend>(
+        &self,
+        ctx: &StageContext,
+        device: B::Device,
+    ) -> anyhow::Result<()> {
+        encode::<B>(self, ctx, device)
     }
 }
 

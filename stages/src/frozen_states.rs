@@ -40,8 +40,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::on_device::{run_on, BackendWork};
 use xlpipe_eval::embeddings::Dtype;
-use xlpipe_ml::model::{load_encoder, DeviceChoice, Encoder, OnBackend, TextTokenizer, TokenBatch};
+use xlpipe_ml::model::{load_encoder, DeviceChoice, Encoder, TextTokenizer, TokenBatch};
 use xlpipe_stage_api::table::{
     int_column, integers, read_parquet, string_column, strings, write_parquet,
 };
@@ -148,19 +149,13 @@ impl TypedStage for FrozenStatesStage {
     }
 
     fn execute(&self, p: &FrozenStatesParams, ctx: &StageContext) -> anyhow::Result<()> {
-        p.device.run(ctx.gpu(), Computing { p, ctx })
+        run_on(p.device, ctx, p)
     }
 }
 
-struct Computing<'a> {
-    p: &'a FrozenStatesParams,
-    ctx: &'a StageContext,
-}
-
-impl OnBackend for Computing<'_> {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        compute::<B>(self.p, self.ctx, device)
+impl BackendWork for FrozenStatesParams {
+    fn run<B: Backend>(&self, ctx: &StageContext, device: B::Device) -> anyhow::Result<()> {
+        compute::<B>(self, ctx, device)
     }
 }
 

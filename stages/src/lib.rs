@@ -4,6 +4,7 @@
 //! nothing here knows the engine.
 
 pub mod answer_retrieval;
+pub mod bench;
 pub mod command;
 pub mod datasets;
 pub mod download;
@@ -12,6 +13,7 @@ pub mod evaluate;
 pub mod frozen_states;
 pub mod hf_model;
 pub mod import;
+mod on_device;
 pub mod qa_pairs;
 pub mod report;
 pub mod train;

@@ -17,7 +17,10 @@
 //! (depth in the name: they see only the run). Queries without a relevant
 //! passage are left out, as trec_eval does for queries without judgements.
 //!
-//! Output folder `results`: `metrics.parquet` (lang, queries, metrics),
+//! Output folder `results`: `results.parquet` and `query_results.parquet`
+//! (the results format of `xlpipe_eval::results`, setting `adhoc`: the
+//! macro average over languages, then one row per query language),
+//! `metrics.parquet` (lang, queries, metrics),
 //! `per_query.parquet`, `summary.json` (macro average over languages) and
 //! `trec/adhoc.run` / `trec/adhoc.qrels`.
 
@@ -28,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use xlpipe_eval::embeddings::Embeddings;
 use xlpipe_eval::metrics::{evaluate_query, write_qrels, write_run, Qrels, QueryMetrics, Run};
+use xlpipe_eval::results::{Results, ADHOC_METRICS, ALL};
 use xlpipe_eval::search::{for_each_query, TrecOrder};
 use xlpipe_stage_api::table::{integers, read_parquet, string_column, strings, write_parquet};
 use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
@@ -48,9 +52,7 @@ fn default_depth() -> usize {
     100
 }
 
-/// The metrics, in table order.
-pub const ADHOC_METRICS: [&str; 4] = ["ndcg_10", "recall_100", "map_100", "mrr_100"];
-
+/// A query's metrics in the order of [`ADHOC_METRICS`].
 fn values(m: &QueryMetrics) -> [f64; 4] {
     [
         m.ndcg_10,
@@ -63,7 +65,8 @@ fn values(m: &QueryMetrics) -> [f64; 4] {
 impl TypedStage for EvaluateAdhocStage {
     type Params = AdhocParams;
     const KIND: &'static str = "evaluate_adhoc";
-    const VERSION: u32 = 1;
+    // 2: also writes the results format the report reads.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "ad-hoc retrieval with graded qrels (MIRACL): nDCG@10, R@100 over a top-100 run";
 
@@ -185,6 +188,25 @@ impl TypedStage for EvaluateAdhocStage {
                 )
             })
             .collect();
+        let mut results = Results::new(p.dataset.as_deref().unwrap_or_default());
+        for (metric, value) in ADHOC_METRICS.iter().map(|m| (*m, macro_average[m])) {
+            results.push("adhoc", (ALL, ALL), metric, value, ranked.len());
+        }
+        for (lang, n, means) in &means {
+            for (metric, value) in ADHOC_METRICS.into_iter().zip(means) {
+                results.push("adhoc", (lang, ""), metric, *value, *n);
+            }
+        }
+        for (i, metric) in ADHOC_METRICS.into_iter().enumerate() {
+            results.add_query_means(
+                "adhoc",
+                metric,
+                ranked
+                    .iter()
+                    .map(|r| (queries.ids[r.0].as_str(), values(&r.2)[i])),
+            );
+        }
+        results.write(&out)?;
         std::fs::write(
             out.join("summary.json"),
             serde_json::to_vec_pretty(&serde_json::json!({

@@ -22,7 +22,11 @@
 //! the reciprocal rank), ranked by cosine in trec_eval's order, over the
 //! whole target side. Both directions of every pair are scored.
 //!
-//! Output folder `results`: `metrics.parquet` (set, source_lang,
+//! Output folder `results`: `results.parquet` and `query_results.parquet`
+//! (the results format of `xlpipe_eval::results`, setting `bitext`: the
+//! macro average over directions, then one row per direction, its source
+//! language prefixed with `set:` where several sets hold that direction),
+//! `metrics.parquet` (set, source_lang,
 //! target_lang, queries, accuracy_1, map), `per_query.parquet`,
 //! `summary.json` (macro averages over directions, and over the into- and
 //! out-of-pivot directions), `trec/bitext.run` and `trec/bitext.qrels`
@@ -36,6 +40,7 @@ use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
 use xlpipe_eval::embeddings::Embeddings;
+use xlpipe_eval::results::{Results, ALL, BITEXT_METRICS};
 use xlpipe_eval::search::{for_each_query, TrecOrder};
 use xlpipe_stage_api::table::{string_column, write_parquet};
 use xlpipe_stage_api::{InputSlot, Interface, ParamError, StageContext, TypedStage};
@@ -78,7 +83,8 @@ fn default_trec_depth() -> usize {
 impl TypedStage for EvaluateBitextStage {
     type Params = BitextParams;
     const KIND: &'static str = "evaluate_bitext";
-    const VERSION: u32 = 1;
+    // 2: also writes the results format the report reads.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "bitext retrieval on parallel sentences: accuracy@1 and mAP in both directions";
 
@@ -313,6 +319,7 @@ fn write_results(
             "map": selected.iter().map(|d| d.map()).sum::<f64>() / n,
         })
     };
+    results_of(directions, p.dataset.as_deref()).write(out)?;
     std::fs::write(
         out.join("summary.json"),
         serde_json::to_vec_pretty(&serde_json::json!({
@@ -324,4 +331,55 @@ fn write_results(
         }))?,
     )?;
     Ok(())
+}
+
+/// The results format: setting `bitext`, the macro average over every
+/// direction, then one row per direction, and per source sentence its mean
+/// over the directions it was a query in.
+fn results_of(directions: &[Direction], dataset: Option<&str>) -> Results {
+    let mut results = Results::new(dataset.unwrap_or_default());
+    let values = |d: &Direction| [d.accuracy_1(), d.map()];
+    let n = directions.len().max(1) as f64;
+    let queries: usize = directions.iter().map(|d| d.queries.len()).sum();
+    for (i, metric) in BITEXT_METRICS.into_iter().enumerate() {
+        let average = directions.iter().map(|d| values(d)[i]).sum::<f64>() / n;
+        results.push("bitext", (ALL, ALL), metric, average, queries);
+    }
+    let sets_of = |d: &Direction| {
+        directions
+            .iter()
+            .filter(|o| (&o.source, &o.target) == (&d.source, &d.target))
+            .count()
+    };
+    for d in directions {
+        // Where two sets hold the same direction, its languages alone would
+        // not name it.
+        let source = if sets_of(d) > 1 {
+            format!("{}:{}", d.set, d.source)
+        } else {
+            d.source.clone()
+        };
+        for (metric, value) in BITEXT_METRICS.into_iter().zip(values(d)) {
+            results.push(
+                "bitext",
+                (&source, &d.target),
+                metric,
+                value,
+                d.queries.len(),
+            );
+        }
+    }
+    let reciprocal = |q: &Ranked| [f64::from(u8::from(q.rank == 1)), 1.0 / q.rank as f64];
+    for (i, metric) in BITEXT_METRICS.into_iter().enumerate() {
+        results.add_query_means(
+            "bitext",
+            metric,
+            directions.iter().flat_map(|d| {
+                d.queries
+                    .iter()
+                    .map(move |q| (q.sid.as_str(), reciprocal(q)[i]))
+            }),
+        );
+    }
+    results
 }

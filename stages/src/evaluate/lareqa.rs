@@ -24,7 +24,9 @@
 //! arXiv 2305.09025), averaged per query language and macro-averaged; plus
 //! each candidate language's share of the top 10. Lower distance is better.
 //!
-//! Output folder `results`: `metrics.parquet` (setting, query_lang,
+//! Output folder `results`: `results.parquet` and `query_results.parquet`
+//! (the results format of `xlpipe_eval::results`, what `report` reads),
+//! `metrics.parquet` (setting, query_lang,
 //! candidate_lang, queries, the metrics), `per_query.parquet` (the same per
 //! query, plus its max-min rank distance in the multilingual pool: what
 //! paired tests need), `bias.parquet`, `summary.json`, and `trec/` with
@@ -42,6 +44,7 @@ use polars::prelude::Column;
 use serde::{Deserialize, Serialize};
 
 use xlpipe_eval::embeddings::Embeddings;
+use xlpipe_eval::results::{Results, ALL, ANY, BIAS, LAREQA_METRICS};
 use xlpipe_eval::search::{for_each_query, TrecOrder};
 use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
 use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
@@ -77,7 +80,8 @@ fn default_trec_settings() -> Vec<Setting> {
 impl TypedStage for EvaluateLareqaStage {
     type Params = EvaluateParams;
     const KIND: &'static str = "evaluate_lareqa";
-    const VERSION: u32 = 3;
+    // 4: also writes the results format the report reads.
+    const VERSION: u32 = 4;
     const SUMMARY: &'static str =
         "LAReQA retrieval: mono / cross / multilingual mAP, MRR, R@k, nDCG@10 and language bias";
 
@@ -181,6 +185,17 @@ impl Scores {
         self.recall_1 += other.recall_1;
         self.recall_10 += other.recall_10;
         self.ndcg_10 += other.ndcg_10;
+    }
+
+    /// The values in the order of [`LAREQA_METRICS`].
+    fn values(&self) -> [f64; 5] {
+        [
+            self.map,
+            self.mrr,
+            self.recall_1,
+            self.recall_10,
+            self.ndcg_10,
+        ]
     }
 
     fn scaled(&self, by: f64) -> Scores {
@@ -478,12 +493,84 @@ impl Evaluation {
                 "top_10_language_share": shares,
             }))?,
         )?;
+        self.results(dataset).write(out)?;
         let trec_dir = out.join("trec");
         std::fs::create_dir_all(&trec_dir)?;
         for &setting in &trec.settings {
             self.write_trec(&trec_dir, setting)?;
         }
         Ok(())
+    }
+
+    /// The results format: per setting its macro average (languages
+    /// [`ALL`]) and its cells, the bias macro-averaged and per query
+    /// language, and per query the mean over the setting's pools.
+    fn results(&self, dataset: Option<&str>) -> Results {
+        let mut results = Results::new(dataset.unwrap_or_default());
+        let cells = self.cells();
+        for setting in [Setting::Mono, Setting::Cross, Setting::Multi] {
+            let name = setting.name();
+            let pools: Vec<(&QueryResult, &PoolResult)> = self
+                .queries
+                .iter()
+                .flat_map(|r| r.pools.iter().map(move |p| (r, p)))
+                .filter(|(_, p)| p.setting == setting)
+                .collect();
+            if let Some(average) = self.macro_average(setting) {
+                let queries = pools
+                    .iter()
+                    .map(|(r, _)| r.query)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
+                for (metric, value) in LAREQA_METRICS.into_iter().zip(average.values()) {
+                    results.push(name, (ALL, ALL), metric, value, queries);
+                }
+            }
+            for ((_, query_lang, candidate_lang), (n, sum)) in
+                cells.iter().filter(|((s, _, _), _)| *s == setting)
+            {
+                let mean = sum.scaled(1.0 / *n as f64);
+                for (metric, value) in LAREQA_METRICS.into_iter().zip(mean.values()) {
+                    results.push(name, (query_lang, candidate_lang), metric, value, *n);
+                }
+            }
+            for (i, metric) in LAREQA_METRICS.into_iter().enumerate() {
+                results.add_query_means(
+                    name,
+                    metric,
+                    pools
+                        .iter()
+                        .map(|(r, p)| (self.query_ids[r.query].as_str(), p.scores.values()[i])),
+                );
+            }
+        }
+        if !self.queries.is_empty() {
+            let multi = Setting::Multi.name();
+            results.push(
+                multi,
+                (ALL, ALL),
+                BIAS,
+                self.macro_bias(),
+                self.queries.len(),
+            );
+            let mut per_language: BTreeMap<&str, usize> = BTreeMap::new();
+            for result in &self.queries {
+                *per_language
+                    .entry(self.query_langs[result.query].as_str())
+                    .or_default() += 1;
+            }
+            for (lang, value) in self.bias() {
+                results.push(multi, (lang, ANY), BIAS, value, per_language[lang]);
+            }
+            results.add_query_means(
+                multi,
+                BIAS,
+                self.queries
+                    .iter()
+                    .map(|r| (self.query_ids[r.query].as_str(), r.rank_spread as f64)),
+            );
+        }
+        results
     }
 
     /// One row per query and pool: what paired significance tests need.

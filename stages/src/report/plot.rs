@@ -8,7 +8,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{Cell, Point, Report, BIAS};
+use xlpipe_eval::results::BIAS;
+
+use super::tables::{Cell, Report};
+use super::Point;
 
 const WIDTH: f64 = 640.0;
 const HEIGHT: f64 = 400.0;

@@ -1,7 +1,9 @@
-//! Timings for `xlpipe bench train`: seconds per step of full fine-tuning,
-//! of the top layers from text and from stored states, and of evaluation
-//! encodes, on the grid's settings.
+//! `xlpipe bench train`: seconds per step of our training next to
+//! PyTorch with sentence-transformers (`bench_torch_train.py`, in the same
+//! run); of full fine-tuning, of the top layers from text and from stored
+//! states; and of evaluation encodes, on the grid's settings.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use burn::module::AutodiffModule;
@@ -13,6 +15,8 @@ use crate::frozen_states::FrozenStates;
 use xlpipe_ml::model::{length_groups, load_encoder, Encoder, Pooling, TextTokenizer, TokenBatch};
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::parse_params;
+
+use crate::bench::{bench_words, python_baseline, PythonBaseline};
 
 /// Timing of training steps, for `xlpipe bench train`.
 pub struct StepTiming {
@@ -319,4 +323,146 @@ fn tempfile_dir(model_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// `xlpipe bench train`: training step time and tokens/s of the model in
+/// `model` on this CPU, next to PyTorch + sentence-transformers in `python`.
+pub fn report(
+    model: &Path,
+    batch: usize,
+    steps: usize,
+    train_layers: usize,
+    python: &str,
+) -> anyhow::Result<String> {
+    let text = |i: usize, n: usize| bench_words(i, n, 7);
+    let queries: Vec<String> = (0..batch)
+        .map(|i| format!("query: {}", text(i, 60)))
+        .collect();
+    let passages: Vec<String> = (0..batch)
+        .map(|i| format!("passage: {}", text(i + batch, 220)))
+        .collect();
+    let lengths = (32, 128);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let ours = benchmark_cpu_steps(model, &queries, &passages, lengths, steps)?;
+
+    let torch = python_baseline(
+        &PythonBaseline {
+            python,
+            name: "train",
+            script: include_str!("bench_torch_train.py"),
+            what: "PyTorch",
+            needs: "torch and sentence-transformers",
+        },
+        model,
+        &serde_json::json!({
+            "queries": queries, "passages": passages,
+            "query_len": lengths.0, "passage_len": lengths.1,
+        }),
+        &[steps.to_string(), threads.to_string()],
+    );
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "train benchmark: {} on CPU, batch {batch}, query <= {} / passage <= {} tokens, {threads} threads, median of {steps} steps",
+        model.display(),
+        lengths.0,
+        lengths.1
+    );
+    let rate = |tokens: usize, s: f64| tokens as f64 / s;
+    let _ = writeln!(
+        out,
+        "  xlpipe (burn flex)          {:>8.3} s/step  {:>9.0} tokens/s  ({} tokens/step)",
+        ours.median_seconds,
+        rate(ours.tokens_per_step, ours.median_seconds),
+        ours.tokens_per_step
+    );
+    match torch {
+        Ok(torch) => {
+            let torch_seconds = torch["median_seconds"].as_f64().unwrap_or(f64::NAN);
+            let torch_tokens = torch["tokens_per_step"].as_u64().unwrap_or(0) as usize;
+            let _ = writeln!(
+                out,
+                "  PyTorch {:<8} (ST MNRL)  {:>8.3} s/step  {:>9.0} tokens/s  ({} tokens/step)",
+                torch["torch"].as_str().unwrap_or("?"),
+                torch_seconds,
+                rate(torch_tokens, torch_seconds),
+                torch_tokens
+            );
+            let _ = writeln!(
+                out,
+                "  speed ratio xlpipe / PyTorch: {:.2}x (above 1 is faster)",
+                torch_seconds / ours.median_seconds
+            );
+        }
+        // The partial fine-tuning comparison below needs no Python.
+        Err(err) => {
+            let _ = writeln!(out, "  PyTorch baseline skipped: {err:#}");
+        }
+    }
+    out += &partial(model, batch, steps, train_layers)?;
+    Ok(out)
+}
+
+/// Texts of SQuAD-like lengths for the partial fine-tuning comparison:
+/// questions of 6 to 25 words, answer sentences of 12 to 90.
+fn varied_texts(batch: usize) -> (Vec<String>, Vec<String>) {
+    let text = |i: usize, n: usize| bench_words(i, n, 7);
+    let queries = (0..batch).map(|i| text(i, 6 + (i * 7) % 20)).collect();
+    let passages = (0..batch)
+        .map(|i| text(i + batch, 12 + (i * 29) % 79))
+        .collect();
+    (queries, passages)
+}
+
+/// The second half of `bench train`: full against partial fine-tuning (and
+/// from text against from stored states) on SQuAD-like lengths at the grid's
+/// caps, then encoding with all layers against the top layers from states.
+fn partial(
+    model: &Path,
+    batch: usize,
+    steps: usize,
+    train_layers: usize,
+) -> anyhow::Result<String> {
+    let (queries, passages) = varied_texts(batch);
+    let lengths = (64, 128);
+    let modes = benchmark_cpu_training(model, &queries, &passages, lengths, steps, train_layers)?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\npartial fine-tuning: batch {batch} of SQuAD-like lengths (queries 6-25 words, passages 12-90), caps {} / {}, median of {steps} steps",
+        lengths.0, lengths.1
+    );
+    let baseline = modes[0].median_seconds;
+    for m in &modes {
+        let _ = writeln!(
+            out,
+            "  {:<44} {:>8.3} s/step  {:>5.2}x  real {:>6} / padded {:>6} tokens ({:.0}% padding)",
+            m.mode,
+            m.median_seconds,
+            baseline / m.median_seconds,
+            m.real_tokens,
+            m.padded_tokens,
+            100.0 * (m.padded_tokens - m.real_tokens) as f64 / m.padded_tokens.max(1) as f64
+        );
+    }
+    let sentences: Vec<String> = varied_texts(1000).1;
+    let encodes = benchmark_cpu_encoding(model, &sentences, "passage: ", 128, train_layers, 1)?;
+    let _ = writeln!(
+        out,
+        "\nencoding 1000 candidate sentences (as an evaluation encode per fine-tuned model; XQuAD-R has 13,014):"
+    );
+    let baseline = encodes[0].median_seconds;
+    for m in &encodes {
+        let _ = writeln!(
+            out,
+            "  {:<44} {:>8.3} s  {:>5.2}x  {:>7.0} texts/s",
+            m.mode,
+            m.median_seconds,
+            baseline / m.median_seconds,
+            sentences.len() as f64 / m.median_seconds
+        );
+    }
+    Ok(out)
 }

@@ -32,14 +32,10 @@
 //! batches, `trainer` runs the training loop, `checkpoint` keeps and
 //! restores a run's state, `bench` times steps for `xlpipe bench train`.
 
-mod bench;
+pub mod bench;
 mod checkpoint;
 pub mod sampler;
 mod trainer;
-
-pub use bench::{
-    benchmark_cpu_encoding, benchmark_cpu_steps, benchmark_cpu_training, ModeTiming, StepTiming,
-};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,8 +44,9 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 
+use crate::on_device::{run_on, BackendWork};
 use sampler::{LanguageChoice, Mix, ParallelPairs};
-use xlpipe_ml::model::{DeviceChoice, OnBackend, Pooling};
+use xlpipe_ml::model::{DeviceChoice, Pooling};
 use xlpipe_stage_api::table::{read_parquet, strings};
 use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
@@ -263,21 +260,14 @@ impl TypedStage for TrainStage {
     }
 
     fn execute(&self, p: &TrainParams, ctx: &StageContext) -> anyhow::Result<()> {
-        p.device.run(ctx.gpu(), Training { p, ctx })
+        run_on(p.device, ctx, p)
     }
 }
 
-/// A train stage's run, for [`DeviceChoice::run`]: on the backend it is
-/// given, with autodiff.
-struct Training<'a> {
-    p: &'a TrainParams,
-    ctx: &'a StageContext,
-}
-
-impl OnBackend for Training<'_> {
-    type Output = ();
-    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        trainer::train::<burn::backend::Autodiff<B>>(self.p, self.ctx, device)
+/// Training runs on the backend it is given, with autodiff.
+impl BackendWork for TrainParams {
+    fn run<B: Backend>(&self, ctx: &StageContext, device: B::Device) -> anyhow::Result<()> {
+        trainer::train::<burn::backend::Autodiff<B>>(self, ctx, device)
     }
 }
 

@@ -28,6 +28,9 @@
 //! pipelines: adding a language translates only it, and an interrupted run
 //! resumes where it stopped.
 //!
+//! Files: one per backend, `memory` the translation memory, `bench` the
+//! `xlpipe bench translate` timing.
+//!
 //! Output folder `pairs`: `pairs.parquet` (pair_id, lang, split, question,
 //! passage, negative) with English and every target language, holding only
 //! the pairs every language has, and `meta.json` with per-language counts.
@@ -41,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::qa_pairs::Unit;
 use xlpipe_ml::model::DeviceChoice;
 use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet, ReadReport};
+pub mod bench;
 mod command;
 mod dictionary;
 mod memory;

@@ -1,0 +1,75 @@
+//! Reading one evaluation instance's numbers: the results format of
+//! `xlpipe_eval::results` and nothing else, whatever kind wrote it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use xlpipe_eval::results::{usual_metric, Results, ALL};
+use xlpipe_stage_api::InputArtifact;
+
+use super::{Point, ReportParams};
+
+/// One evaluation instance's numbers.
+pub(super) struct Evaluation {
+    pub point: Point,
+    pub replicate: Option<Value>,
+    pub dataset: String,
+    /// (setting, metric) -> value (macro average).
+    pub summary: BTreeMap<(String, String), f64>,
+    /// (setting, query lang, candidate lang, metric) -> value.
+    pub per_language: BTreeMap<(String, String, String, String), f64>,
+    /// (setting, metric) -> query -> value, averaged over the setting's pools.
+    pub per_query: BTreeMap<(String, String), HashMap<String, f64>>,
+    /// The metric its main-table column shows: `metric` when it reports
+    /// that, else its setting's usual one (bitext accuracy@1, ad-hoc nDCG@10).
+    pub headline: String,
+}
+
+impl Evaluation {
+    pub fn load(artifact: &InputArtifact, p: &ReportParams) -> anyhow::Result<Evaluation> {
+        let results = Results::read(&artifact.path).map_err(|e| {
+            anyhow::anyhow!(
+                "reading the results of {} ({}): {e:#}",
+                artifact.producer,
+                artifact.path.display()
+            )
+        })?;
+        let mut grid = artifact.grid.clone();
+        let replicate = grid.remove(&p.replicate);
+        // An evaluation without a `dataset` param is named by its stage.
+        let dataset = if results.dataset.is_empty() {
+            let stage = artifact.producer.split('[').next();
+            stage.unwrap_or_default().to_string()
+        } else {
+            results.dataset
+        };
+        let mut summary = BTreeMap::new();
+        let mut per_language = BTreeMap::new();
+        for row in results.rows {
+            if row.query_lang == ALL && row.candidate_lang == ALL {
+                summary.insert((row.setting, row.metric), row.value);
+            } else {
+                per_language.insert(
+                    (row.setting, row.query_lang, row.candidate_lang, row.metric),
+                    row.value,
+                );
+            }
+        }
+        let headline = if summary.keys().any(|(_, m)| *m == p.metric) {
+            p.metric.clone()
+        } else {
+            let setting = summary.keys().next().map_or("", |(s, _)| s.as_str());
+            usual_metric(setting).to_string()
+        };
+        Ok(Evaluation {
+            point: grid.into_iter().collect(),
+            replicate,
+            dataset,
+            summary,
+            per_language,
+            per_query: results.queries,
+            headline,
+        })
+    }
+}
