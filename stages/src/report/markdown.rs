@@ -3,14 +3,12 @@
 
 use std::path::Path;
 
-use super::tables::Summary;
-
 /// `mean ± ci` (bias to one decimal, the rest to four).
-pub(super) fn format_summary(s: &Summary, bias: bool) -> String {
+pub(super) fn format_summary(mean: f64, ci95: Option<f64>, bias: bool) -> String {
     let digits = if bias { 1 } else { 4 };
-    match s.ci95 {
-        Some(ci) => format!("{:.d$} ± {:.d$}", s.mean, ci, d = digits),
-        None => format!("{:.d$}", s.mean, d = digits),
+    match ci95 {
+        Some(ci) => format!("{mean:.d$} ± {ci:.d$}", d = digits),
+        None => format!("{mean:.d$}", d = digits),
     }
 }
 

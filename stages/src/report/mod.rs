@@ -141,7 +141,11 @@ impl TypedStage for ReportStage {
             .collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!evaluations.is_empty(), "no evaluations to report");
         let report = Report::new(p, evaluations);
-        report.write(&ctx.output("report"))
+        let out = ctx.output("report");
+        std::fs::create_dir_all(out.join("plots"))?;
+        let markdown = report.write_tables(&out)?;
+        std::fs::write(out.join("report.md"), markdown)?;
+        plot::write_plots(&report, &out.join("plots"))
     }
 
     fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {

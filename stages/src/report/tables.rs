@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use polars::prelude::{Column, DataFrame};
+use polars::prelude::{Column, CsvWriter, DataFrame, SerWriter};
 use serde_json::Value;
 
 use xlpipe_eval::results::BIAS;
@@ -16,7 +16,7 @@ use xlpipe_stage_api::table::{string_column, write_parquet};
 
 use super::load::Evaluation;
 use super::markdown::{format_summary, markdown_table};
-use super::{plot, point_label, value_text, Point, ReportParams};
+use super::{point_label, value_text, Point, ReportParams};
 
 /// A column of the main table: (dataset or domain average, setting, metric).
 pub(super) type Cell = (String, String, String);
@@ -120,15 +120,14 @@ impl<'a> Report<'a> {
         })
     }
 
-    pub(super) fn write(&self, out: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(out.join("plots"))?;
+    /// Every table into `out`; returns `report.md`'s text.
+    pub(super) fn write_tables(&self, out: &Path) -> anyhow::Result<String> {
         let mut markdown = String::from("# Results\n\n");
         self.write_results(out)?;
         markdown += &self.write_main(out)?;
         markdown += &self.write_per_language(out)?;
         markdown += &self.write_bootstrap(out)?;
-        std::fs::write(out.join("report.md"), markdown)?;
-        plot::write_plots(self, &out.join("plots"))
+        Ok(markdown)
     }
 
     /// Columns naming the grid point, one per variable.
@@ -217,7 +216,7 @@ impl<'a> Report<'a> {
                     .iter()
                     .map(|s| match s {
                         None => "".into(),
-                        Some(s) => format_summary(s, cell.2 == BIAS),
+                        Some(s) => format_summary(s.mean, s.ci95, cell.2 == BIAS),
                     })
                     .collect(),
             ));
@@ -538,47 +537,16 @@ fn compare_values(a: &Value, b: &Value) -> Ordering {
     }
 }
 
-/// `NAME.parquet` (through polars) and `NAME.csv` of the same columns.
+/// `NAME.parquet` and `NAME.csv` of the same columns, both through polars.
 fn write_table(out: &Path, name: &str, columns: Vec<Column>) -> anyhow::Result<()> {
-    let frame = DataFrame::new_infer_height(columns.clone())?;
+    let mut frame = DataFrame::new_infer_height(columns.clone())?;
     write_parquet(&out.join(format!("{name}.parquet")), columns)?;
-    std::fs::write(out.join(format!("{name}.csv")), csv_text(&frame)?)?;
+    let path = out.join(format!("{name}.csv"));
+    let mut file = std::fs::File::create(&path)?;
+    CsvWriter::new(&mut file)
+        .finish(&mut frame)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
-}
-
-/// RFC 4180 CSV: fields with commas, quotes or newlines are quoted; nulls are empty.
-fn csv_text(frame: &DataFrame) -> anyhow::Result<String> {
-    let quote = |s: &str| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
-    let names: Vec<String> = frame
-        .get_column_names()
-        .iter()
-        .map(|n| quote(n.as_str()))
-        .collect();
-    let mut out = names.join(",") + "\n";
-    for row in 0..frame.height() {
-        let fields: Vec<String> = frame
-            .columns()
-            .iter()
-            .map(|c| {
-                let v = c.get(row).map_err(|e| anyhow::anyhow!("{e}"))?;
-                Ok(match v {
-                    polars::prelude::AnyValue::Null => String::new(),
-                    polars::prelude::AnyValue::String(s) => quote(s),
-                    polars::prelude::AnyValue::Float64(x) => x.to_string(),
-                    other => quote(&other.to_string()),
-                })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        out += &fields.join(",");
-        out.push('\n');
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
