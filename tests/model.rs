@@ -37,22 +37,75 @@ fn int_tensor(v: &Value) -> Tensor<Flex, 2, Int> {
     Tensor::from_data(TensorData::new(flat, shape), &Default::default())
 }
 
-fn check_tiny(name: &str) {
-    let dir = fixtures(name);
-    let golden = json(&dir.join("golden.json"));
+/// Worst |difference| from transformers' outputs of the tiny model in
+/// `dir` (golden outputs from `golden_dir`): hidden states, then the
+/// embeddings of each pooling.
+fn tiny_diffs(dir: &Path, golden_dir: &Path) -> Vec<(String, f32)> {
+    let golden = json(&golden_dir.join("golden.json"));
+    let mut diffs = Vec::new();
     for (pooling, key) in [(Pooling::Mean, "mean"), (Pooling::Cls, "cls")] {
-        let encoder = load_encoder::<Flex>(&dir, pooling, &Default::default()).unwrap();
+        let encoder = load_encoder::<Flex>(dir, pooling, &Default::default()).unwrap();
         let ids = int_tensor(&golden["input_ids"]);
         let mask = int_tensor(&golden["attention_mask"]);
         let hidden = encoder.hidden_states(ids.clone(), mask.clone());
         let hidden: Vec<f32> = hidden.into_data().to_vec().unwrap();
-        let diff = max_abs_diff(&hidden, &floats(&golden["hidden"]));
-        eprintln!("{name}: hidden states max |diff| {diff:e}");
-        assert!(diff <= 1e-4, "{name}: hidden states differ by {diff}");
+        diffs.push((
+            "hidden states".into(),
+            max_abs_diff(&hidden, &floats(&golden["hidden"])),
+        ));
         let embedded: Vec<f32> = encoder.embed(ids, mask).into_data().to_vec().unwrap();
-        let diff = max_abs_diff(&embedded, &floats(&golden[key]));
-        eprintln!("{name}: {key} embeddings max |diff| {diff:e}");
-        assert!(diff <= 1e-4, "{name} {key}: embeddings differ by {diff}");
+        diffs.push((
+            format!("{key} embeddings"),
+            max_abs_diff(&embedded, &floats(&golden[key])),
+        ));
+    }
+    diffs
+}
+
+fn check_tiny(name: &str) {
+    let dir = fixtures(name);
+    for (what, diff) in tiny_diffs(&dir, &dir) {
+        eprintln!("{name}: {what} max |diff| {diff:e}");
+        assert!(diff <= 1e-4, "{name}: {what} differ by {diff}");
+    }
+}
+
+/// The parity check itself must fail on a broken model: the tiny XLM-R
+/// with one weight matrix set to NaN differs from transformers everywhere.
+#[test]
+fn nan_weights_fail_the_parity_check() {
+    let fixture = fixtures("tiny-xlmr");
+    let broken = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), broken.path().join(entry.file_name())).unwrap();
+    }
+    let weights = broken.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let (name, tensor) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, v)| k.contains("layer.0.attention.self.query.weight") && v["dtype"] == "F32")
+        .expect("the first layer's query weight");
+    let offsets: Vec<usize> = tensor["data_offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap() as usize)
+        .collect();
+    let data = 8 + header_len;
+    for value in bytes[data + offsets[0]..data + offsets[1]].chunks_exact_mut(4) {
+        value.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    std::fs::write(&weights, bytes).unwrap();
+    for (what, diff) in tiny_diffs(broken.path(), &fixture) {
+        assert!(
+            !(diff <= 1e-4),
+            "{name} set to NaN, yet {what} pass ({diff})"
+        );
     }
 }
 
