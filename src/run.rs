@@ -17,7 +17,7 @@ use xlpipe_stage_api::FetchSettings;
 
 use crate::cache::{Cache, InputRecord, InstanceRef, Record};
 use crate::diag::did_you_mean;
-use crate::executor::{self, ExecutorConfig};
+use crate::executor::{self, ExecutorConfig, SlurmOptions};
 use crate::pipeline::Pipeline;
 use crate::plan::{instance_key, why_run};
 use crate::slurm::SlurmExecutor;
@@ -135,317 +135,420 @@ pub fn run(
     // Commands run in process groups of their own: an interrupted run
     // ends them itself.
     crate::interrupt::on_interrupt(xlpipe_stages::command::end_live_commands);
-    let n = pipeline.instances.len();
-    let forced = select(pipeline, &options.force)?;
-    let (relevant, may_run) = if !options.only.is_empty() {
-        let only = select(pipeline, &options.only)?;
-        (with_ancestors(pipeline, &only), only)
-    } else if !options.until.is_empty() {
-        let until = with_ancestors(pipeline, &select(pipeline, &options.until)?);
-        (until.clone(), until)
-    } else {
-        (vec![true; n], vec![true; n])
-    };
+    let mut scheduler = Scheduler::new(pipeline, cache, options, progress)?;
+    scheduler.run_to_end()?;
+    Ok(scheduler.into_summary())
+}
 
-    let default_executor = options.executor.as_deref().unwrap_or(executor::DEFAULT);
-    if !pipeline.executors.contains_key(default_executor) {
-        let hint = did_you_mean(
-            default_executor,
-            pipeline.executors.keys().map(String::as_str),
-        );
-        anyhow::bail!("--executor: no executor named `{default_executor}`{hint}");
-    }
-    let executor_name: Vec<&str> = (0..n)
-        .map(|i| {
-            pipeline
-                .stage_of(i)
-                .executor
-                .as_deref()
-                .unwrap_or(default_executor)
-        })
-        .collect();
-    let executor_of: Vec<&ExecutorConfig> = executor_name
-        .iter()
-        .map(|name| &pipeline.executors[*name])
-        .collect();
+/// One run's bookkeeping: which instances wait, run, are done or failed,
+/// the job slots and devices in use, and the channel through which local
+/// worker threads and the Slurm tracker report back.
+struct Scheduler<'a> {
+    pipeline: &'a Pipeline,
+    cache: &'a Cache,
+    options: &'a RunOptions,
+    progress: &'a MultiProgress,
+    bar: ProgressBar,
+    /// Per instance: run even if cached; part of this run; may execute
+    /// (outside `--only`, an instance must be cached).
+    forced: Vec<bool>,
+    relevant: Vec<bool>,
+    may_run: Vec<bool>,
+    /// Per instance: its executor's name and configuration.
+    executor_name: Vec<&'a str>,
+    executor_of: Vec<&'a ExecutorConfig>,
+    /// Free devices per resource (local instances).
+    capacity: BTreeMap<String, Vec<u32>>,
+    dependants: Vec<Vec<usize>>,
+    /// Per instance: producers not done yet.
+    waiting_on: Vec<usize>,
+    state: Vec<State>,
+    outputs: Vec<Option<BTreeMap<String, String>>>,
+    /// Producers done: the key can be computed and the cache asked.
+    ready: VecDeque<usize>,
+    /// Not cached: waiting for a job slot or its resources.
+    runnable: Vec<Job>,
+    running: BTreeMap<usize, Slot>,
+    local_running: usize,
+    slurm_running: BTreeMap<&'a str, usize>,
+    sender: mpsc::Sender<JobResult>,
+    receiver: mpsc::Receiver<JobResult>,
+    slurm: Option<SlurmExecutor>,
+    summary: RunSummary,
+}
 
-    let mut capacity: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    capacity.insert("gpu".into(), (0..options.gpus).collect());
-    for (i, instance) in pipeline.instances.iter().enumerate() {
-        if *executor_of[i] != ExecutorConfig::Local {
-            continue;
+impl<'a> Scheduler<'a> {
+    fn new(
+        pipeline: &'a Pipeline,
+        cache: &'a Cache,
+        options: &'a RunOptions,
+        progress: &'a MultiProgress,
+    ) -> anyhow::Result<Scheduler<'a>> {
+        let n = pipeline.instances.len();
+        let forced = select(pipeline, &options.force)?;
+        let (relevant, may_run) = if !options.only.is_empty() {
+            let only = select(pipeline, &options.only)?;
+            (with_ancestors(pipeline, &only), only)
+        } else if !options.until.is_empty() {
+            let until = with_ancestors(pipeline, &select(pipeline, &options.until)?);
+            (until.clone(), until)
+        } else {
+            (vec![true; n], vec![true; n])
+        };
+
+        let default_executor = options.executor.as_deref().unwrap_or(executor::DEFAULT);
+        if !pipeline.executors.contains_key(default_executor) {
+            let hint = did_you_mean(
+                default_executor,
+                pipeline.executors.keys().map(String::as_str),
+            );
+            anyhow::bail!("--executor: no executor named `{default_executor}`{hint}");
         }
-        for (resource, &amount) in &instance.resources {
-            let free = capacity.entry(resource.clone()).or_insert_with(|| vec![0]);
-            if amount as usize > free.len() {
-                anyhow::bail!(
-                    "{} needs {amount} {resource}, but this run has {} (see --gpus)",
-                    instance.name,
-                    free.len()
-                );
+        let executor_name: Vec<&str> = (0..n)
+            .map(|i| {
+                pipeline
+                    .stage_of(i)
+                    .executor
+                    .as_deref()
+                    .unwrap_or(default_executor)
+            })
+            .collect();
+        let executor_of: Vec<&ExecutorConfig> = executor_name
+            .iter()
+            .map(|name| &pipeline.executors[*name])
+            .collect();
+
+        let mut capacity: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        capacity.insert("gpu".into(), (0..options.gpus).collect());
+        for (i, instance) in pipeline.instances.iter().enumerate() {
+            if *executor_of[i] != ExecutorConfig::Local {
+                continue;
+            }
+            for (resource, &amount) in &instance.resources {
+                let free = capacity.entry(resource.clone()).or_insert_with(|| vec![0]);
+                if amount as usize > free.len() {
+                    anyhow::bail!(
+                        "{} needs {amount} {resource}, but this run has {} (see --gpus)",
+                        instance.name,
+                        free.len()
+                    );
+                }
             }
         }
-    }
 
-    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
-    let mut waiting_on = vec![0usize; n];
-    for (i, instance) in pipeline.instances.iter().enumerate() {
-        let deps: BTreeSet<usize> = instance.dependencies().collect();
-        waiting_on[i] = deps.len();
-        for d in deps {
-            dependants[d].push(i);
+        let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut waiting_on = vec![0usize; n];
+        for (i, instance) in pipeline.instances.iter().enumerate() {
+            let deps: BTreeSet<usize> = instance.dependencies().collect();
+            waiting_on[i] = deps.len();
+            for d in deps {
+                dependants[d].push(i);
+            }
         }
+
+        let total = relevant.iter().filter(|r| **r).count() as u64;
+        let bar = progress.add(ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+
+        let ready: VecDeque<usize> = (0..n)
+            .filter(|&i| relevant[i] && waiting_on[i] == 0)
+            .collect();
+        let (sender, receiver) = mpsc::channel::<JobResult>();
+        let uses_slurm =
+            (0..n).any(|i| relevant[i] && matches!(executor_of[i], ExecutorConfig::Slurm(_)));
+        let slurm = if uses_slurm {
+            Some(SlurmExecutor::start(
+                cache,
+                options.slurm_poll,
+                sender.clone(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Scheduler {
+            pipeline,
+            cache,
+            options,
+            progress,
+            bar,
+            forced,
+            relevant,
+            may_run,
+            executor_name,
+            executor_of,
+            capacity,
+            dependants,
+            waiting_on,
+            state: vec![State::Waiting; n],
+            outputs: vec![None; n],
+            ready,
+            runnable: Vec::new(),
+            running: BTreeMap::new(),
+            local_running: 0,
+            slurm_running: BTreeMap::new(),
+            sender,
+            receiver,
+            slurm,
+            summary: RunSummary::default(),
+        })
     }
 
-    let total = relevant.iter().filter(|r| **r).count() as u64;
-    let bar = progress.add(ProgressBar::new(total));
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    /// Until nothing runs and nothing more can start.
+    fn run_to_end(&mut self) -> anyhow::Result<()> {
+        loop {
+            self.look_up_ready()?;
+            self.start_runnable()?;
+            self.show_running();
+            if self.running.is_empty() {
+                debug_assert!(self.runnable.is_empty() && self.ready.is_empty());
+                break;
+            }
+            self.collect_one()?;
+        }
+        self.bar.finish_and_clear();
+        self.progress.remove(&self.bar);
+        Ok(())
+    }
 
-    let mut summary = RunSummary::default();
-    let mut state = vec![State::Waiting; n];
-    let mut outputs: Vec<Option<BTreeMap<String, String>>> = vec![None; n];
-    let mut ready: VecDeque<usize> = (0..n)
-        .filter(|&i| relevant[i] && waiting_on[i] == 0)
-        .collect();
-    let mut runnable: Vec<Job> = Vec::new();
-    let mut running: BTreeMap<usize, Slot> = BTreeMap::new();
-    let mut local_running = 0;
-    let mut slurm_running: BTreeMap<&str, usize> = BTreeMap::new();
-    let (sender, receiver) = mpsc::channel::<JobResult>();
-    let jobs = options.jobs.max(1);
-    let uses_slurm =
-        (0..n).any(|i| relevant[i] && matches!(executor_of[i], ExecutorConfig::Slurm(_)));
-    let mut slurm = if uses_slurm {
-        Some(SlurmExecutor::start(
-            cache,
-            options.slurm_poll,
-            sender.clone(),
-        )?)
-    } else {
-        None
-    };
-
-    loop {
-        while let Some(i) = ready.pop_front() {
-            let (key, inputs) = instance_key(pipeline, i, &outputs)
+    /// Each ready instance: found in the cache (done), or queued to run.
+    fn look_up_ready(&mut self) -> anyhow::Result<()> {
+        let pipeline = self.pipeline;
+        while let Some(i) = self.ready.pop_front() {
+            let (key, inputs) = instance_key(pipeline, i, &self.outputs)
                 .expect("producers of a ready instance are done");
-            if !forced[i] {
-                if let Some(record) = cache.record(&key) {
-                    summary.cached += 1;
-                    bar.inc(1);
-                    finish(pipeline, cache, i, record, &mut state, &mut outputs)?;
-                    release(i, &dependants, &relevant, &mut waiting_on, &mut ready);
+            if !self.forced[i] {
+                if let Some(record) = self.cache.record(&key) {
+                    self.summary.cached += 1;
+                    self.bar.inc(1);
+                    self.complete(i, record)?;
                     continue;
                 }
             }
-            if !may_run[i] {
-                state[i] = State::Failed;
-                summary.failed.push(Failure {
+            if !self.may_run[i] {
+                self.state[i] = State::Failed;
+                self.summary.failed.push(Failure {
                     instance: pipeline.instances[i].name.clone(),
                     error: "not cached, and outside the --only selection; run it first".into(),
                     log: None,
                 });
                 continue;
             }
-            let reasons = if forced[i] {
+            let reasons = if self.forced[i] {
                 vec!["forced".to_string()]
             } else {
-                why_run(pipeline, cache, i, &key, &inputs)
+                why_run(pipeline, self.cache, i, &key, &inputs)
             };
             // A line per instance helps on small pipelines and buries the
             // rest on grids: there it is a debug line (`-v`).
+            let name = &pipeline.instances[i].name;
             if pipeline.instances.len() <= GRID_QUIET {
-                tracing::info!(
-                    "{} will run: {}",
-                    pipeline.instances[i].name,
-                    reasons.join("; ")
-                );
+                tracing::info!("{name} will run: {}", reasons.join("; "));
             } else {
-                tracing::debug!(
-                    "{} will run: {}",
-                    pipeline.instances[i].name,
-                    reasons.join("; ")
-                );
+                tracing::debug!("{name} will run: {}", reasons.join("; "));
             }
-            runnable.push(Job {
+            self.runnable.push(Job {
                 instance: i,
                 key,
-                forced: forced[i],
+                forced: self.forced[i],
                 inputs,
             });
         }
+        Ok(())
+    }
 
+    /// Start every queued instance that has a job slot and its resources
+    /// (local) or room under its executor's `max_jobs` (Slurm).
+    fn start_runnable(&mut self) -> anyhow::Result<()> {
+        let jobs = self.options.jobs.max(1);
         let mut pos = 0;
-        while pos < runnable.len() {
-            let i = runnable[pos].instance;
-            let startable = match executor_of[i] {
+        while pos < self.runnable.len() {
+            let i = self.runnable[pos].instance;
+            let executor = self.executor_of[i];
+            let startable = match executor {
                 ExecutorConfig::Local => {
-                    local_running < jobs && fits(&pipeline.instances[i].resources, &capacity)
+                    self.local_running < jobs
+                        && fits(&self.pipeline.instances[i].resources, &self.capacity)
                 }
                 ExecutorConfig::Slurm(slurm_options) => slurm_options.max_jobs.is_none_or(|max| {
-                    slurm_running.get(executor_name[i]).copied().unwrap_or(0) < max
+                    let name = self.executor_name[i];
+                    self.slurm_running.get(name).copied().unwrap_or(0) < max
                 }),
             };
             if !startable {
                 pos += 1;
                 continue;
             }
-            let job = runnable.remove(pos);
-            match executor_of[i] {
-                ExecutorConfig::Local => {
-                    let devices = take(&pipeline.instances[i].resources, &mut capacity);
-                    state[i] = State::Running;
-                    local_running += 1;
-                    running.insert(i, Slot::Local(devices.clone()));
-                    let task = Task {
-                        spec: task_spec(pipeline, job, devices, &options.fetch),
-                        stage: pipeline.stage_of(i).kind.clone(),
-                        progress: progress.clone(),
-                        cache: cache.clone(),
-                    };
-                    spawn_job(i, task, sender.clone())?;
-                }
-                ExecutorConfig::Slurm(slurm_options) => {
-                    let gpus = pipeline.instances[i]
-                        .resources
-                        .get("gpu")
-                        .copied()
-                        .unwrap_or(0);
-                    // Inside its allocation a job sees its GPUs as 0..N.
-                    let devices = match gpus {
-                        0 => BTreeMap::new(),
-                        n => BTreeMap::from([("gpu".to_string(), (0..n).collect())]),
-                    };
-                    let spec = task_spec(pipeline, job, devices, &options.fetch);
-                    let spec = spec.with_absolute_paths()?;
-                    let executor = slurm
-                        .as_mut()
-                        .expect("started when any instance uses Slurm");
-                    match executor.submit(i, &spec, slurm_options, gpus) {
-                        Ok(adopted) => {
-                            if adopted {
-                                summary.slurm_adopted += 1;
-                            } else {
-                                summary.slurm_submitted += 1;
-                            }
-                            state[i] = State::Running;
-                            *slurm_running.entry(executor_name[i]).or_default() += 1;
-                            running.insert(i, Slot::Slurm);
-                        }
-                        Err(failure) => {
-                            log_failure(pipeline, &failure);
-                            state[i] = State::Failed;
-                            bar.inc(1);
-                            summary.failed.push(failure);
-                        }
-                    }
-                }
+            let job = self.runnable.remove(pos);
+            match executor {
+                ExecutorConfig::Local => self.start_local(job)?,
+                ExecutorConfig::Slurm(slurm_options) => self.submit(job, slurm_options)?,
             }
         }
-        let local: Vec<&str> = running
+        Ok(())
+    }
+
+    /// On a worker thread of this process, with the devices it needs.
+    fn start_local(&mut self, job: Job) -> anyhow::Result<()> {
+        let i = job.instance;
+        let devices = take(&self.pipeline.instances[i].resources, &mut self.capacity);
+        self.state[i] = State::Running;
+        self.local_running += 1;
+        self.running.insert(i, Slot::Local(devices.clone()));
+        let task = Task {
+            spec: task_spec(self.pipeline, job, devices, &self.options.fetch),
+            stage: self.pipeline.stage_of(i).kind.clone(),
+            progress: self.progress.clone(),
+            cache: self.cache.clone(),
+        };
+        spawn_job(i, task, self.sender.clone())
+    }
+
+    /// As a Slurm job (or adopted, when an earlier run's job still has it).
+    fn submit(&mut self, job: Job, slurm_options: &SlurmOptions) -> anyhow::Result<()> {
+        let i = job.instance;
+        let gpus = self.pipeline.instances[i]
+            .resources
+            .get("gpu")
+            .copied()
+            .unwrap_or(0);
+        // Inside its allocation a job sees its GPUs as 0..N.
+        let devices = match gpus {
+            0 => BTreeMap::new(),
+            n => BTreeMap::from([("gpu".to_string(), (0..n).collect())]),
+        };
+        let spec = task_spec(self.pipeline, job, devices, &self.options.fetch);
+        let spec = spec.with_absolute_paths()?;
+        let executor = self
+            .slurm
+            .as_mut()
+            .expect("started when any instance uses Slurm");
+        match executor.submit(i, &spec, slurm_options, gpus) {
+            Ok(adopted) => {
+                if adopted {
+                    self.summary.slurm_adopted += 1;
+                } else {
+                    self.summary.slurm_submitted += 1;
+                }
+                self.state[i] = State::Running;
+                *self.slurm_running.entry(self.executor_name[i]).or_default() += 1;
+                self.running.insert(i, Slot::Slurm);
+            }
+            Err(failure) => {
+                log_failure(self.pipeline, &failure);
+                self.state[i] = State::Failed;
+                self.bar.inc(1);
+                self.summary.failed.push(failure);
+            }
+        }
+        Ok(())
+    }
+
+    /// The progress bar's message: what runs now.
+    fn show_running(&self) {
+        let local: Vec<&str> = self
+            .running
             .iter()
             .filter(|(_, slot)| matches!(slot, Slot::Local(_)))
-            .map(|(&r, _)| pipeline.instances[r].name.as_str())
+            .map(|(&r, _)| self.pipeline.instances[r].name.as_str())
             .collect();
-        let on_slurm = running.len() - local.len();
-        bar.set_message(match on_slurm {
+        let on_slurm = self.running.len() - local.len();
+        self.bar.set_message(match on_slurm {
             0 => local.join(", "),
             n => format!("{n} on Slurm; {}", local.join(", ")),
         });
+    }
 
-        if running.is_empty() {
-            debug_assert!(runnable.is_empty() && ready.is_empty());
-            break;
-        }
-
-        let (i, result) = receiver.recv().context("a worker thread vanished")?;
-        match running.remove(&i).expect("finished job was running") {
+    /// Wait for one running instance to end, and take in its outcome.
+    fn collect_one(&mut self) -> anyhow::Result<()> {
+        let (i, result) = self.receiver.recv().context("a worker thread vanished")?;
+        match self.running.remove(&i).expect("finished job was running") {
             Slot::Local(devices) => {
-                local_running -= 1;
-                give_back(devices, &mut capacity);
+                self.local_running -= 1;
+                give_back(devices, &mut self.capacity);
             }
             Slot::Slurm => {
-                *slurm_running
-                    .get_mut(executor_name[i])
+                *self
+                    .slurm_running
+                    .get_mut(self.executor_name[i])
                     .expect("counted when submitted") -= 1;
             }
         }
-        bar.inc(1);
+        self.bar.inc(1);
         match result {
             Ok(Outcome::Ran(record)) => {
-                summary.executed.push(pipeline.instances[i].name.clone());
-                finish(pipeline, cache, i, record, &mut state, &mut outputs)?;
-                release(i, &dependants, &relevant, &mut waiting_on, &mut ready);
+                self.summary
+                    .executed
+                    .push(self.pipeline.instances[i].name.clone());
+                self.complete(i, record)?;
             }
             Ok(Outcome::FoundCached(record)) => {
-                summary.cached += 1;
-                finish(pipeline, cache, i, record, &mut state, &mut outputs)?;
-                release(i, &dependants, &relevant, &mut waiting_on, &mut ready);
+                self.summary.cached += 1;
+                self.complete(i, record)?;
             }
             Err(failure) => {
-                log_failure(pipeline, &failure);
-                state[i] = State::Failed;
-                summary.failed.push(failure);
+                log_failure(self.pipeline, &failure);
+                self.state[i] = State::Failed;
+                self.summary.failed.push(failure);
             }
         }
+        Ok(())
     }
-    bar.finish_and_clear();
-    progress.remove(&bar);
 
-    summary.skipped = (0..n)
-        .filter(|&i| relevant[i] && state[i] == State::Waiting)
-        .map(|i| pipeline.instances[i].name.clone())
-        .collect();
-    if options.only.is_empty() && options.until.is_empty() && summary.failed.is_empty() {
-        // The pipeline ran whole: forget instances it no longer has.
-        let current: BTreeSet<&str> = pipeline.instances.iter().map(|i| i.name.as_str()).collect();
-        cache.retain_refs(&pipeline.name, &|name| current.contains(name));
-    }
-    Ok(summary)
-}
-
-fn finish(
-    pipeline: &Pipeline,
-    cache: &Cache,
-    i: usize,
-    record: Record,
-    state: &mut [State],
-    outputs: &mut [Option<BTreeMap<String, String>>],
-) -> anyhow::Result<()> {
-    let name = &pipeline.instances[i].name;
-    let unchanged = cache
-        .instance_ref(&pipeline.name, name)
-        .is_some_and(|r| r.key == record.key);
-    if !unchanged {
-        cache.write_ref(
-            &pipeline.name,
-            &InstanceRef {
-                instance: name.clone(),
-                key: record.key.clone(),
-            },
-        )?;
-    }
-    state[i] = State::Done;
-    outputs[i] = Some(record.outputs);
-    Ok(())
-}
-
-fn release(
-    i: usize,
-    dependants: &[Vec<usize>],
-    relevant: &[bool],
-    waiting_on: &mut [usize],
-    ready: &mut VecDeque<usize>,
-) {
-    for &d in &dependants[i] {
-        waiting_on[d] -= 1;
-        if waiting_on[d] == 0 && relevant[d] {
-            ready.push_back(d);
+    /// Instance `i` is done with `record`: point the pipeline's ref at it
+    /// and make ready the dependants that waited only on it.
+    fn complete(&mut self, i: usize, record: Record) -> anyhow::Result<()> {
+        let pipeline = self.pipeline;
+        let name = &pipeline.instances[i].name;
+        let unchanged = self
+            .cache
+            .instance_ref(&pipeline.name, name)
+            .is_some_and(|r| r.key == record.key);
+        if !unchanged {
+            self.cache.write_ref(
+                &pipeline.name,
+                &InstanceRef {
+                    instance: name.clone(),
+                    key: record.key.clone(),
+                },
+            )?;
         }
+        self.state[i] = State::Done;
+        self.outputs[i] = Some(record.outputs);
+        for &d in &self.dependants[i] {
+            self.waiting_on[d] -= 1;
+            if self.waiting_on[d] == 0 && self.relevant[d] {
+                self.ready.push_back(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the run did; what it left waiting was skipped.
+    fn into_summary(self) -> RunSummary {
+        let Scheduler {
+            pipeline,
+            cache,
+            options,
+            relevant,
+            state,
+            mut summary,
+            ..
+        } = self;
+        summary.skipped = (0..pipeline.instances.len())
+            .filter(|&i| relevant[i] && state[i] == State::Waiting)
+            .map(|i| pipeline.instances[i].name.clone())
+            .collect();
+        if options.only.is_empty() && options.until.is_empty() && summary.failed.is_empty() {
+            // The pipeline ran whole: forget instances it no longer has.
+            let current: BTreeSet<&str> =
+                pipeline.instances.iter().map(|i| i.name.as_str()).collect();
+            cache.retain_refs(&pipeline.name, &|name| current.contains(name));
+        }
+        summary
     }
 }
 
