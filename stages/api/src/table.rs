@@ -36,6 +36,17 @@ pub fn strings(frame: &DataFrame, name: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// A numeric column as f64 (nulls as NaN, so a missing number never
+/// passes for a real one).
+pub fn floats(frame: &DataFrame, name: &str) -> anyhow::Result<Vec<f64>> {
+    let column = frame.column(name)?.cast(&DataType::Float64)?;
+    Ok(column
+        .f64()?
+        .iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
+}
+
 pub fn integers(frame: &DataFrame, name: &str) -> anyhow::Result<Vec<i64>> {
     let column = frame.column(name)?.cast(&DataType::Int64)?;
     Ok(column.i64()?.iter().map(|v| v.unwrap_or(0)).collect())

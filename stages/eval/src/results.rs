@@ -15,7 +15,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
+use xlpipe_stage_api::table::{
+    floats, integers, read_parquet, string_column, strings, write_parquet,
+};
 
 /// Language of a setting's macro-average row.
 pub const ALL: &str = "all";
@@ -173,7 +175,7 @@ impl Results {
             strings(&frame, "metric")?,
         );
         let values = floats(&frame, "value")?;
-        let counts = xlpipe_stage_api::table::integers(&frame, "n")?;
+        let counts = integers(&frame, "n")?;
         let mut results = Results::new(dataset.first().map_or("", String::as_str));
         for i in 0..frame.height() {
             results.rows.push(ResultRow {
@@ -200,18 +202,6 @@ impl Results {
         }
         Ok(results)
     }
-}
-
-/// A float column (nulls as NaN).
-fn floats(frame: &polars::prelude::DataFrame, name: &str) -> anyhow::Result<Vec<f64>> {
-    let column = frame
-        .column(name)?
-        .cast(&polars::prelude::DataType::Float64)?;
-    Ok(column
-        .f64()?
-        .iter()
-        .map(|v| v.unwrap_or(f64::NAN))
-        .collect())
 }
 
 #[cfg(test)]

@@ -361,10 +361,25 @@ pub fn evaluate(
     })
 }
 
+/// (setting, query lang, candidate lang) -> (queries, summed scores).
+type Cells<'a> = BTreeMap<(Setting, &'a str, &'a str), (usize, Scores)>;
+
+/// Macro average of one setting over its (query, candidate language) cells.
+fn macro_average(cells: &Cells, setting: Setting) -> Option<Scores> {
+    let means: Vec<Scores> = cells
+        .iter()
+        .filter(|((s, _, _), _)| *s == setting)
+        .map(|(_, (n, sum))| sum.scaled(1.0 / *n as f64))
+        .collect();
+    let mut total = Scores::default();
+    means.iter().for_each(|c| total.add(c));
+    (!means.is_empty()).then(|| total.scaled(1.0 / means.len() as f64))
+}
+
 impl Evaluation {
     /// (setting, query lang, candidate lang) -> (queries, summed scores).
-    fn cells(&self) -> BTreeMap<(Setting, &str, &str), (usize, Scores)> {
-        let mut cells: BTreeMap<(Setting, &str, &str), (usize, Scores)> = BTreeMap::new();
+    fn cells(&self) -> Cells<'_> {
+        let mut cells = Cells::new();
         for result in &self.queries {
             for pool in &result.pools {
                 let cell = cells
@@ -381,8 +396,8 @@ impl Evaluation {
         cells
     }
 
-    /// Query language -> mean max-min rank distance.
-    fn bias(&self) -> BTreeMap<&str, f64> {
+    /// Query language -> (queries, mean max-min rank distance).
+    fn bias(&self) -> BTreeMap<&str, (usize, f64)> {
         let mut sums: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
         for result in &self.queries {
             let entry = sums
@@ -392,27 +407,14 @@ impl Evaluation {
             entry.1 += result.rank_spread as f64;
         }
         sums.into_iter()
-            .map(|(lang, (n, sum))| (lang, sum / n as f64))
+            .map(|(lang, (n, sum))| (lang, (n, sum / n as f64)))
             .collect()
-    }
-
-    /// Macro average of one setting over its (query, candidate language) cells.
-    pub fn macro_average(&self, setting: Setting) -> Option<Scores> {
-        let cells: Vec<Scores> = self
-            .cells()
-            .into_iter()
-            .filter(|((s, _, _), _)| *s == setting)
-            .map(|(_, (n, sum))| sum.scaled(1.0 / n as f64))
-            .collect();
-        let mut total = Scores::default();
-        cells.iter().for_each(|c| total.add(c));
-        (!cells.is_empty()).then(|| total.scaled(1.0 / cells.len() as f64))
     }
 
     /// Mean max-min rank distance, macro-averaged over query languages.
     pub fn macro_bias(&self) -> f64 {
         let bias = self.bias();
-        bias.values().sum::<f64>() / bias.len().max(1) as f64
+        bias.values().map(|(_, mean)| mean).sum::<f64>() / bias.len().max(1) as f64
     }
 
     /// The query's name in TREC files: one ranking per query and pool.
@@ -470,7 +472,7 @@ impl Evaluation {
                 string_column("query_lang", bias.keys().map(|l| l.to_string()).collect()),
                 Column::new(
                     "max_min_rank_distance".into(),
-                    bias.values().copied().collect::<Vec<_>>(),
+                    bias.values().map(|(_, mean)| *mean).collect::<Vec<_>>(),
                 ),
             ],
         )?;
@@ -486,14 +488,14 @@ impl Evaluation {
             out.join("summary.json"),
             serde_json::to_vec_pretty(&serde_json::json!({
                 "dataset": dataset,
-                "mono": summary(self.macro_average(Setting::Mono)),
-                "cross": summary(self.macro_average(Setting::Cross)),
-                "multi": summary(self.macro_average(Setting::Multi)),
+                "mono": summary(macro_average(&cells, Setting::Mono)),
+                "cross": summary(macro_average(&cells, Setting::Cross)),
+                "multi": summary(macro_average(&cells, Setting::Multi)),
                 "max_min_rank_distance": self.macro_bias(),
                 "top_10_language_share": shares,
             }))?,
         )?;
-        self.results(dataset).write(out)?;
+        self.results(&cells, dataset).write(out)?;
         let trec_dir = out.join("trec");
         std::fs::create_dir_all(&trec_dir)?;
         for &setting in &trec.settings {
@@ -505,9 +507,8 @@ impl Evaluation {
     /// The results format: per setting its macro average (languages
     /// [`ALL`]) and its cells, the bias macro-averaged and per query
     /// language, and per query the mean over the setting's pools.
-    fn results(&self, dataset: Option<&str>) -> Results {
+    fn results(&self, cells: &Cells, dataset: Option<&str>) -> Results {
         let mut results = Results::new(dataset.unwrap_or_default());
-        let cells = self.cells();
         for setting in [Setting::Mono, Setting::Cross, Setting::Multi] {
             let name = setting.name();
             let pools: Vec<(&QueryResult, &PoolResult)> = self
@@ -516,7 +517,7 @@ impl Evaluation {
                 .flat_map(|r| r.pools.iter().map(move |p| (r, p)))
                 .filter(|(_, p)| p.setting == setting)
                 .collect();
-            if let Some(average) = self.macro_average(setting) {
+            if let Some(average) = macro_average(cells, setting) {
                 let queries = pools
                     .iter()
                     .map(|(r, _)| r.query)
@@ -553,14 +554,8 @@ impl Evaluation {
                 self.macro_bias(),
                 self.queries.len(),
             );
-            let mut per_language: BTreeMap<&str, usize> = BTreeMap::new();
-            for result in &self.queries {
-                *per_language
-                    .entry(self.query_langs[result.query].as_str())
-                    .or_default() += 1;
-            }
-            for (lang, value) in self.bias() {
-                results.push(multi, (lang, ANY), BIAS, value, per_language[lang]);
+            for (lang, (queries, mean)) in self.bias() {
+                results.push(multi, (lang, ANY), BIAS, mean, queries);
             }
             results.add_query_means(
                 multi,

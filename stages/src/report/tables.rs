@@ -137,15 +137,7 @@ impl<'a> Report<'a> {
             .map(|var| {
                 string_column(
                     var,
-                    points
-                        .iter()
-                        .map(|pt| {
-                            pt.iter()
-                                .find(|(k, _)| k == var)
-                                .map(|(_, v)| value_text(v))
-                                .unwrap_or_default()
-                        })
-                        .collect(),
+                    points.iter().map(|pt| variable_text(pt, var)).collect(),
                 )
             })
             .collect()
@@ -236,12 +228,7 @@ impl<'a> Report<'a> {
                 let mut row: Vec<String> = self
                     .variables
                     .iter()
-                    .map(|var| {
-                        pt.iter()
-                            .find(|(k, _)| k == var)
-                            .map(|(_, v)| value_text(v))
-                            .unwrap_or_default()
-                    })
+                    .map(|var| variable_text(pt, var))
                     .collect();
                 row.push(replicates[i].to_string());
                 row.extend(text_columns.iter().map(|(_, v)| v[i].clone()));
@@ -504,6 +491,15 @@ impl<'a> Report<'a> {
             self.p.baselines, self.p.bootstrap_samples, r = self.p.replicate
         ))
     }
+}
+
+/// `var`'s value at `point` as text (empty where the point lacks it).
+fn variable_text(point: &Point, var: &str) -> String {
+    point
+        .iter()
+        .find(|(k, _)| k == var)
+        .map(|(_, v)| value_text(v))
+        .unwrap_or_default()
 }
 
 /// Grid points in table order: the other variables first, then `x`, so the
