@@ -65,6 +65,7 @@ impl Checkpoints {
         optimizer: &mut AdamW,
         device: &B::Device,
     ) -> anyhow::Result<(Encoder<B>, Option<Progress>)> {
+        self.recover_swap()?;
         let Ok(text) = std::fs::read_to_string(self.dir.join("progress.json")) else {
             return Ok((encoder, None));
         };
@@ -73,6 +74,17 @@ impl Checkpoints {
         let encoder = encoder.load_record(self.recorder.load(self.dir.join("model"), device)?);
         optimizer.load(&self.dir.join("optimizer.bin"))?;
         Ok((encoder, Some(progress)))
+    }
+
+    /// `save` swaps checkpoints with two renames (current to `.old`, then
+    /// `.partial` to current); a kill between them leaves only `.old`, which
+    /// is complete, so it becomes the current checkpoint again.
+    fn recover_swap(&self) -> anyhow::Result<()> {
+        let old = self.dir.with_extension("old");
+        if !self.dir.exists() && old.join("progress.json").is_file() {
+            std::fs::rename(&old, &self.dir)?;
+        }
+        Ok(())
     }
 
     pub(super) fn save<B: AutodiffBackend>(
@@ -106,5 +118,33 @@ impl Checkpoints {
     /// A finished stage no longer needs its checkpoints.
     pub(super) fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kill_between_the_two_renames_keeps_the_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let checkpoints = Checkpoints {
+            dir: root.path().join("key"),
+            recorder: NamedMpkFileRecorder::new(),
+        };
+        // What `save` leaves when killed after its first rename.
+        let old = checkpoints.dir.with_extension("old");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("progress.json"), b"{\"step\": 20}").unwrap();
+        checkpoints.recover_swap().unwrap();
+        let text = std::fs::read_to_string(checkpoints.dir.join("progress.json")).unwrap();
+        assert_eq!(text, "{\"step\": 20}");
+        assert!(!old.exists());
+        // A current checkpoint is never replaced by an older one.
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("progress.json"), b"{\"step\": 10}").unwrap();
+        checkpoints.recover_swap().unwrap();
+        let text = std::fs::read_to_string(checkpoints.dir.join("progress.json")).unwrap();
+        assert_eq!(text, "{\"step\": 20}");
     }
 }
