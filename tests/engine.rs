@@ -234,16 +234,18 @@ fn only_until_and_force_select_instances() {
 fn kill_during_a_stage_leaves_nothing_trusted() {
     let s = Scratch::new();
     let marker = s.path("started");
+    let gate = s.path("gate");
     s.write(
         "p.toml",
         &format!(
             r#"
 [stages.slow]
 kind = "command"
-cmd = "echo partial > {{outputs.out}}; touch {marker}; sleep 2; echo done >> {{outputs.out}}"
+cmd = "echo partial > {{outputs.out}}; touch {marker}; {wait}; echo done >> {{outputs.out}}"
 outputs = ["out"]
 "#,
-            marker = marker.display()
+            marker = marker.display(),
+            wait = wait_for_gate(&gate),
         ),
     );
     let mut child = s.spawn(&["run", "p.toml"]);
@@ -257,6 +259,8 @@ outputs = ["out"]
     assert_eq!(s.records(), 0, "a killed stage left a record");
     let plan = s.ok(&["plan", "p.toml"]).stdout;
     assert!(plan.contains("to-run   slow"), "{plan}");
+    // The killed run's command is still waiting; let it (and the rerun's) end.
+    std::fs::write(&gate, "").unwrap();
     assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 0));
     let shown = s.ok(&["show", "slow"]).stdout;
     let out = shown
@@ -599,62 +603,107 @@ fn wait_for(what: &str, deadline_s: u64, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A shell loop that returns once `gate` exists: commands in these tests
+/// wait for the test to let them go, not for a clock, so a slow machine
+/// cannot let a command finish before the test has done its part.
+fn wait_for_gate(gate: &std::path::Path) -> String {
+    format!("while [ ! -e {} ]; do sleep 0.02; done", gate.display())
+}
+
+/// A command that logs its start and end to COUNT and ends once GATE exists.
 const SLOW: &str = r#"
 [stages.slow]
 kind = "command"
-cmd = "echo start >> COUNT; sleep 2; echo end >> COUNT; echo done > {outputs.o}"
+cmd = "echo start >> COUNT; WAIT; echo end >> COUNT; echo done > {outputs.o}"
 outputs = ["o"]
 "#;
 
-/// Run SLOW and SIGKILL xlpipe while its command sleeps (no chance to
-/// clean up), leaving that command running as an orphan; returns the file
-/// the command logs its start and end to.
-fn orphan_a_command(s: &Scratch) -> std::path::PathBuf {
-    let count = s.path("count");
-    s.write(
-        "p.toml",
-        &SLOW.replace("COUNT", &count.display().to_string()),
-    );
+/// The files of a SLOW command: its log and its gate.
+struct Slow {
+    count: std::path::PathBuf,
+    gate: std::path::PathBuf,
+}
+
+impl Slow {
+    fn write(s: &Scratch) -> Slow {
+        let slow = Slow {
+            count: s.path("count"),
+            gate: s.path("gate"),
+        };
+        s.write(
+            "p.toml",
+            &SLOW
+                .replace("COUNT", &slow.count.display().to_string())
+                .replace("WAIT", &wait_for_gate(&slow.gate)),
+        );
+        slow
+    }
+
+    fn open_gate(&self) {
+        std::fs::write(&self.gate, "").unwrap();
+    }
+}
+
+/// Run SLOW and SIGKILL xlpipe while its command waits (no chance to
+/// clean up), leaving that command running as an orphan until the gate
+/// opens.
+fn orphan_a_command(s: &Scratch) -> Slow {
+    let slow = Slow::write(s);
     let mut first = s.spawn(&["run", "p.toml"]);
-    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
+    wait_for("the command to start", 30, || {
+        lines_of(&slow.count) == ["start"]
+    });
     first.kill().unwrap();
     first.wait().unwrap();
-    count
+    slow
 }
 
 #[test]
 fn a_killed_runs_command_keeps_its_key_locked_until_it_ends() {
     let s = Scratch::new();
-    let count = orphan_a_command(&s);
+    let slow = orphan_a_command(&s);
     // The orphaned command still holds the key: the rerun waits for it
     // instead of computing the same key beside it.
-    let again = s.ok(&["run", "p.toml"]);
-    assert_eq!(again.counts(), (1, 0), "{again}");
-    assert_eq!(lines_of(&count), ["start", "end", "start", "end"]);
+    let log = s.path("rerun.log");
+    let mut rerun = s
+        .command(&["run", "p.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the rerun to wait for the key", 30, || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("another run is computing it"))
+    });
+    assert_eq!(lines_of(&slow.count), ["start"], "the rerun did not wait");
+    slow.open_gate();
+    assert!(rerun.wait().unwrap().success());
+    assert_eq!(lines_of(&slow.count), ["start", "end", "start", "end"]);
 }
 
 #[test]
 fn gc_keeps_the_key_lock_of_an_orphaned_command() {
     let s = Scratch::new();
-    let count = orphan_a_command(&s);
+    let slow = orphan_a_command(&s);
     // gc may run (no xlpipe holds the cache), but must not free the key
     // that the orphaned command still computes.
     s.ok(&["gc"]);
     let work_folders = std::fs::read_dir(s.cache().join("tmp")).unwrap().count();
     assert_eq!(work_folders, 1, "gc removed the orphan's work folder");
+    slow.open_gate();
     let again = s.ok(&["run", "p.toml"]);
     assert_eq!(again.counts(), (1, 0), "{again}");
-    assert_eq!(lines_of(&count), ["start", "end", "start", "end"]);
+    assert_eq!(lines_of(&slow.count), ["start", "end", "start", "end"]);
 }
 
 #[test]
 fn the_next_run_clears_what_a_killed_run_left_behind() {
     let s = Scratch::new();
-    let count = orphan_a_command(&s);
+    let slow = orphan_a_command(&s);
     // Its work folder is kept while the orphan holds the key; once that
     // ends, nothing owns the folder.
+    slow.open_gate();
     wait_for("the orphan to end", 30, || {
-        lines_of(&count) == ["start", "end"]
+        lines_of(&slow.count) == ["start", "end"]
     });
     let locks = s.cache().join("locks");
     wait_for("the orphan to release its key", 30, || {
@@ -687,21 +736,25 @@ fn the_next_run_clears_what_a_killed_run_left_behind() {
 #[test]
 fn sigterm_ends_the_running_command_and_exits() {
     let s = Scratch::new();
-    let count = s.path("count");
-    s.write(
-        "p.toml",
-        &SLOW.replace("COUNT", &count.display().to_string()),
-    );
+    let slow = Slow::write(&s);
     let mut run = s.spawn(&["run", "p.toml"]);
-    wait_for("the command to start", 30, || lines_of(&count) == ["start"]);
+    wait_for("the command to start", 30, || {
+        lines_of(&slow.count) == ["start"]
+    });
     // SAFETY: kill(2) on our own child.
     unsafe {
         libc::kill(run.id() as i32, libc::SIGTERM);
     }
     let status = run.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(lines_of(&count), ["start"], "the command outlived xlpipe");
+    // A command that outlived xlpipe would log its end within its next poll.
+    slow.open_gate();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        lines_of(&slow.count),
+        ["start"],
+        "the command outlived xlpipe"
+    );
 }
 
 #[test]
