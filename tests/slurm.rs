@@ -274,6 +274,8 @@ fn instances_run_as_slurm_jobs_with_the_keys_of_a_local_run() {
     assert_eq!(again.counts(), (0, 6), "{again}");
 }
 
+/// Its slurm job runs until the test writes `go` (a gate, not a clock: a
+/// slow machine cannot let the job end before the test has done its part).
 const SLOW_PIPELINE: &str = r#"
 [pipeline]
 name = "slow"
@@ -281,7 +283,7 @@ name = "slow"
 [stages.slow]
 kind = "command"
 executor = "slurm"
-cmd = "sleep $(cat delay.txt); echo done > {outputs.out}"
+cmd = "while [ ! -e go ]; do sleep 0.1; done; echo done > {outputs.out}"
 outputs = ["out"]
 
 [stages.after]
@@ -337,7 +339,6 @@ outputs = ["out"]
     // A job that dies under us (scancel stands in for a lost node) leaves
     // nothing trusted, and the next run submits it again.
     s.write("slow.toml", SLOW_PIPELINE);
-    s.write("delay.txt", "600");
     let run = cluster.spawn(&s, &["run", "slow.toml"]);
     let job = cluster.wait_for("xlpipe:slow", "RUNNING");
     cluster.tool("scancel", &[&job.to_string()]);
@@ -349,7 +350,7 @@ outputs = ["out"]
         "{ran}"
     );
     assert_eq!(s.records(), 0);
-    s.write("delay.txt", "0");
+    s.write("go", "");
     let ran = cluster.xlpipe(&s, &["run", "slow.toml"]);
     assert_eq!(ran.code, 0, "{ran}");
     assert!(ran.stdout.contains("ran 2 (1 as Slurm jobs)"), "{ran}");
@@ -362,7 +363,6 @@ fn interrupting_a_run_cancels_its_jobs() {
     };
     let s = Scratch::new();
     s.write("slow.toml", SLOW_PIPELINE);
-    s.write("delay.txt", "600");
     let run = cluster.spawn(&s, &["run", "slow.toml"]);
     let job = cluster.wait_for("xlpipe:slow", "RUNNING");
     signal(&run, "INT");
@@ -392,13 +392,30 @@ fn a_rerun_after_a_crash_adopts_the_running_job() {
     };
     let s = Scratch::new();
     s.write("slow.toml", SLOW_PIPELINE);
-    s.write("delay.txt", "5");
     let run = cluster.spawn(&s, &["run", "slow.toml"]);
     let job = cluster.wait_for("xlpipe:slow", "RUNNING");
     // The engine dies without a chance to cancel anything.
     signal(&run, "KILL");
     finished(run);
-    let ran = cluster.xlpipe(&s, &["run", "slow.toml"]);
+    // The job may end only once the rerun has adopted it.
+    let log = s.path("rerun.log");
+    let rerun = cluster
+        .command(&s, &["run", "slow.toml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).is_ok_and(|text| text.contains("adopting Slurm job")) {
+        assert!(
+            Instant::now() < deadline,
+            "the rerun adopted nothing: {:?}",
+            std::fs::read_to_string(&log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.write("go", "");
+    let ran = finished(rerun);
     assert_eq!(ran.code, 0, "{ran}");
     assert!(
         ran.stdout
