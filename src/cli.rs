@@ -162,6 +162,23 @@ enum BenchCommand {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// Full-model encoding throughput on this CPU, next to
+    /// sentence-transformers' encode (fp32 and bf16 autocast) in the same run.
+    Encode {
+        /// A Hugging Face model folder (e.g. multilingual-e5-small).
+        model: PathBuf,
+        /// Answer sentences encoded per pass.
+        #[arg(long, default_value_t = 1000)]
+        texts: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed passes (after one warm-up pass).
+        #[arg(long, default_value_t = 2)]
+        repeat: usize,
+        /// Python with torch and sentence-transformers for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
     /// Decoding throughput of the burn M2M100 / NLLB model on this CPU,
     /// next to transformers' generate on the same model in the same run.
     Translate {
@@ -439,6 +456,22 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             print!(
                 "{}",
                 xlpipe_stages::train::bench::report(&model, batch, steps, train_layers, &python)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which:
+                BenchCommand::Encode {
+                    model,
+                    texts,
+                    batch,
+                    repeat,
+                    python,
+                },
+        } => {
+            print!(
+                "{}",
+                xlpipe_stages::encode::bench::report(&model, texts, batch, repeat, &python)?
             );
             Ok(ExitCode::SUCCESS)
         }

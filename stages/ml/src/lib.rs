@@ -5,6 +5,7 @@
 //! It knows nothing of pipelines or data files (no polars, no stage API):
 //! tensors, tokenizers and model folders in, tensors and model folders out.
 
+pub mod cpu;
 pub mod matmul;
 pub mod model;
 pub mod nmt;

@@ -28,6 +28,43 @@ use rayon::prelude::*;
 struct Moments {
     first: Vec<f32>,
     second: Vec<f32>,
+    /// Per block of `BLOCK` elements: whether its moments may be nonzero.
+    /// A block whose moments are zero and whose gradient is zero updates
+    /// to `p * (1 - lr * decay)` exactly (see `Coefficients::apply`), so
+    /// its moments need not be read or written. The word embedding is most
+    /// of a multilingual encoder's weights, and a step looks up only a few
+    /// thousand of its 250k rows: most of its blocks stay in that state.
+    live: Vec<bool>,
+}
+
+/// Elements per block of `Moments::live`: 2,048 floats, a few embedding
+/// rows, large enough for whole-vector loops.
+const BLOCK: usize = 2048;
+
+impl Moments {
+    fn zeros(len: usize) -> Moments {
+        Moments {
+            first: vec![0.0; len],
+            second: vec![0.0; len],
+            live: vec![false; len.div_ceil(BLOCK)],
+        }
+    }
+
+    /// Moments read back from a checkpoint: a block is live where any of
+    /// its moments is nonzero, as it was when saved (a saved live block of
+    /// zeros updates exactly as a dead one).
+    fn from_values(first: Vec<f32>, second: Vec<f32>) -> Moments {
+        let live = first
+            .chunks(BLOCK)
+            .zip(second.chunks(BLOCK))
+            .map(|(m, v)| m.iter().chain(v).any(|&x| x != 0.0))
+            .collect();
+        Moments {
+            first,
+            second,
+            live,
+        }
+    }
 }
 
 pub struct AdamW {
@@ -152,7 +189,7 @@ impl AdamW {
             };
             let first = read(&mut input)?;
             let second = read(&mut input)?;
-            self.moments.push(Moments { first, second });
+            self.moments.push(Moments::from_values(first, second));
         }
         Ok(())
     }
@@ -206,8 +243,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
         let o = &mut *self.optimizer;
         let moments = &mut o.moments[index];
         if moments.first.len() != values.len() {
-            moments.first = vec![0.0; values.len()];
-            moments.second = vec![0.0; values.len()];
+            *moments = Moments::zeros(values.len());
         }
         let decay = if D > 1 { o.weight_decay } else { 0.0 };
         let t = o.time as i32;
@@ -220,13 +256,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
             second_correction: (1.0 - o.beta_2.powi(t)).sqrt() as f32,
             epsilon: o.epsilon as f32,
         };
-        const CHUNK: usize = 1 << 15;
-        values
-            .par_chunks_mut(CHUNK)
-            .zip(moments.first.par_chunks_mut(CHUNK))
-            .zip(moments.second.par_chunks_mut(CHUNK))
-            .zip(grad.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| coefficients.apply(p, m, v, g));
+        coefficients.apply_blocks(values, moments, grad);
         let inner = Tensor::<B::InnerBackend, D>::from_data(data, &device);
         let mut tensor = Tensor::from_inner(inner);
         if require_grad {
@@ -251,6 +281,26 @@ struct Coefficients {
 }
 
 impl Coefficients {
+    /// The update of one parameter, block by block in parallel, skipping
+    /// the moments where they and the gradient are zero.
+    fn apply_blocks(&self, p: &mut [f32], moments: &mut Moments, g: &[f32]) {
+        p.par_chunks_mut(BLOCK)
+            .zip(moments.first.par_chunks_mut(BLOCK))
+            .zip(moments.second.par_chunks_mut(BLOCK))
+            .zip(moments.live.par_iter_mut())
+            .zip(g.par_chunks(BLOCK))
+            .for_each(|((((p, m), v), live), g)| {
+                if !*live && g.iter().all(|&x| x == 0.0) {
+                    // m and v stay 0, and 0 / (sqrt(0) + eps) is 0: what
+                    // `apply` computes, bit for bit.
+                    p.iter_mut().for_each(|p| *p *= self.keep);
+                } else {
+                    *live = true;
+                    self.apply(p, m, v, g);
+                }
+            });
+    }
+
     #[inline]
     fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
         for i in 0..p.len() {
@@ -260,5 +310,80 @@ impl Coefficients {
             let denominator = v[i].sqrt() / self.second_correction + self.epsilon;
             p[i] = p[i] * self.keep - self.step_size * m[i] / denominator;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coefficients(t: i32) -> Coefficients {
+        let (lr, beta_1, beta_2): (f64, f64, f64) = (3e-5, 0.9, 0.999);
+        Coefficients {
+            beta_1: beta_1 as f32,
+            beta_2: beta_2 as f32,
+            grad_scale: 0.7,
+            keep: (1.0 - lr * 0.01) as f32,
+            step_size: (lr / (1.0 - beta_1.powi(t))) as f32,
+            second_correction: (1.0 - beta_2.powi(t)).sqrt() as f32,
+            epsilon: 1e-8,
+        }
+    }
+
+    /// Gradients of an embedding-like table: a few rows per step, different
+    /// rows each step, so blocks turn live at different steps; one row of
+    /// negative zeros.
+    fn sparse_gradient(len: usize, step: u64) -> Vec<f32> {
+        let mut rng = crate::rng::SplitMix64(step);
+        let mut g = vec![0.0f32; len];
+        for _ in 0..5 {
+            let row = (rng.next_f64() * (len / 384) as f64) as usize;
+            for x in &mut g[row * 384..(row + 1) * 384] {
+                *x = rng.next_f64() as f32 - 0.5;
+            }
+        }
+        g[..384].iter_mut().for_each(|x| *x = -0.0);
+        g
+    }
+
+    #[test]
+    fn skipping_zero_blocks_is_bit_identical_to_the_full_update() {
+        let len = 384 * 97 + 5; // a partial last block
+        let start: Vec<f32> = (0..len).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+        let (mut p_full, mut m_full, mut v_full) = (start.clone(), vec![0.0; len], vec![0.0; len]);
+        let (mut p_fast, mut moments) = (start, Moments::zeros(len));
+        for step in 1..=6 {
+            let c = coefficients(step);
+            let g = sparse_gradient(len, step as u64);
+            c.apply(&mut p_full, &mut m_full, &mut v_full, &g);
+            c.apply_blocks(&mut p_fast, &mut moments, &g);
+            if step == 3 {
+                // A checkpoint read back in the middle.
+                let (m, v) = (moments.first.clone(), moments.second.clone());
+                moments = Moments::from_values(m, v);
+            }
+        }
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p_fast), bits(&p_full));
+        assert_eq!(bits(&moments.first), bits(&m_full));
+        assert_eq!(bits(&moments.second), bits(&v_full));
+        // Most blocks were skipped (the point of it), some were not.
+        let live = moments.live.iter().filter(|&&l| l).count();
+        assert!(
+            live > 0 && live < moments.live.len() / 2,
+            "{live} live blocks"
+        );
+    }
+
+    #[test]
+    fn a_nan_gradient_in_a_dead_block_reaches_the_weights() {
+        let len = 3 * BLOCK;
+        let mut p = vec![1.0f32; len];
+        let mut moments = Moments::zeros(len);
+        let mut g = vec![0.0f32; len];
+        g[BLOCK + 7] = f32::NAN;
+        coefficients(1).apply_blocks(&mut p, &mut moments, &g);
+        assert!(p[BLOCK + 7].is_nan());
+        assert_eq!(moments.live, vec![false, true, false]);
     }
 }

@@ -10,65 +10,14 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 
 use super::trainer::{clip_norm, freeze, info_nce, scalar, Batcher, Trunk};
-use super::{default_lr, default_max_grad_norm, default_scale, default_weight_decay, TrainParams};
+use super::TrainParams;
 use crate::frozen_states::FrozenStates;
-use xlpipe_ml::model::{length_groups, load_encoder, Encoder, Pooling, TextTokenizer, TokenBatch};
+use xlpipe_ml::matmul::{start_counting, stop_counting, ProductCounts};
+use xlpipe_ml::model::{length_groups, load_encoder, Encoder, Pooling, TextTokenizer};
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::parse_params;
 
 use crate::bench::{bench_words, python_baseline, PythonBaseline};
-
-/// Timing of training steps, for `xlpipe bench train`.
-pub struct StepTiming {
-    /// Median seconds per optimizer step (the first step, a warm-up, excluded).
-    pub median_seconds: f64,
-    /// Real (non-padding) tokens per step, queries and passages together.
-    pub tokens_per_step: usize,
-}
-
-/// Run `steps` training steps of the model in `model_dir` on the CPU backend
-/// with the training stage's own loss, optimizer and clipping, on one fixed
-/// batch of `queries` and `passages` (prefixes included).
-pub fn benchmark_cpu_steps(
-    model_dir: &Path,
-    queries: &[String],
-    passages: &[String],
-    lengths: (usize, usize),
-    steps: usize,
-) -> anyhow::Result<StepTiming> {
-    type B = burn::backend::Autodiff<burn::backend::Flex>;
-    let device = Default::default();
-    let tokenizer = TextTokenizer::for_model(model_dir)?;
-    let mut encoder: Encoder<B> = load_encoder(model_dir, Pooling::Mean, &device)?;
-    // The stage's defaults, so the bench times what a default `train` runs.
-    let mut optimizer = AdamW::new(default_weight_decay(), clip_norm(default_max_grad_norm()));
-    let q = tokenizer.encode(queries, lengths.0)?;
-    let p = tokenizer.encode(passages, lengths.1)?;
-    let tokens_per_step = (q.mask.iter().sum::<i64>() + p.mask.iter().sum::<i64>()) as usize;
-    let mut times = Vec::new();
-    for step in 0..=steps {
-        let clock = std::time::Instant::now();
-        let (qi, qm) = q.tensors::<B>(&device);
-        let (pi, pm) = p.tensors::<B>(&device);
-        let loss = info_nce(
-            encoder.embed(qi, qm),
-            encoder.embed(pi, pm),
-            default_scale(),
-        );
-        let grads = GradientsParams::from_grads(loss.backward(), &encoder);
-        encoder = optimizer.step(default_lr(), encoder, grads).0;
-        // Reading a weight waits for the step to finish on any backend.
-        let _ = scalar(encoder.embeddings.norm.gamma.val().sum());
-        if step > 0 {
-            times.push(clock.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(StepTiming {
-        median_seconds: times[times.len() / 2],
-        tokens_per_step,
-    })
-}
 
 /// One way of training or encoding, timed by `xlpipe bench train`.
 pub struct ModeTiming {
@@ -79,6 +28,8 @@ pub struct ModeTiming {
     /// Real and padded tokens per step or pass, both sides together.
     pub real_tokens: usize,
     pub padded_tokens: usize,
+    /// What the matrix products did in the timed steps or passes.
+    pub products: ProductCounts,
 }
 
 /// Training steps on one fixed batch of `queries` and `passages`
@@ -190,6 +141,9 @@ pub fn benchmark_cpu_training(
         let mut optimizer = AdamW::new(p.weight_decay, clip_norm(p.max_grad_norm));
         let mut times = Vec::new();
         for step in 0..=steps {
+            if step == 1 {
+                start_counting();
+            }
             let clock = std::time::Instant::now();
             let loss = info_nce(
                 batcher.embed_side(&encoder, &q, true, &device)?,
@@ -204,6 +158,7 @@ pub fn benchmark_cpu_training(
                 times.push(clock.elapsed().as_secs_f64());
             }
         }
+        let products = stop_counting();
         times.sort_by(f64::total_cmp);
         timings.push(ModeTiming {
             mode: if partial {
@@ -214,6 +169,7 @@ pub fn benchmark_cpu_training(
             median_seconds: times[times.len() / 2],
             real_tokens: real,
             padded_tokens: padded,
+            products,
         });
     }
     let _ = std::fs::remove_dir_all(&scratch);
@@ -271,40 +227,46 @@ pub fn benchmark_cpu_encoding(
         .chunks(64)
         .map(|c| c.iter().map(|&i| lengths[i]).max().unwrap_or(0) * c.len())
         .sum();
-    let mut timings = Vec::new();
-    for from_states in [false, true] {
-        let mut times = Vec::new();
-        for pass in 0..=repeat {
-            let clock = std::time::Instant::now();
-            for chunk in order.chunks(64) {
-                let embedded = if from_states {
-                    let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
-                    let (x, mask) = states.batch::<B>(0, &batch, &device)?;
-                    encoder.embed_from(x, mask, cut)
-                } else {
-                    let batch: Vec<&[u32]> = chunk.iter().map(|&i| rows[i].as_slice()).collect();
-                    let (ids, mask) =
-                        TokenBatch::from_rows(&batch, tokenizer.pad_id()).tensors::<B>(&device);
-                    encoder.embed(ids, mask)
-                };
-                let _ = embedded.into_data();
-            }
-            if pass > 0 {
-                times.push(clock.elapsed().as_secs_f64());
-            }
+    let timing = |mode: String, (median_seconds, products)| ModeTiming {
+        mode,
+        median_seconds,
+        real_tokens: real,
+        padded_tokens: padded,
+        products,
+    };
+    // All layers from text, as `xlpipe bench encode` times it.
+    let from_text = crate::encode::bench::encode_passes(
+        &encoder,
+        &tokenizer,
+        &prefixed,
+        (max_len, 64),
+        repeat,
+        &device,
+    )?;
+    let mut times = Vec::new();
+    for pass in 0..=repeat {
+        if pass == 1 {
+            start_counting();
         }
-        times.sort_by(f64::total_cmp);
-        timings.push(ModeTiming {
-            mode: if from_states {
-                format!("top {train_layers} layers from stored states")
-            } else {
-                "all layers from text".into()
-            },
-            median_seconds: times[times.len() / 2],
-            real_tokens: real,
-            padded_tokens: padded,
-        });
+        let clock = std::time::Instant::now();
+        for chunk in order.chunks(64) {
+            let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
+            let (x, mask) = states.batch::<B>(0, &batch, &device)?;
+            let _ = encoder.embed_from(x, mask, cut).into_data();
+        }
+        if pass > 0 {
+            times.push(clock.elapsed().as_secs_f64());
+        }
     }
+    let products = stop_counting();
+    times.sort_by(f64::total_cmp);
+    let timings = vec![
+        timing("all layers from text".into(), from_text),
+        timing(
+            format!("top {train_layers} layers from stored states"),
+            (times[times.len() / 2], products),
+        ),
+    ];
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(timings)
 }
@@ -325,8 +287,10 @@ fn tempfile_dir(model_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// `xlpipe bench train`: training step time and tokens/s of the model in
-/// `model` on this CPU, next to PyTorch + sentence-transformers in `python`.
+/// `xlpipe bench train`: a full fine-tuning step of the model in `model`
+/// on this CPU (as `train` runs it, and as one padded batch), next to
+/// PyTorch + sentence-transformers in `python`, fp32 and bf16 autocast, on
+/// the same batch, in one run; then partial fine-tuning and encoding.
 pub fn report(
     model: &Path,
     batch: usize,
@@ -334,18 +298,18 @@ pub fn report(
     train_layers: usize,
     python: &str,
 ) -> anyhow::Result<String> {
-    let text = |i: usize, n: usize| bench_words(i, n, 7);
-    let queries: Vec<String> = (0..batch)
-        .map(|i| format!("query: {}", text(i, 60)))
-        .collect();
-    let passages: Vec<String> = (0..batch)
-        .map(|i| format!("passage: {}", text(i + batch, 220)))
-        .collect();
-    let lengths = (32, 128);
+    let (queries, passages) = varied_texts(batch);
+    let lengths = (64, 128);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-
-    let ours = benchmark_cpu_steps(model, &queries, &passages, lengths, steps)?;
-
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", xlpipe_ml::cpu::describe());
+    let peak = xlpipe_ml::cpu::peak_f32_flops(0.5);
+    let _ = writeln!(
+        out,
+        "measured f32 peak (FMA, {threads} threads): {:.1} GFLOP/s",
+        peak * 1e-9
+    );
+    let modes = benchmark_cpu_training(model, &queries, &passages, lengths, steps, train_layers)?;
     let torch = python_baseline(
         &PythonBaseline {
             python,
@@ -356,57 +320,124 @@ pub fn report(
         },
         model,
         &serde_json::json!({
-            "queries": queries, "passages": passages,
+            "queries": queries.iter().map(|t| format!("query: {t}")).collect::<Vec<_>>(),
+            "passages": passages.iter().map(|t| format!("passage: {t}")).collect::<Vec<_>>(),
             "query_len": lengths.0, "passage_len": lengths.1,
         }),
-        &[steps.to_string(), threads.to_string()],
+        &[
+            steps.to_string(),
+            threads.to_string(),
+            torch_bf16_arg().into(),
+        ],
     );
-
-    let mut out = String::new();
     let _ = writeln!(
         out,
-        "train benchmark: {} on CPU, batch {batch}, query <= {} / passage <= {} tokens, {threads} threads, median of {steps} steps",
+        "\nfull fine-tuning step: {}, batch {batch} of SQuAD-like lengths (queries 6-25 words, passages 12-90), caps {} / {}, {threads} threads, median of {steps} steps (same loss, clipping and AdamW on both sides)",
         model.display(),
         lengths.0,
         lengths.1
     );
-    let rate = |tokens: usize, s: f64| tokens as f64 / s;
+    let step_tokens = modes[0].real_tokens;
+    let rate = |s: f64| step_tokens as f64 / s;
+    for m in &modes[..2] {
+        let _ = writeln!(
+            out,
+            "  xlpipe f32, {:<28} {:>7.3} s/step {:>7.0} tokens/s  products {}",
+            m.mode,
+            m.median_seconds,
+            rate(m.median_seconds),
+            product_rate(&m.products, peak, threads)
+        );
+    }
     let _ = writeln!(
         out,
-        "  xlpipe (burn flex)          {:>8.3} s/step  {:>9.0} tokens/s  ({} tokens/step)",
-        ours.median_seconds,
-        rate(ours.tokens_per_step, ours.median_seconds),
-        ours.tokens_per_step
+        "  xlpipe bf16                             not run: {}",
+        bf16_status()
     );
+    let ours = modes[1].median_seconds;
     match torch {
         Ok(torch) => {
-            let torch_seconds = torch["median_seconds"].as_f64().unwrap_or(f64::NAN);
-            let torch_tokens = torch["tokens_per_step"].as_u64().unwrap_or(0) as usize;
+            let version = torch["torch"].as_str().unwrap_or("?").to_string();
+            let seconds = |which: &str| torch[which]["median_seconds"].as_f64().unwrap_or(f64::NAN);
+            for (which, label) in [("fp32", "fp32"), ("bf16", "bf16 autocast")] {
+                if torch[which].is_null() {
+                    let _ = writeln!(
+                        out,
+                        "  PyTorch {version} {label:<22} not run: {}",
+                        TORCH_BF16_SKIPPED
+                    );
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "  PyTorch {version} {label:<22} {:>7.3} s/step {:>7.0} tokens/s  (sentence-transformers MNRL, pads each side to its longest text)",
+                    seconds(which),
+                    rate(seconds(which))
+                );
+            }
             let _ = writeln!(
                 out,
-                "  PyTorch {:<8} (ST MNRL)  {:>8.3} s/step  {:>9.0} tokens/s  ({} tokens/step)",
-                torch["torch"].as_str().unwrap_or("?"),
-                torch_seconds,
-                rate(torch_tokens, torch_seconds),
-                torch_tokens
+                "  speed ratio xlpipe f32 (as train runs it) / PyTorch fp32: {:.2}x, / PyTorch bf16 autocast: {:.2}x (above 1 is faster; NaN: not run)",
+                seconds("fp32") / ours,
+                seconds("bf16") / ours
             );
             let _ = writeln!(
                 out,
-                "  speed ratio xlpipe / PyTorch: {:.2}x (above 1 is faster)",
-                torch_seconds / ours.median_seconds
+                "  speed ratio xlpipe f32 (one padded batch, PyTorch's work) / PyTorch fp32: {:.2}x",
+                seconds("fp32") / modes[0].median_seconds
             );
         }
-        // The partial fine-tuning comparison below needs no Python.
+        // The rest needs no Python.
         Err(err) => {
             let _ = writeln!(out, "  PyTorch baseline skipped: {err:#}");
         }
     }
-    out += &partial(model, batch, steps, train_layers)?;
+    out += &partial(&modes, batch, steps, lengths, peak, threads)?;
+    out += &encoding(model, train_layers, peak, threads)?;
     Ok(out)
 }
 
-/// Texts of SQuAD-like lengths for the partial fine-tuning comparison:
-/// questions of 6 to 25 words, answer sentences of 12 to 90.
+/// The baselines' last argument: time PyTorch's bf16 autocast only where
+/// the CPU has native bf16 products.
+pub(crate) fn torch_bf16_arg() -> &'static str {
+    let f = xlpipe_ml::cpu::Features::detect();
+    if f.avx512_bf16 || f.amx_bf16 {
+        "bf16"
+    } else {
+        "fp32"
+    }
+}
+
+/// Why PyTorch's bf16 row is empty on a CPU without native bf16.
+pub(crate) const TORCH_BF16_SKIPPED: &str = "this CPU has neither AVX512-BF16 nor AMX; PyTorch emulates bf16 there (measured on an AMD EPYC without them: 208 s/step against 18.6 s in fp32)";
+
+/// Why the bf16 rows of the benches are empty on this build.
+pub(crate) fn bf16_status() -> &'static str {
+    if xlpipe_ml::cpu::Features::detect().amx_bf16 {
+        "this build has no AMX kernel yet"
+    } else {
+        "this CPU has no AMX (bf16 would run as f32)"
+    }
+}
+
+/// The products' achieved rate and its fraction of `peak`: those split
+/// over all threads against the whole machine, those run one per thread
+/// against one thread's share.
+pub(crate) fn product_rate(p: &ProductCounts, peak: f64, threads: usize) -> String {
+    let wide = p.wide_flops / p.wide_seconds.max(1e-12);
+    let narrow = p.narrow_flops / p.narrow_thread_seconds.max(1e-12);
+    let total = p.wide_flops + p.narrow_flops;
+    format!(
+        "{:.0} GFLOP/s = {:.0}% of peak (dense layers, {:.0}% of the FLOPs); attention {:.0}% of a thread's peak",
+        wide * 1e-9,
+        100.0 * wide / peak,
+        100.0 * p.wide_flops / total.max(1.0),
+        100.0 * narrow * threads as f64 / peak
+    )
+}
+
+/// Texts of SQuAD-like lengths: questions of 6 to 25 words, answer
+/// sentences of 12 to 90.
 fn varied_texts(batch: usize) -> (Vec<String>, Vec<String>) {
     let text = |i: usize, n: usize| bench_words(i, n, 7);
     let queries = (0..batch).map(|i| text(i, 6 + (i * 7) % 20)).collect();
@@ -416,39 +447,50 @@ fn varied_texts(batch: usize) -> (Vec<String>, Vec<String>) {
     (queries, passages)
 }
 
-/// The second half of `bench train`: full against partial fine-tuning (and
-/// from text against from stored states) on SQuAD-like lengths at the grid's
-/// caps, then encoding with all layers against the top layers from states.
+/// The second part of `bench train`: full against partial fine-tuning
+/// (and from text against from stored states) on the same batch.
 fn partial(
-    model: &Path,
+    modes: &[ModeTiming],
     batch: usize,
     steps: usize,
-    train_layers: usize,
+    lengths: (usize, usize),
+    peak: f64,
+    threads: usize,
 ) -> anyhow::Result<String> {
-    let (queries, passages) = varied_texts(batch);
-    let lengths = (64, 128);
-    let modes = benchmark_cpu_training(model, &queries, &passages, lengths, steps, train_layers)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\npartial fine-tuning: batch {batch} of SQuAD-like lengths (queries 6-25 words, passages 12-90), caps {} / {}, median of {steps} steps",
+        "\nfull against partial fine-tuning: the same batch {batch}, caps {} / {}, median of {steps} steps",
         lengths.0, lengths.1
     );
     let baseline = modes[0].median_seconds;
-    for m in &modes {
+    for m in modes {
         let _ = writeln!(
             out,
-            "  {:<44} {:>8.3} s/step  {:>5.2}x  real {:>6} / padded {:>6} tokens ({:.0}% padding)",
+            "  {:<44} {:>8.3} s/step  {:>5.2}x  real {:>6} / padded {:>6} tokens ({:.0}% padding); products {}",
             m.mode,
             m.median_seconds,
             baseline / m.median_seconds,
             m.real_tokens,
             m.padded_tokens,
-            100.0 * (m.padded_tokens - m.real_tokens) as f64 / m.padded_tokens.max(1) as f64
+            100.0 * (m.padded_tokens - m.real_tokens) as f64 / m.padded_tokens.max(1) as f64,
+            product_rate(&m.products, peak, threads)
         );
     }
+    Ok(out)
+}
+
+/// The last part of `bench train`: an evaluation encode with all layers
+/// against the top layers from stored states.
+fn encoding(
+    model: &Path,
+    train_layers: usize,
+    peak: f64,
+    threads: usize,
+) -> anyhow::Result<String> {
     let sentences: Vec<String> = varied_texts(1000).1;
     let encodes = benchmark_cpu_encoding(model, &sentences, "passage: ", 128, train_layers, 1)?;
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "\nencoding 1000 candidate sentences (as an evaluation encode per fine-tuned model; XQuAD-R has 13,014):"
@@ -457,11 +499,12 @@ fn partial(
     for m in &encodes {
         let _ = writeln!(
             out,
-            "  {:<44} {:>8.3} s  {:>5.2}x  {:>7.0} texts/s",
+            "  {:<44} {:>8.3} s  {:>5.2}x  {:>7.0} texts/s; products {}",
             m.mode,
             m.median_seconds,
             baseline / m.median_seconds,
-            sentences.len() as f64 / m.median_seconds
+            sentences.len() as f64 / m.median_seconds,
+            product_rate(&m.products, peak, threads)
         );
     }
     Ok(out)

@@ -51,6 +51,8 @@ impl DeviceChoice {
     pub fn run<W: OnBackend>(self, gpu: Option<u32>, work: W) -> anyhow::Result<W::Output> {
         match self.resolved() {
             DeviceChoice::Cpu | DeviceChoice::Auto => {
+                // Which kernels this run's products use, in the stage's log.
+                tracing::info!("{}", crate::cpu::describe());
                 work.run::<burn::backend::Flex>(Default::default())
             }
             #[cfg(feature = "cuda")]

@@ -4,7 +4,10 @@
 //! gradients added in. burn's CPU backend builds that table (for
 //! multilingual-e5-small 250k x 384 floats, 384 MB) as a zeroed byte
 //! vector copied into an aligned buffer, then copies it once more before
-//! adding the rows, all on one thread. Here it is zeroed once, in parallel.
+//! adding the rows, all on one thread. Here it is a fresh zeroed allocation
+//! (`calloc`: the kernel hands out zero pages on first touch), so only the
+//! pages of the looked-up rows are ever written; the optimizer reads the
+//! rest as zeros without them having been stored.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -68,7 +71,8 @@ impl Backward<Flex, 1> for Lookup {
             let (ids, rows) = ops.state;
             let g = flex_values(&grad);
             let width = g.len() / ids.len().max(1);
-            let mut table = zeros(rows * width);
+            // Not `zeros`: writing every page up front is what this avoids.
+            let mut table = vec![0.0f32; rows * width];
             for (&id, g) in ids.iter().zip(g.chunks_exact(width)) {
                 let row = &mut table[id * width..(id + 1) * width];
                 row.iter_mut().zip(g).for_each(|(t, g)| *t += g);

@@ -26,6 +26,8 @@
 //! little-endian f32 or f16, one row per id) and `meta.json` (rows, dim,
 //! dtype).
 
+pub mod bench;
+
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
