@@ -35,15 +35,45 @@ impl Sources {
         let start = (loc.start as usize).min(text.len());
         let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
         let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let column = text[line_start..start].chars().count() + 1;
+        let (source_line, caret) = excerpt(&text[line_start..line_end], column);
         Diagnostic {
             file: self.path(loc.file).to_path_buf(),
             line: text[..start].matches('\n').count() + 1,
-            column: text[line_start..start].chars().count() + 1,
+            column,
             field: field.to_string(),
             message: message.into(),
-            source_line: text[line_start..line_end].to_string(),
+            source_line,
+            caret,
         }
     }
+}
+
+/// Characters of a source line quoted on each side of the error's column:
+/// a machine-written one-line file (a 100,000-deep inline table) must not
+/// put megabytes into the error.
+const QUOTE_WINDOW: usize = 60;
+
+/// The part of `line` an error quotes, and the caret's column in it: the
+/// whole line when short, else a window around `column` with `…` where it
+/// was cut.
+fn excerpt(line: &str, column: usize) -> (String, usize) {
+    let chars: Vec<char> = line.chars().collect();
+    if chars.len() <= 2 * QUOTE_WINDOW {
+        return (line.to_string(), column);
+    }
+    let at = column.saturating_sub(1).min(chars.len());
+    let from = at.saturating_sub(QUOTE_WINDOW);
+    let to = (at + QUOTE_WINDOW).min(chars.len());
+    let mut quoted = String::new();
+    if from > 0 {
+        quoted.push('…');
+    }
+    quoted.extend(&chars[from..to]);
+    if to < chars.len() {
+        quoted.push('…');
+    }
+    (quoted, at - from + 1 + usize::from(from > 0))
 }
 
 /// A byte span inside one of the [`Sources`].
@@ -73,7 +103,10 @@ pub struct Diagnostic {
     /// Dotted path of the offending field, e.g. `stages.train.lr`.
     pub field: String,
     pub message: String,
+    /// The offending line, or a window of it around the column.
     source_line: String,
+    /// The column of the caret under `source_line`.
+    caret: usize,
 }
 
 impl Diagnostic {
@@ -86,6 +119,7 @@ impl Diagnostic {
             field: String::new(),
             message: message.into(),
             source_line: String::new(),
+            caret: 0,
         }
     }
 }
@@ -110,7 +144,7 @@ impl fmt::Display for Diagnostic {
                 self.source_line,
                 "",
                 "^",
-                col = self.column
+                col = self.caret
             )?;
         }
         Ok(())
@@ -171,5 +205,29 @@ mod tests {
         let d = sources.error(Loc::new(f, 6..8), "bb", "bad");
         assert_eq!((d.line, d.column), (2, 1));
         assert!(d.to_string().starts_with("p.toml:2:1: bb: bad"));
+    }
+
+    #[test]
+    fn a_long_line_is_quoted_as_a_window_around_the_column() {
+        let mut sources = Sources::default();
+        let line = format!("x = {}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        let f = sources.add("p.toml".into(), format!("{line}\n"));
+        let at = 4 + 100_000;
+        let d = sources.error(Loc::new(f, at..at + 1), "x", "bad");
+        assert_eq!((d.line, d.column), (1, at + 1));
+        let shown = d.to_string();
+        assert!(shown.len() < 1_000, "{} bytes", shown.len());
+        // The caret sits under the offending character.
+        let lines: Vec<&str> = shown.lines().collect();
+        let quoted = lines[2].split_once(" | ").unwrap().1;
+        let caret = lines[3].split_once(" | ").unwrap().1;
+        let under: Vec<char> = quoted.chars().collect();
+        assert_eq!(under[caret.chars().count() - 1], '1', "{shown}");
+        // Short lines stay whole.
+        let g = sources.add("q.toml".into(), "a = 1\n".into());
+        assert!(sources
+            .error(Loc::new(g, 4..5), "a", "bad")
+            .to_string()
+            .contains("1 | a = 1"));
     }
 }

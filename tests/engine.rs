@@ -855,3 +855,38 @@ fn walk_names(dir: &std::path::Path) -> Vec<String> {
     }
     names
 }
+
+/// `import` follows a link named as its `path` (model folders are often
+/// links to where the weights live) and keys on what it points to; a link
+/// inside the imported folder is still refused, and the error names it.
+#[test]
+fn import_follows_a_linked_path_but_not_links_inside_it() {
+    let s = Scratch::new();
+    s.write("real/weights.bin", "w1");
+    std::os::unix::fs::symlink(s.path("real"), s.path("model")).unwrap();
+    s.write(
+        "p.toml",
+        r#"
+[stages.model]
+kind = "import"
+path = "model"
+
+[stages.use]
+kind = "command"
+inputs.model = "model"
+cmd = "cat {inputs.model}/weights.bin > {outputs.o}"
+outputs = ["o"]
+"#,
+    );
+    let first = s.ok(&["run", "p.toml"]);
+    assert_eq!(first.counts(), (2, 0), "{first}");
+    // The content behind the link is in the key.
+    s.write("real/weights.bin", "w2");
+    let changed = s.ok(&["run", "p.toml"]);
+    assert_eq!(changed.counts(), (2, 0), "{changed}");
+    // A link inside the imported folder: refused, named.
+    std::os::unix::fs::symlink(s.path("real/weights.bin"), s.path("real/alias.bin")).unwrap();
+    let refused = s.xlpipe(&["plan", "p.toml"]);
+    assert_ne!(refused.code, 0, "{refused}");
+    assert!(refused.stderr.contains("alias.bin"), "{refused}");
+}

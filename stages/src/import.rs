@@ -8,6 +8,7 @@
 //! sha256 = "…"                     # optional: refuse anything else
 //! ```
 //!
+//! `path` may be a symbolic link (to a file or a folder): it is followed.
 //! The content hash of what `path` holds is part of the stage's params, so
 //! editing the file reruns what depends on it. The output `files` is a
 //! folder: a copy of the imported folder, or one holding the imported file
@@ -52,7 +53,25 @@ impl TypedStage for ImportStage {
                 "`resolved` and `content` are computed, not set",
             ));
         }
-        let resolved = env.base_dir.join(&p.path);
+        // A link named as `path` is followed (multi-GB model folders are
+        // often links to where the weights live): the key holds the content
+        // of what it points to. Links inside an imported folder stay refused
+        // (`hash_path` names them): an artifact must be self-contained.
+        let named = env.base_dir.join(&p.path);
+        let is_link = fs::symlink_metadata(&named).is_ok_and(|m| m.file_type().is_symlink());
+        let resolved = if is_link {
+            fs::canonicalize(&named).map_err(|err| {
+                ParamError::new(
+                    "path",
+                    format!(
+                        "{} is a link that cannot be followed: {err}",
+                        named.display()
+                    ),
+                )
+            })?
+        } else {
+            named
+        };
         let content = hash_path(&resolved).map_err(|err| {
             ParamError::new("path", format!("cannot read {}: {err}", resolved.display()))
         })?;
