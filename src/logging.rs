@@ -23,9 +23,14 @@ use tracing_subscriber::Layer;
 /// `RUST_LOG` is not set.
 pub fn init(progress: &MultiProgress, verbose: bool) {
     let default = if verbose {
-        "info"
+        "info".to_string()
     } else {
-        "warn,xlpipe=info,xlpipe_stages=warn"
+        // A grid instance's "finished" line: in its stage log, and here
+        // only with -v.
+        format!(
+            "warn,xlpipe=info,xlpipe_stages=warn,{}=warn",
+            crate::task::GRID_INSTANCE
+        )
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let console = tracing_subscriber::fmt::layer()

@@ -403,6 +403,7 @@ impl<'a> Scheduler<'a> {
             stage: self.pipeline.stage_of(i).kind.clone(),
             progress: self.progress.clone(),
             cache: self.cache.clone(),
+            quiet: self.pipeline.instances.len() > GRID_QUIET,
         };
         spawn_job(i, task, self.sender.clone())
     }

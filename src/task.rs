@@ -99,6 +99,7 @@ pub fn execute_task_file(
         stage,
         progress: progress.clone(),
         cache: cache.clone(),
+        quiet: false,
     };
     match task.execute() {
         Ok(_) => Ok(()),
@@ -113,7 +114,15 @@ pub struct Task {
     pub stage: Arc<dyn Stage>,
     pub progress: MultiProgress,
     pub cache: Cache,
+    /// One of a grid's many instances: its "finished" line goes to its
+    /// stage log, and to the console only with `-v` (target
+    /// [`GRID_INSTANCE`]), so a grid's console output grows with its
+    /// stages, not its instances.
+    pub quiet: bool,
 }
+
+/// The log target of lines the console shows only with `-v`.
+pub const GRID_INSTANCE: &str = "xlpipe::grid_instance";
 
 impl Task {
     /// Take the key's lock, compute the instance in a fresh `tmp/` folder,
@@ -245,7 +254,13 @@ impl Task {
             xlpipe_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         self.cache.write_record(&record)?;
-        span.in_scope(|| tracing::info!("finished in {seconds:.2}s"));
+        span.in_scope(|| {
+            if self.quiet {
+                tracing::info!(target: GRID_INSTANCE, "finished in {seconds:.2}s");
+            } else {
+                tracing::info!("finished in {seconds:.2}s");
+            }
+        });
         Ok(record)
     }
 }

@@ -890,3 +890,40 @@ outputs = ["o"]
     assert_ne!(refused.code, 0, "{refused}");
     assert!(refused.stderr.contains("alias.bin"), "{refused}");
 }
+
+/// On a grid, what a run prints grows with its stages, not its instances:
+/// no line per finished instance without `-v` (they stay in the stage
+/// logs), and one failing instance does not bring hundreds of lines.
+#[test]
+fn a_grid_run_prints_a_bounded_amount() {
+    let s = Scratch::new();
+    let values: Vec<String> = (0..300).map(|i| i.to_string()).collect();
+    s.write(
+        "p.toml",
+        &format!(
+            r#"
+[grid]
+i = [{}]
+
+[stages.work]
+kind = "command"
+cmd = "test ${{i}} != 7 && echo ${{i}} > {{outputs.o}}"
+outputs = ["o"]
+"#,
+            values.join(", ")
+        ),
+    );
+    let ran = s.xlpipe(&["run", "p.toml", "--jobs", "2"]);
+    assert_eq!(ran.code, 1, "{ran}");
+    assert!(!ran.stderr.contains("finished in"), "{ran}");
+    let printed = ran.stdout.len() + ran.stderr.len();
+    assert!(printed < 4_000, "{printed} bytes:\n{ran}");
+    // The failure is still named.
+    assert!(
+        ran.stderr.contains("work[i=7]") || ran.stdout.contains("work[i=7]"),
+        "{ran}"
+    );
+    // With -v each instance's line is back.
+    let verbose = s.xlpipe(&["run", "p.toml", "--force", "work[i=1]", "-v"]);
+    assert!(verbose.stderr.contains("finished in"), "{verbose}");
+}

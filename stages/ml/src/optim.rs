@@ -348,7 +348,7 @@ mod tests {
 
     #[test]
     fn skipping_zero_blocks_is_bit_identical_to_the_full_update() {
-        let len = 384 * 97 + 5; // a partial last block
+        let len = 384 * 997 + 5; // a partial last block
         let start: Vec<f32> = (0..len).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
         let (mut p_full, mut m_full, mut v_full) = (start.clone(), vec![0.0; len], vec![0.0; len]);
         let (mut p_fast, mut moments) = (start, Moments::zeros(len));
