@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
+use xlpipe_ml::matmul::ProductCounts;
 
 /// Median wall time of `repeat` runs of `f`, in milliseconds.
 pub fn median_ms(repeat: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
@@ -37,6 +38,66 @@ pub(crate) fn bench_words(i: usize, n: usize, stride: usize) -> String {
         .map(|k| words[(i * stride + k) % words.len()])
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `count` answer sentences of SQuAD-like lengths (12 to 90 words), the
+/// first cut at `first` (the text the training and encoding benches share).
+pub(crate) fn answer_sentences(count: usize, first: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| bench_words(i + first, 12 + (i * 29) % 79, 7))
+        .collect()
+}
+
+/// The lines every model bench starts with (what the CPU has, which
+/// kernels run, its measured f32 peak over `threads` threads), and that
+/// peak in FLOP/s, for the fractions the bench prints.
+pub(crate) fn machine_header(threads: usize) -> (String, f64) {
+    let peak = xlpipe_ml::cpu::peak_f32_flops(0.5);
+    let header = format!(
+        "{}\nmeasured f32 peak (FMA, {threads} threads): {:.1} GFLOP/s\n",
+        xlpipe_ml::cpu::describe(),
+        peak * 1e-9
+    );
+    (header, peak)
+}
+
+/// The baselines' last argument: time PyTorch's bf16 autocast only where
+/// the CPU has native bf16 products.
+pub(crate) fn torch_bf16_arg() -> &'static str {
+    let f = xlpipe_ml::cpu::Features::detect();
+    if f.avx512_bf16 || f.amx_bf16 {
+        "bf16"
+    } else {
+        "fp32"
+    }
+}
+
+/// Why PyTorch's bf16 row is empty on a CPU without native bf16.
+pub(crate) const TORCH_BF16_SKIPPED: &str = "this CPU has neither AVX512-BF16 nor AMX; PyTorch emulates bf16 there (measured on an AMD EPYC without them: 208 s/step against 18.6 s in fp32)";
+
+/// Why the bf16 rows of the benches are empty on this build.
+pub(crate) fn bf16_status() -> &'static str {
+    if xlpipe_ml::cpu::Features::detect().amx_bf16 {
+        "this build has no AMX kernel yet"
+    } else {
+        "this CPU has no AMX (bf16 would run as f32)"
+    }
+}
+
+/// The products' achieved rate and its fraction of `peak`: those split
+/// over all threads against the whole machine, those run one per thread
+/// against one thread's share.
+pub(crate) fn product_rate(p: &ProductCounts, peak: f64, threads: usize) -> String {
+    let wide = p.wide_flops / p.wide_seconds.max(1e-12);
+    let narrow = p.narrow_flops / p.narrow_thread_seconds.max(1e-12);
+    let total = p.wide_flops + p.narrow_flops;
+    format!(
+        "{:.0} GFLOP/s = {:.0}% of peak (dense layers, {:.0}% of the FLOPs); attention {:.0}% of a thread's peak",
+        wide * 1e-9,
+        100.0 * wide / peak,
+        100.0 * p.wide_flops / total.max(1.0),
+        100.0 * narrow * threads as f64 / peak
+    )
 }
 
 /// A Python script that measures the same work as a benchmark, in the same run.

@@ -140,13 +140,14 @@ fn model_name() -> Option<String> {
 pub fn peak_f32_flops(seconds: f64) -> f64 {
     use rayon::prelude::*;
     let threads = rayon::current_num_threads();
+    let features = Features::detect();
     let clock = std::time::Instant::now();
     let flops: f64 = (0..threads)
         .into_par_iter()
         .map(|_| {
             let mut done = 0.0;
             while clock.elapsed().as_secs_f64() < seconds {
-                done += fma_block();
+                done += fma_block(&features);
             }
             done
         })
@@ -156,11 +157,10 @@ pub fn peak_f32_flops(seconds: f64) -> f64 {
 
 /// Independent FMA chains (enough to hide the FMA latency), at the widest
 /// vector width this CPU has; returns the FLOPs done.
-fn fma_block() -> f64 {
+fn fma_block(f: &Features) -> f64 {
     const ITERATIONS: usize = 1 << 16;
     #[cfg(target_arch = "x86_64")]
     {
-        let f = Features::detect();
         if f.avx512f {
             // SAFETY: AVX-512F was detected at run time.
             return unsafe { x86::fma_chains_512(ITERATIONS) };

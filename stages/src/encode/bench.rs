@@ -11,8 +11,10 @@ use burn::tensor::backend::Backend;
 use xlpipe_ml::matmul::{start_counting, stop_counting, ProductCounts};
 use xlpipe_ml::model::{Encoder, TextTokenizer, TokenBatch};
 
-use crate::bench::{bench_words, python_baseline, PythonBaseline};
-use crate::train::bench::{bf16_status, product_rate, torch_bf16_arg, TORCH_BF16_SKIPPED};
+use crate::bench::{
+    answer_sentences, bf16_status, machine_header, product_rate, python_baseline, torch_bf16_arg,
+    PythonBaseline, TORCH_BF16_SKIPPED,
+};
 
 /// Seconds of `repeat` timed passes (after a warm-up) of encoding `texts`
 /// (prefix included) in length-sorted batches of `batch`, as the encode
@@ -61,19 +63,10 @@ pub fn report(
 ) -> anyhow::Result<String> {
     type B = burn::backend::Flex;
     let (prefix, max_len) = ("passage: ", 128);
-    let sentences: Vec<String> = (0..texts)
-        .map(|i| bench_words(i + 7, 12 + (i * 29) % 79, 7))
-        .collect();
+    let sentences = answer_sentences(texts, 7);
     let prefixed: Vec<String> = sentences.iter().map(|t| format!("{prefix}{t}")).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut out = String::new();
-    let _ = writeln!(out, "{}", xlpipe_ml::cpu::describe());
-    let peak = xlpipe_ml::cpu::peak_f32_flops(0.5);
-    let _ = writeln!(
-        out,
-        "measured f32 peak (FMA, {threads} threads): {:.1} GFLOP/s",
-        peak * 1e-9
-    );
+    let (mut out, peak) = machine_header(threads);
     let device = Default::default();
     let tokenizer = TextTokenizer::for_model(model)?;
     let encoder: Encoder<B> =

@@ -17,7 +17,10 @@ use xlpipe_ml::model::{length_groups, load_encoder, Encoder, Pooling, TextTokeni
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::parse_params;
 
-use crate::bench::{bench_words, python_baseline, PythonBaseline};
+use crate::bench::{
+    answer_sentences, bench_words, bf16_status, machine_header, product_rate, python_baseline,
+    torch_bf16_arg, PythonBaseline, TORCH_BF16_SKIPPED,
+};
 
 /// One way of training or encoding, timed by `xlpipe bench train`.
 pub struct ModeTiming {
@@ -301,14 +304,7 @@ pub fn report(
     let (queries, passages) = varied_texts(batch);
     let lengths = (64, 128);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut out = String::new();
-    let _ = writeln!(out, "{}", xlpipe_ml::cpu::describe());
-    let peak = xlpipe_ml::cpu::peak_f32_flops(0.5);
-    let _ = writeln!(
-        out,
-        "measured f32 peak (FMA, {threads} threads): {:.1} GFLOP/s",
-        peak * 1e-9
-    );
+    let (mut out, peak) = machine_header(threads);
     let modes = benchmark_cpu_training(model, &queries, &passages, lengths, steps, train_layers)?;
     let torch = python_baseline(
         &PythonBaseline {
@@ -397,54 +393,13 @@ pub fn report(
     Ok(out)
 }
 
-/// The baselines' last argument: time PyTorch's bf16 autocast only where
-/// the CPU has native bf16 products.
-pub(crate) fn torch_bf16_arg() -> &'static str {
-    let f = xlpipe_ml::cpu::Features::detect();
-    if f.avx512_bf16 || f.amx_bf16 {
-        "bf16"
-    } else {
-        "fp32"
-    }
-}
-
-/// Why PyTorch's bf16 row is empty on a CPU without native bf16.
-pub(crate) const TORCH_BF16_SKIPPED: &str = "this CPU has neither AVX512-BF16 nor AMX; PyTorch emulates bf16 there (measured on an AMD EPYC without them: 208 s/step against 18.6 s in fp32)";
-
-/// Why the bf16 rows of the benches are empty on this build.
-pub(crate) fn bf16_status() -> &'static str {
-    if xlpipe_ml::cpu::Features::detect().amx_bf16 {
-        "this build has no AMX kernel yet"
-    } else {
-        "this CPU has no AMX (bf16 would run as f32)"
-    }
-}
-
-/// The products' achieved rate and its fraction of `peak`: those split
-/// over all threads against the whole machine, those run one per thread
-/// against one thread's share.
-pub(crate) fn product_rate(p: &ProductCounts, peak: f64, threads: usize) -> String {
-    let wide = p.wide_flops / p.wide_seconds.max(1e-12);
-    let narrow = p.narrow_flops / p.narrow_thread_seconds.max(1e-12);
-    let total = p.wide_flops + p.narrow_flops;
-    format!(
-        "{:.0} GFLOP/s = {:.0}% of peak (dense layers, {:.0}% of the FLOPs); attention {:.0}% of a thread's peak",
-        wide * 1e-9,
-        100.0 * wide / peak,
-        100.0 * p.wide_flops / total.max(1.0),
-        100.0 * narrow * threads as f64 / peak
-    )
-}
-
 /// Texts of SQuAD-like lengths: questions of 6 to 25 words, answer
 /// sentences of 12 to 90.
 fn varied_texts(batch: usize) -> (Vec<String>, Vec<String>) {
-    let text = |i: usize, n: usize| bench_words(i, n, 7);
-    let queries = (0..batch).map(|i| text(i, 6 + (i * 7) % 20)).collect();
-    let passages = (0..batch)
-        .map(|i| text(i + batch, 12 + (i * 29) % 79))
+    let queries = (0..batch)
+        .map(|i| bench_words(i, 6 + (i * 7) % 20, 7))
         .collect();
-    (queries, passages)
+    (queries, answer_sentences(batch, batch))
 }
 
 /// The second part of `bench train`: full against partial fine-tuning
@@ -488,7 +443,7 @@ fn encoding(
     peak: f64,
     threads: usize,
 ) -> anyhow::Result<String> {
-    let sentences: Vec<String> = varied_texts(1000).1;
+    let sentences = answer_sentences(1000, 1000);
     let encodes = benchmark_cpu_encoding(model, &sentences, "passage: ", 128, train_layers, 1)?;
     let mut out = String::new();
     let _ = writeln!(
