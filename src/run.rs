@@ -104,6 +104,21 @@ fn with_ancestors(pipeline: &Pipeline, chosen: &[bool]) -> Vec<bool> {
     marked
 }
 
+/// Per instance: the number of instances on the longest chain of its
+/// producers (0 for a source).
+fn depths(pipeline: &Pipeline) -> Vec<usize> {
+    let mut depth = vec![0; pipeline.instances.len()];
+    // Producers come before consumers, so one forward sweep suffices.
+    for (i, instance) in pipeline.instances.iter().enumerate() {
+        depth[i] = instance
+            .dependencies()
+            .map(|d| depth[d] + 1)
+            .max()
+            .unwrap_or(0);
+    }
+    depth
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum State {
     Waiting,
@@ -160,6 +175,11 @@ struct Scheduler<'a> {
     /// Free devices per resource (local instances).
     capacity: BTreeMap<String, Vec<u32>>,
     dependants: Vec<Vec<usize>>,
+    /// Per instance: the longest chain of producers above it. Runnable
+    /// instances start deepest first, so a grid finishes one point's
+    /// evaluations before it trains the next point's model: an interrupted
+    /// grid leaves whole results, not a row of unevaluated models.
+    depth: Vec<usize>,
     /// Per instance: producers not done yet.
     waiting_on: Vec<usize>,
     state: Vec<State>,
@@ -246,6 +266,7 @@ impl<'a> Scheduler<'a> {
             }
         }
 
+        let depth = depths(pipeline);
         let total = relevant.iter().filter(|r| **r).count() as u64;
         let bar = progress.add(ProgressBar::new(total));
         bar.set_style(
@@ -282,6 +303,7 @@ impl<'a> Scheduler<'a> {
             executor_of,
             capacity,
             dependants,
+            depth,
             waiting_on,
             state: vec![State::Waiting; n],
             outputs: vec![None; n],
@@ -364,6 +386,9 @@ impl<'a> Scheduler<'a> {
     /// (local) or room under its executor's `max_jobs` (Slurm).
     fn start_runnable(&mut self) -> anyhow::Result<()> {
         let jobs = self.options.jobs.max(1);
+        let depth = &self.depth;
+        self.runnable
+            .sort_by_key(|job| (std::cmp::Reverse(depth[job.instance]), job.instance));
         let mut pos = 0;
         while pos < self.runnable.len() {
             let i = self.runnable[pos].instance;

@@ -927,3 +927,47 @@ outputs = ["o"]
     let verbose = s.xlpipe(&["run", "p.toml", "--force", "work[i=1]", "-v"]);
     assert!(verbose.stderr.contains("finished in"), "{verbose}");
 }
+
+/// A grid runs in the order its file lists the variables, and depth first.
+#[test]
+fn a_grid_evaluates_each_model_before_it_trains_the_next() {
+    let s = Scratch::new();
+    let order = s.path("order.txt");
+    let order = order.display();
+    s.write(
+        "p.toml",
+        &format!(
+            r#"
+[grid]
+seed = [1, 2]
+alpha = [0.0, 1.0]
+
+[stages.train]
+kind = "command"
+cmd = "echo train ${{seed}} ${{alpha}} >> {order} && echo ${{seed}} ${{alpha}} > {{outputs.model}}"
+outputs = ["model"]
+
+[stages.encode]
+kind = "command"
+inputs.model = "train"
+cmd = "echo encode $(cat {{inputs.model}}) >> {order} && cat {{inputs.model}} > {{outputs.vectors}}"
+outputs = ["vectors"]
+
+[stages.evaluate]
+kind = "command"
+inputs.vectors = "encode"
+cmd = "echo evaluate $(cat {{inputs.vectors}}) >> {order} && cat {{inputs.vectors}} > {{outputs.scores}}"
+outputs = ["scores"]
+"#
+        ),
+    );
+    s.ok(&["run", "p.toml", "--jobs", "1"]);
+    let ran = std::fs::read_to_string(s.path("order.txt")).unwrap();
+    // The file's grid order (seed slowest, though `alpha` sorts first), and
+    // each point's model evaluated before the next point trains.
+    let expected: Vec<String> = ["1 0.0", "1 1.0", "2 0.0", "2 1.0"]
+        .iter()
+        .flat_map(|point| ["train", "encode", "evaluate"].map(|step| format!("{step} {point}")))
+        .collect();
+    assert_eq!(ran.lines().collect::<Vec<_>>(), expected, "{ran}");
+}

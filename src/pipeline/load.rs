@@ -590,6 +590,9 @@ fn parse_grid(
         }
         grid.push(GridVar { name, values, loc });
     }
+    // The parsed table iterates its keys sorted; the file's order is the
+    // grid's order (instances run first variable slowest, last fastest).
+    grid.sort_by_key(|var| var.loc.start);
     if errors.is_empty() {
         Ok(grid)
     } else {
