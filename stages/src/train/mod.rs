@@ -24,9 +24,11 @@
 //! stopping (`patience` evaluations without improvement); the best weights
 //! are what the stage writes.
 //!
-//! Outputs: `model` (a Hugging Face folder) and `training` (metrics.parquet:
-//! step, loss, lr, grad_norm, monolingual, val_loss; sampler.json: realised batch mix
-//! and languages; summary.json).
+//! Outputs: `model` (a Hugging Face folder that is also a sentence-transformers
+//! model, with a model card) and `training` (metrics.parquet: step, loss, lr,
+//! grad_norm, monolingual, val_loss, wall_time; sampler.json: realised batch
+//! mix and languages; summary.json; tensorboard/INSTANCE/: the same curves
+//! as TensorBoard events).
 //!
 //! This file is the stage (params, inputs); `sampler` draws the hybrid
 //! batches, `trainer` runs the training loop, `checkpoint` keeps and
@@ -35,6 +37,8 @@
 pub mod bench;
 mod checkpoint;
 pub mod sampler;
+mod sentence_transformers;
+mod tensorboard;
 mod trainer;
 
 use std::collections::BTreeMap;
@@ -137,6 +141,10 @@ pub struct TrainParams {
     /// in-batch negatives and its loss stay the same.
     #[serde(default = "default_max_padding")]
     max_padding: f64,
+    /// The hub id the input model is a copy of, for the model card's
+    /// `base_model` (e.g. "intfloat/multilingual-e5-small").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_model: Option<String>,
 }
 
 fn default_language_choice() -> LanguageChoice {
@@ -200,7 +208,10 @@ impl TypedStage for TrainStage {
     // stream), so the same seed trains other weights than version 2.
     // 4: each side embedded in length-sorted groups (other dropout
     // draws), partial fine-tuning, stored states.
-    const VERSION: u32 = 4;
+    // 5: the model folder is a sentence-transformers model (modules,
+    // prompts, card, the base model's pooler kept); TensorBoard events and
+    // wall times in `training`.
+    const VERSION: u32 = 5;
     const SUMMARY: &'static str =
         "fine-tune an encoder with hybrid mono/cross-lingual batches (InfoNCE)";
 

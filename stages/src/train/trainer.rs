@@ -12,6 +12,8 @@ use polars::prelude::Column;
 
 use super::checkpoint::{Checkpoints, MetricRow, Progress};
 use super::sampler::{AlphaSchedule, Batch, HybridSampler, ParallelPairs};
+use super::sentence_transformers::{self, RunFacts};
+use super::tensorboard::{write_events, Scalar};
 use super::{load_pairs, Init, TrainParams};
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::model::cpu_kernels::seed_dropout;
@@ -324,6 +326,9 @@ pub(super) fn train<B: AutodiffBackend>(
             grad_norm: report.grad_norm,
             monolingual,
             val_loss: None,
+            wall_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
         };
         let evaluate = !val_batches.is_empty() && (step % p.eval_every == 0 || step == p.steps);
         let mut stop = false;
@@ -373,6 +378,19 @@ pub(super) fn train<B: AutodiffBackend>(
     } else {
         save_encoder(&encoder, model_dir, &out)?;
     }
+    sentence_transformers::write_folder(
+        &out,
+        p,
+        &RunFacts {
+            instance: &ctx.instance,
+            base: &ctx.inputs("model")[0].producer,
+            steps_run: progress.step,
+            best_val_loss: progress.best_val,
+            train_pairs: train_data.len(),
+            langs: &train_data.langs,
+            layers: encoder.layers.len(),
+        },
+    )?;
     write_training_record(ctx, &progress, &sampler, &train_data, &valid_data)?;
     checkpoints.remove();
     Ok(())
@@ -422,8 +440,37 @@ fn open_trunk<B: AutodiffBackend>(
     })
 }
 
+/// Per step: loss, learning rate, gradient norm, the share of monolingual
+/// batches so far, and the validation loss where there is one.
+fn tensorboard_scalars(rows: &[MetricRow]) -> Vec<Scalar<'static>> {
+    let mut scalars = Vec::new();
+    let mut monolingual = 0usize;
+    for (i, r) in rows.iter().enumerate() {
+        monolingual += r.monolingual as usize;
+        let mut add = |tag, value| {
+            scalars.push(Scalar {
+                tag,
+                step: r.step,
+                wall_time: r.wall_time,
+                value,
+            })
+        };
+        add("train/loss", r.loss);
+        add("train/learning_rate", r.lr);
+        add("train/grad_norm", r.grad_norm);
+        add(
+            "train/monolingual_share",
+            monolingual as f64 / (i + 1) as f64,
+        );
+        if let Some(v) = r.val_loss {
+            add("validation/loss", v);
+        }
+    }
+    scalars
+}
+
 /// The `training` output: metrics per step, the realised batch mix, a
-/// summary.
+/// summary, TensorBoard events.
 fn write_training_record(
     ctx: &StageContext,
     progress: &Progress,
@@ -458,7 +505,16 @@ fn write_training_record(
                 "val_loss".into(),
                 rows.iter().map(|r| r.val_loss).collect::<Vec<_>>(),
             ),
+            Column::new(
+                "wall_time".into(),
+                rows.iter().map(|r| r.wall_time).collect::<Vec<_>>(),
+            ),
         ],
+    )?;
+    write_events(
+        &training.join("tensorboard").join(&ctx.instance),
+        rows.first().map_or(0.0, |r| r.wall_time),
+        &tensorboard_scalars(rows),
     )?;
     std::fs::write(
         training.join("sampler.json"),

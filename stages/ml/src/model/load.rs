@@ -211,12 +211,50 @@ pub fn save_encoder<B: Backend>(
                 .with_context(|| format!("copying {}", from.display()))?;
         }
     }
-    let mut store = SafetensorsStore::from_file(dir.join("model.safetensors"))
+    let weights = dir.join("model.safetensors");
+    let mut store = SafetensorsStore::from_file(&weights)
         .remap(KeyRemapper::from_patterns(BURN_TO_HF.to_vec())?)
         .with_to_adapter(BurnToPyTorchAdapter)
         .overwrite(true);
     encoder
         .save_into(&mut store)
         .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", dir.display()))?;
+    keep_pooler(&source.join("model.safetensors"), &weights)
+}
+
+/// Copy the source's pooler (which the encoder neither uses nor trains)
+/// into the saved weights: transformers' `BertModel`, and so
+/// sentence-transformers, expects one and warns about "newly initialized"
+/// weights when it is missing.
+fn keep_pooler(source: &Path, saved: &Path) -> anyhow::Result<()> {
+    use safetensors::SafeTensors;
+    let Ok(source_bytes) = std::fs::read(source) else {
+        return Ok(());
+    };
+    let source_tensors = SafeTensors::deserialize(&source_bytes)
+        .with_context(|| format!("reading {}", source.display()))?;
+    let pooler: Vec<_> = source_tensors
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let bare = name
+                .strip_prefix("bert.")
+                .or_else(|| name.strip_prefix("roberta."))
+                .unwrap_or(&name);
+            bare.starts_with("pooler.")
+                .then(|| (bare.to_string(), view))
+        })
+        .collect();
+    if pooler.is_empty() {
+        return Ok(());
+    }
+    let saved_bytes = std::fs::read(saved)?;
+    let saved_tensors = SafeTensors::deserialize(&saved_bytes)
+        .with_context(|| format!("reading {}", saved.display()))?;
+    let all = saved_tensors.tensors().into_iter().chain(pooler);
+    let partial = saved.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(all, None, &partial)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, saved)?;
     Ok(())
 }
