@@ -245,14 +245,22 @@ impl Cache {
     }
 
     /// Move a finished output into the object store and return its hash.
-    /// An object of that hash already there is kept if intact, and
-    /// replaced by this one if damaged.
+    /// An object of that hash already there is kept only if a full re-hash
+    /// proves it equal to this fresh output (its seal alone misses damage
+    /// that kept sizes and times, and `--force` must not keep such an
+    /// object); otherwise it is moved out and this one takes its place.
     pub fn store(&self, path: &Path) -> anyhow::Result<String> {
         let hash = hash_path(path).with_context(|| format!("hashing {}", path.display()))?;
         let dest = self.object_path(&hash);
-        if dest.exists() && self.intact(&hash) {
-            remove_path(path)?;
-            return Ok(hash);
+        if dest.exists() {
+            if self.reverify(&hash)? {
+                remove_path(path)?;
+                return Ok(hash);
+            }
+            tracing::warn!(
+                "cached object {} did not hash to its name: replaced by the fresh output",
+                dest.display()
+            );
         }
         make_read_only(path)?;
         fs::create_dir_all(dest.parent().expect("sharded path has a parent"))?;

@@ -25,11 +25,12 @@ pub fn init(progress: &MultiProgress, verbose: bool) {
     let default = if verbose {
         "info".to_string()
     } else {
-        // A grid instance's "finished" line: in its stage log, and here
-        // only with -v.
+        // A grid instance's "finished" line (in its stage log) and each
+        // instance's "will run" line: here only with -v.
         format!(
-            "warn,xlpipe=info,xlpipe_stages=warn,{}=warn",
-            crate::task::GRID_INSTANCE
+            "warn,xlpipe=info,xlpipe_stages=warn,{}=warn,{}=warn",
+            crate::task::GRID_INSTANCE,
+            crate::run::WILL_RUN
         )
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -19,7 +19,7 @@ use crate::cache::{Cache, InputRecord, InstanceRef, Record};
 use crate::diag::did_you_mean;
 use crate::executor::{self, ExecutorConfig, SlurmOptions};
 use crate::pipeline::Pipeline;
-use crate::plan::{instance_key, why_run};
+use crate::plan::{instance_key, plan, why_run, Status};
 use crate::slurm::SlurmExecutor;
 use crate::task::{Failure, JobResult, Outcome, Task, TaskSpec};
 
@@ -44,9 +44,13 @@ pub struct RunOptions {
     pub slurm_poll: Duration,
 }
 
-/// Pipelines with more instances than this log "will run" per instance
-/// only with `-v`.
+/// Pipelines with more instances than this report a failure as it happens
+/// only with `-v` (they all come in the closing summary).
 const GRID_QUIET: usize = 100;
+
+/// The tracing target of the per-instance "will run" lines, which the
+/// console shows only with `-v` (the run's opening lines count per stage).
+pub const WILL_RUN: &str = "xlpipe::will_run";
 
 /// A failure as it happens: in full on small pipelines; on grids only in
 /// the run's closing summary (and here with `-v`), so it is printed once.
@@ -104,6 +108,16 @@ fn with_ancestors(pipeline: &Pipeline, chosen: &[bool]) -> Vec<bool> {
     marked
 }
 
+/// `1h05m`, `12m30s`, `45s`: an estimate needs no more.
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
 /// Per instance: the number of instances on the longest chain of its
 /// producers (0 for a source).
 fn depths(pipeline: &Pipeline) -> Vec<usize> {
@@ -151,6 +165,7 @@ pub fn run(
     // ends them itself.
     crate::interrupt::on_interrupt(xlpipe_stages::command::end_live_commands);
     let mut scheduler = Scheduler::new(pipeline, cache, options, progress)?;
+    scheduler.announce();
     scheduler.run_to_end()?;
     Ok(scheduler.into_summary())
 }
@@ -195,6 +210,12 @@ struct Scheduler<'a> {
     receiver: mpsc::Receiver<JobResult>,
     slurm: Option<SlurmExecutor>,
     summary: RunSummary,
+    /// For the progress line: when each running instance started, the
+    /// instances the opening plan expects to execute (to run, or pending),
+    /// and the time the executed ones took.
+    started_at: BTreeMap<usize, Instant>,
+    expected_runs: usize,
+    executed_time: Duration,
 }
 
 impl<'a> Scheduler<'a> {
@@ -316,7 +337,57 @@ impl<'a> Scheduler<'a> {
             receiver,
             slurm,
             summary: RunSummary::default(),
+            started_at: BTreeMap::new(),
+            expected_runs: 0,
+            executed_time: Duration::ZERO,
         })
+    }
+
+    /// The run's first lines: per stage, how many instances will run, wait
+    /// on work still to do (pending: they may turn out cached), or are
+    /// cached; the stages that are wholly cached on one line.
+    fn announce(&mut self) {
+        let statuses = plan(self.pipeline, self.cache, &self.forced);
+        // (to run, pending, cached) per stage, in pipeline order.
+        let mut per_stage: Vec<(&str, [usize; 3])> = Vec::new();
+        for (i, status) in statuses.iter().enumerate() {
+            if !self.relevant[i] {
+                continue;
+            }
+            let stage = self.pipeline.stage_of(i).name.as_str();
+            if per_stage.last().is_none_or(|(s, _)| *s != stage) {
+                per_stage.push((stage, [0; 3]));
+            }
+            let counts = &mut per_stage.last_mut().expect("just pushed").1;
+            match status {
+                Status::Run { .. } => counts[0] += 1,
+                Status::Pending { .. } => counts[1] += 1,
+                Status::Cached { .. } => counts[2] += 1,
+            }
+        }
+        let mut cached_stages = Vec::new();
+        for (stage, [run, pending, cached]) in &per_stage {
+            self.expected_runs += run + pending;
+            if run + pending == 0 {
+                cached_stages.push(*stage);
+                continue;
+            }
+            let mut parts = Vec::new();
+            for (n, what) in [(run, "to run"), (pending, "pending"), (cached, "cached")] {
+                if *n > 0 {
+                    parts.push(format!("{n} {what}"));
+                }
+            }
+            tracing::info!("{stage}: {}", parts.join(", "));
+        }
+        if !cached_stages.is_empty() {
+            let shown: Vec<&str> = cached_stages.iter().take(8).copied().collect();
+            let more = match cached_stages.len() - shown.len() {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            tracing::info!("cached: {}{more}", shown.join(", "));
+        }
     }
 
     /// Until nothing runs and nothing more can start.
@@ -364,14 +435,10 @@ impl<'a> Scheduler<'a> {
             } else {
                 why_run(pipeline, self.cache, i, &key, &inputs)
             };
-            // A line per instance helps on small pipelines and buries the
-            // rest on grids: there it is a debug line (`-v`).
+            // The run's opening lines say what runs per stage; the reasons
+            // per instance are `plan`'s, and here only with `-v`.
             let name = &pipeline.instances[i].name;
-            if pipeline.instances.len() <= GRID_QUIET {
-                tracing::info!("{name} will run: {}", reasons.join("; "));
-            } else {
-                tracing::debug!("{name} will run: {}", reasons.join("; "));
-            }
+            tracing::info!(target: WILL_RUN, "{name} will run: {}", reasons.join("; "));
             self.runnable.push(Job {
                 instance: i,
                 key,
@@ -423,6 +490,7 @@ impl<'a> Scheduler<'a> {
         self.state[i] = State::Running;
         self.local_running += 1;
         self.running.insert(i, Slot::Local(devices.clone()));
+        self.started_at.insert(i, Instant::now());
         let task = Task {
             spec: task_spec(self.pipeline, job, devices, &self.options.fetch),
             stage: self.pipeline.stage_of(i).kind.clone(),
@@ -462,6 +530,7 @@ impl<'a> Scheduler<'a> {
                 self.state[i] = State::Running;
                 *self.slurm_running.entry(self.executor_name[i]).or_default() += 1;
                 self.running.insert(i, Slot::Slurm);
+                self.started_at.insert(i, Instant::now());
             }
             Err(failure) => {
                 log_failure(self.pipeline, &failure);
@@ -473,7 +542,9 @@ impl<'a> Scheduler<'a> {
         Ok(())
     }
 
-    /// The progress bar's message: what runs now.
+    /// The progress line's message: what runs now, failures, and an
+    /// estimate of the time left (the mean time of the instances executed
+    /// so far, over the instances still expected to execute, per job slot).
     fn show_running(&self) {
         let local: Vec<&str> = self
             .running
@@ -482,10 +553,26 @@ impl<'a> Scheduler<'a> {
             .map(|(&r, _)| self.pipeline.instances[r].name.as_str())
             .collect();
         let on_slurm = self.running.len() - local.len();
-        self.bar.set_message(match on_slurm {
-            0 => local.join(", "),
-            n => format!("{n} on Slurm; {}", local.join(", ")),
-        });
+        let mut message = format!("{} running", self.running.len());
+        let failed = self.summary.failed.len();
+        if failed > 0 {
+            message += &format!(", {failed} failed");
+        }
+        let executed = self.summary.executed.len();
+        if executed > 0 {
+            let left = self.expected_runs.saturating_sub(executed + failed);
+            let mean = self.executed_time / executed as u32;
+            let slots = self.options.jobs.max(1).min(left.max(1)) as u32;
+            let eta = mean * left as u32 / slots;
+            message += &format!(", ~{} left", human_duration(eta));
+        }
+        if on_slurm > 0 {
+            message += &format!("; {on_slurm} on Slurm");
+        }
+        if !local.is_empty() {
+            message += &format!(": {}", local.join(", "));
+        }
+        self.bar.set_message(message);
     }
 
     /// Wait for one running instance to end, and take in its outcome.
@@ -504,8 +591,13 @@ impl<'a> Scheduler<'a> {
             }
         }
         self.bar.inc(1);
+        let took = self
+            .started_at
+            .remove(&i)
+            .map_or(Duration::ZERO, |t| t.elapsed());
         match result {
             Ok(Outcome::Ran(record)) => {
+                self.executed_time += took;
                 self.summary
                     .executed
                     .push(self.pipeline.instances[i].name.clone());
@@ -651,4 +743,16 @@ fn spawn_job(i: usize, task: Task, sender: mpsc::Sender<JobResult>) -> anyhow::R
         })
         .context("starting a worker thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(human_duration(Duration::from_secs(45)), "45s");
+        assert_eq!(human_duration(Duration::from_secs(750)), "12m30s");
+        assert_eq!(human_duration(Duration::from_secs(3900)), "1h05m");
+    }
 }

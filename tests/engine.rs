@@ -546,6 +546,16 @@ fn damaged_objects_are_noticed_and_rebuilt() {
     assert_eq!(std::fs::read(&p).unwrap()[..2], *b"1\n");
     let clean = s.ok(&["verify"]);
     assert!(clean.stdout.contains("0 damaged"), "{clean}");
+
+    // The same damage, then --force: the rebuilt output hashes to the same
+    // name, and the damaged object must not be kept on the strength of its
+    // seal.
+    flip_byte(&p, true);
+    let forced = s.ok(&["run", "p.toml", "--force", "p"]);
+    assert_eq!(forced.counts(), (1, 1), "{forced}");
+    assert_eq!(std::fs::read(&p).unwrap()[..2], *b"1\n");
+    let clean = s.ok(&["verify"]);
+    assert!(clean.stdout.contains("0 damaged"), "{clean}");
 }
 
 #[test]
@@ -970,4 +980,28 @@ outputs = ["scores"]
         .flat_map(|point| ["train", "encode", "evaluate"].map(|step| format!("{step} {point}")))
         .collect();
     assert_eq!(ran.lines().collect::<Vec<_>>(), expected, "{ran}");
+}
+
+/// A run opens with one line per stage (what runs, what waits, what is
+/// cached), not one per instance.
+#[test]
+fn a_run_says_per_stage_what_runs_and_what_is_cached() {
+    let s = Scratch::new();
+    s.write("p.toml", GRID);
+    let first = s.ok(&["run", "p.toml"]);
+    assert!(first.stderr.contains("data: 1 to run"), "{first}");
+    assert!(first.stderr.contains("train: 6 pending"), "{first}");
+    assert!(first.stderr.contains("report: 1 pending"), "{first}");
+    assert!(!first.stderr.contains("will run"), "{first}");
+    let verbose = s.xlpipe(&["run", "p.toml", "--force", "data", "-v"]);
+    assert!(
+        verbose.stderr.contains("data will run: forced"),
+        "{verbose}"
+    );
+    assert!(verbose.stderr.contains("train: 6 pending"), "{verbose}");
+    let again = s.ok(&["run", "p.toml"]);
+    assert!(
+        again.stderr.contains("cached: data, train, report"),
+        "{again}"
+    );
 }

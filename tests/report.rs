@@ -155,8 +155,9 @@ bootstrap_samples = 200
         // t(0.975, 1 degree of freedom) from scipy.stats.t.ppf.
         let t = 12.706_204_736_174_698;
         assert!((cell("eval/mono/map/ci95", row) - t * sd / 2f64.sqrt()).abs() < 1e-9);
-        // One in-domain dataset: the domain average is that dataset.
-        assert!((cell("in-domain/mono/map", row) - mean).abs() < 1e-12);
+        // One in-domain dataset: its domain average would repeat its
+        // columns, and the table leaves it out.
+        assert!(main.column("in-domain/mono/map").is_err());
     }
     assert!(cell("eval/multi/map", 2) > cell("eval/multi/map", 0));
 

@@ -222,11 +222,71 @@ fn run_in_own_group(
     unsafe {
         libc::killpg(group, libc::SIGKILL);
     }
+    // SIGKILL ends a process only when it leaves the kernel: one blocked in
+    // a write can still finish it. The outputs are hashed once no member
+    // of the group is left to write.
+    let gone = wait_for_group_end(group, std::time::Duration::from_secs(30));
     LIVE_GROUPS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&group);
-    Ok(status?)
+    let status = status?;
+    if let Err(alive) = gone {
+        anyhow::bail!(
+            "processes {alive:?} of the command's process group {group} still run 30 s after \
+             SIGKILL: its outputs are not trusted"
+        );
+    }
+    Ok(status)
+}
+
+/// Wait until no process of `group` is left but zombies (which cannot
+/// write); `Err` with the live ones at the deadline.
+fn wait_for_group_end(group: i32, limit: std::time::Duration) -> Result<(), Vec<i32>> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let alive = live_members(group);
+        if alive.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(alive);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The processes of `group` that are not zombies, from /proc/PID/stat
+/// (`pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses,
+/// so fields are counted after its last `)`).
+fn live_members(group: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut alive = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue; // ended meanwhile
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(state), Some(pgrp)) = (fields.first(), fields.get(2)) else {
+            continue;
+        };
+        if pgrp.parse::<i32>() == Ok(group) && !matches!(*state, "Z" | "X") {
+            alive.push(pid);
+        }
+    }
+    alive
 }
 
 /// End every running command's process group (SIGTERM, then SIGKILL after
@@ -340,6 +400,35 @@ fn shell_quote(s: &str) -> String {
 mod tests {
     use super::*;
     use xlpipe_stage_api::Stage;
+
+    #[test]
+    fn a_group_has_ended_when_only_zombies_are_left() {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while live_members(group).len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                live_members(group)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let short = std::time::Duration::from_millis(100);
+        assert_eq!(wait_for_group_end(group, short).unwrap_err().len(), 3);
+        // SAFETY: the group this test created.
+        unsafe {
+            libc::killpg(group, libc::SIGKILL);
+        }
+        // The leader is our child: a zombie until reaped, and not counted.
+        wait_for_group_end(group, std::time::Duration::from_secs(10)).unwrap();
+        child.wait().unwrap();
+    }
 
     #[test]
     fn finds_placeholders_and_ignores_shell_braces() {

@@ -90,6 +90,26 @@ impl<'a> Report<'a> {
         cells.into_iter().chain(domains).collect()
     }
 
+    /// The main table's columns: `cells` without the average of a domain
+    /// that holds one dataset (it would repeat that dataset's columns).
+    fn table_cells(&self) -> Vec<Cell> {
+        let mut datasets_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for e in &self.evaluations {
+            datasets_of
+                .entry(self.domain(&e.dataset))
+                .or_default()
+                .insert(&e.dataset);
+        }
+        self.cells()
+            .into_iter()
+            .filter(|(name, _, _)| {
+                datasets_of
+                    .get(name.as_str())
+                    .is_none_or(|datasets| datasets.len() > 1)
+            })
+            .collect()
+    }
+
     /// Values of `cell` at `point`, one per replicate (domain cells average
     /// their datasets within each replicate).
     fn replicate_values(&self, point: &Point, cell: &Cell) -> Vec<f64> {
@@ -130,15 +150,24 @@ impl<'a> Report<'a> {
         Ok(markdown)
     }
 
+    /// The value of `var` at `point`. A point outside the grid (the
+    /// untuned model's evaluations) reads `untuned` under `x`, as in the
+    /// plots.
+    fn point_text(&self, point: &Point, var: &str) -> String {
+        if point.is_empty() && var == self.p.x {
+            "untuned".into()
+        } else {
+            variable_text(point, var)
+        }
+    }
+
     /// Columns naming the grid point, one per variable.
     fn variable_columns(&self, points: &[&Point]) -> Vec<Column> {
         self.variables
             .iter()
             .map(|var| {
-                string_column(
-                    var,
-                    points.iter().map(|pt| variable_text(pt, var)).collect(),
-                )
+                let text = |pt: &&Point| self.point_text(pt, var);
+                string_column(var, points.iter().map(text).collect())
             })
             .collect()
     }
@@ -176,7 +205,7 @@ impl<'a> Report<'a> {
     }
 
     fn write_main(&self, out: &Path) -> anyhow::Result<String> {
-        let cells = self.cells();
+        let cells = self.table_cells();
         let points: Vec<&Point> = self.points.iter().collect();
         let mut columns = self.variable_columns(&points);
         let mut text_columns: Vec<(String, Vec<String>)> = Vec::new();
@@ -228,7 +257,7 @@ impl<'a> Report<'a> {
                 let mut row: Vec<String> = self
                     .variables
                     .iter()
-                    .map(|var| variable_text(pt, var))
+                    .map(|var| self.point_text(pt, var))
                     .collect();
                 row.push(replicates[i].to_string());
                 row.extend(text_columns.iter().map(|(_, v)| v[i].clone()));
