@@ -73,3 +73,59 @@ impl Evaluation {
         })
     }
 }
+
+/// One training run's curves, from a `train` stage's `training` output.
+pub(super) struct TrainingCurve {
+    /// The run's grid point, e.g. `alpha=0.5, seed=1`.
+    pub label: String,
+    /// (step, training loss) for every step.
+    pub loss: Vec<(f64, f64)>,
+    /// (step, validation loss) where the run validated.
+    pub val_loss: Vec<(f64, f64)>,
+}
+
+impl TrainingCurve {
+    pub fn load(artifact: &InputArtifact) -> anyhow::Result<TrainingCurve> {
+        let file = artifact.path.join("metrics.parquet");
+        let frame = xlpipe_stage_api::table::read_parquet(&file).map_err(|e| {
+            anyhow::anyhow!(
+                "input `training` from {}: {} is not a train stage's metrics ({e:#})",
+                artifact.producer,
+                file.display()
+            )
+        })?;
+        let column = |name: &str| -> anyhow::Result<Vec<Option<f64>>> {
+            let values = frame
+                .column(name)
+                .and_then(|c| c.cast(&polars::prelude::DataType::Float64))
+                .map_err(|e| anyhow::anyhow!("{}: column `{name}`: {e}", file.display()))?;
+            Ok(values.f64()?.iter().collect())
+        };
+        let steps = column("step")?;
+        let pairs = |values: Vec<Option<f64>>| -> Vec<(f64, f64)> {
+            steps
+                .iter()
+                .zip(values)
+                .filter_map(|(s, v)| Some(((*s)?, v?)))
+                .collect()
+        };
+        let label = if artifact.grid.is_empty() {
+            artifact.producer.clone()
+        } else {
+            artifact
+                .grid
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => format!("{k}={s}"),
+                    other => format!("{k}={other}"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Ok(TrainingCurve {
+            label,
+            loss: pairs(column("loss")?),
+            val_loss: pairs(column("val_loss")?),
+        })
+    }
+}

@@ -99,7 +99,9 @@ impl TypedStage for ReportStage {
     // 3: untuned levels labelled "(untuned)" in their setting's colour;
     // the t quantile beyond 30 degrees of freedom to 1e-4.
     // 4: reads the results format; grid points sort numbers as numbers.
-    const VERSION: u32 = 4;
+    // 5: the untuned row labelled; no domain columns repeating one
+    // dataset's; training curves.
+    const VERSION: u32 = 5;
     const SUMMARY: &'static str = "result tables (mean ± 95% CI over seeds, paired bootstrap) and plots of a grid's evaluations";
 
     fn validate(&self, mut p: ReportParams, _env: &ParamsEnv) -> Result<ReportParams, ParamError> {
@@ -128,7 +130,13 @@ impl TypedStage for ReportStage {
         _inputs: &[String],
     ) -> Result<Interface, ParamError> {
         Ok(Interface {
-            inputs: vec![InputSlot::many("evaluations")],
+            inputs: vec![
+                InputSlot::many("evaluations"),
+                InputSlot {
+                    optional: true,
+                    ..InputSlot::many("training")
+                },
+            ],
             ..Interface::producing(&["report"])
         })
     }
@@ -145,7 +153,13 @@ impl TypedStage for ReportStage {
         std::fs::create_dir_all(out.join("plots"))?;
         let markdown = report.write_tables(&out)?;
         std::fs::write(out.join("report.md"), markdown)?;
-        plot::write_plots(&report, &out.join("plots"))
+        plot::write_plots(&report, &out.join("plots"))?;
+        let curves = ctx
+            .inputs("training")
+            .iter()
+            .map(load::TrainingCurve::load)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        plot::write_training_curves(&curves, &out.join("plots"))
     }
 
     fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use xlpipe_eval::results::BIAS;
 
+use super::load::TrainingCurve;
 use super::tables::{Cell, Report};
 use super::Point;
 
@@ -168,6 +169,62 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `training-loss` (the training loss, a running mean over 10 steps, as
+/// single steps are noisy) and `validation-loss` against step, one line per
+/// training run.
+pub(super) fn write_training_curves(curves: &[TrainingCurve], dir: &Path) -> anyhow::Result<()> {
+    if curves.is_empty() {
+        return Ok(());
+    }
+    let canvas = Canvas::new();
+    let line = |c: &TrainingCurve, points: Vec<(f64, f64)>| Series {
+        label: c.label.clone(),
+        points: points.into_iter().map(|(x, y)| (x, y, None)).collect(),
+        level: false,
+        // Each run its own colour.
+        setting: c.label.clone(),
+    };
+    let smoothed: Vec<Series> = curves
+        .iter()
+        .map(|c| line(c, running_mean(&c.loss, 10)))
+        .collect();
+    canvas.write(
+        dir,
+        "training-loss",
+        &chart(
+            "training loss (running mean of 10 steps)",
+            "step",
+            "InfoNCE loss",
+            &smoothed,
+        ),
+    )?;
+    let validation: Vec<Series> = curves
+        .iter()
+        .filter(|c| !c.val_loss.is_empty())
+        .map(|c| line(c, c.val_loss.clone()))
+        .collect();
+    if !validation.is_empty() {
+        canvas.write(
+            dir,
+            "validation-loss",
+            &chart("validation loss", "step", "InfoNCE loss", &validation),
+        )?;
+    }
+    Ok(())
+}
+
+/// Each point's y replaced by the mean of it and the `window - 1` before.
+fn running_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    (0..points.len())
+        .map(|i| {
+            let from = (i + 1).saturating_sub(window);
+            let ys = &points[from..=i];
+            let mean = ys.iter().map(|p| p.1).sum::<f64>() / ys.len() as f64;
+            (points[i].0, mean)
+        })
+        .collect()
 }
 
 /// Writes each chart as `STEM.svg` and, rendered at twice its size,
@@ -435,6 +492,34 @@ fn trim_number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn training_curves_are_drawn_one_line_per_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let curve = |label: &str, offset: f64| TrainingCurve {
+            label: label.into(),
+            loss: (1..=30)
+                .map(|s| (s as f64, offset + 1.0 / s as f64))
+                .collect(),
+            val_loss: vec![(10.0, offset + 0.5), (20.0, offset + 0.4)],
+        };
+        let curves = [
+            curve("alpha=0.0, seed=1", 0.0),
+            curve("alpha=1.0, seed=1", 0.1),
+        ];
+        write_training_curves(&curves, dir.path()).unwrap();
+        for stem in ["training-loss", "validation-loss"] {
+            let svg = std::fs::read_to_string(dir.path().join(format!("{stem}.svg"))).unwrap();
+            assert!(svg.contains("alpha=0.0, seed=1") && svg.contains("alpha=1.0, seed=1"));
+            assert!(dir.path().join(format!("{stem}.png")).is_file());
+        }
+        // The running mean: step 10 averages steps 1..=10, step 30 steps 21..=30.
+        let smooth = running_mean(&curves[0].loss, 10);
+        let mean = |a: usize, b: usize| (a..=b).map(|s| 1.0 / s as f64).sum::<f64>() / 10.0;
+        assert!((smooth[9].1 - mean(1, 10)).abs() < 1e-12);
+        assert!((smooth[29].1 - mean(21, 30)).abs() < 1e-12);
+        assert_eq!(smooth[0], curves[0].loss[0]);
+    }
 
     #[test]
     fn ticks_are_round_and_inside() {
