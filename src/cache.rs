@@ -41,6 +41,9 @@ use crate::hashing::hash_path;
 #[derive(Clone)]
 pub struct Cache {
     root: PathBuf,
+    /// Opened on a read-only folder or file system: what is cached can be
+    /// read, planned, shown, reported and verified; nothing is written.
+    read_only: bool,
 }
 
 /// What the cache knows about one computed stage key.
@@ -77,17 +80,38 @@ pub struct InstanceRef {
 
 impl Cache {
     pub fn open(root: &Path) -> anyhow::Result<Cache> {
+        if root.is_dir() && !writable(root) {
+            return Ok(Cache {
+                root: root.to_path_buf(),
+                read_only: true,
+            });
+        }
         for dir in ["objects", "records", "refs", "logs", "locks", "tmp"] {
             fs::create_dir_all(root.join(dir))
                 .with_context(|| format!("creating cache folder {}", root.join(dir).display()))?;
         }
         Ok(Cache {
             root: root.to_path_buf(),
+            read_only: false,
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The error of a command that would write to a read-only cache.
+    pub fn ensure_writable(&self, what: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.read_only,
+            "the cache {} is read-only: {what} cannot write to it (use a writable --cache)",
+            self.root.display()
+        );
+        Ok(())
     }
 
     /// Shared by every run; gc takes it exclusively, so it never deletes
@@ -97,6 +121,14 @@ impl Cache {
     /// behind (their work folders in `tmp/`, half-written `.partial-*`
     /// files), which no live run can own then.
     pub fn lock_shared(&self) -> anyhow::Result<File> {
+        if self.read_only {
+            // Nothing to clear, and no lock file to create: hold the cache
+            // folder itself (flock needs no write access) against a gc
+            // that a writable mount of it might run.
+            let file = File::open(&self.root)?;
+            file.lock_shared()?;
+            return Ok(file);
+        }
         let file = self.open_lock_file(&self.root.join("lock"))?;
         if file.try_lock().is_ok() {
             self.clear_leftovers();
@@ -114,6 +146,7 @@ impl Cache {
     }
 
     pub fn lock_exclusive(&self) -> anyhow::Result<File> {
+        self.ensure_writable("this command")?;
         let file = self.open_lock_file(&self.root.join("lock"))?;
         file.try_lock().map_err(|_| {
             anyhow::anyhow!(
@@ -334,6 +367,11 @@ impl Cache {
             let _ = fs::remove_file(self.seal_path(hash));
         }
         quarantine
+    }
+
+    /// Whether object `hash` re-hashes to its name, touching nothing.
+    pub fn hashes_to_its_name(&self, hash: &str) -> bool {
+        hash_path(&self.object_path(hash)).is_ok_and(|actual| actual == hash)
     }
 
     /// Re-hash object `hash` (for `xlpipe verify`): an intact one is sealed
@@ -566,4 +604,15 @@ pub fn disk_usage(path: &Path) -> u64 {
         Ok(meta) => meta.len(),
         Err(_) => 0,
     }
+}
+
+/// Whether this process may create files in `dir` (false on a read-only
+/// mount even for root, which permission bits do not stop).
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) reads the NUL-terminated path and nothing else.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK) == 0 }
 }

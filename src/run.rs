@@ -421,6 +421,14 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
             }
+            if self.cache.is_read_only() {
+                anyhow::bail!(
+                    "the cache {} is read-only, and {} is not cached: running it would write \
+                     to the cache (use a writable --cache)",
+                    self.cache.root().display(),
+                    pipeline.instances[i].name
+                );
+            }
             if !self.may_run[i] {
                 self.state[i] = State::Failed;
                 self.summary.failed.push(Failure {
@@ -621,10 +629,12 @@ impl<'a> Scheduler<'a> {
     fn complete(&mut self, i: usize, record: Record) -> anyhow::Result<()> {
         let pipeline = self.pipeline;
         let name = &pipeline.instances[i].name;
-        let unchanged = self
-            .cache
-            .instance_ref(&pipeline.name, name)
-            .is_some_and(|r| r.key == record.key);
+        // A read-only cache keeps the refs of whoever wrote it.
+        let unchanged = self.cache.is_read_only()
+            || self
+                .cache
+                .instance_ref(&pipeline.name, name)
+                .is_some_and(|r| r.key == record.key);
         if !unchanged {
             self.cache.write_ref(
                 &pipeline.name,

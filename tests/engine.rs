@@ -1005,3 +1005,79 @@ fn a_run_says_per_stage_what_runs_and_what_is_cached() {
         "{again}"
     );
 }
+
+/// A cache on a read-only file system (an archive of a finished grid, say):
+/// what is cached runs, plans, shows and verifies (`report` reads the same
+/// way); what would write says so.
+#[test]
+fn a_read_only_cache_serves_what_is_cached() {
+    let s = Scratch::new();
+    let mount = s.path("ro");
+    std::fs::create_dir_all(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    s.write("p.toml", GRID);
+    let cache = mount.join("cache");
+    let xlpipe = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlpipe"))
+            .arg("--cache")
+            .arg(&cache)
+            .args(args)
+            .current_dir(s.path(""))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    assert_eq!(xlpipe(&["run", "p.toml"]).0, Some(0));
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&mount)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+
+    let (code, text) = xlpipe(&["run", "p.toml"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("ran 0, cached 8"), "{text}");
+    for args in [&["plan", "p.toml"][..], &["show", "report"], &["status"]] {
+        let (code, text) = xlpipe(args);
+        assert_eq!(code, Some(0), "{args:?}: {text}");
+    }
+    let (code, text) = xlpipe(&["verify"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("verified 8 objects: 0 damaged"), "{text}");
+    let (code, text) = xlpipe(&["gc"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("is read-only: gc cannot write"), "{text}");
+
+    // Something to run: one error naming the cache and the instance.
+    s.write("p.toml", &GRID.replace("seq 1 5", "seq 1 6"));
+    let (code, text) = xlpipe(&["run", "p.toml"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the cache {} is read-only, and data is not cached",
+            cache.display()
+        )),
+        "{text}"
+    );
+}
