@@ -159,13 +159,38 @@ impl Cache {
 
     /// Held while `key` is computed, so two runs sharing the cache never
     /// compute the same key at once: the second waits, then finds the record.
+    ///
+    /// The holder removes the lock file when it is done ([`Self::release_key`]),
+    /// so a waiter may get the lock of a file no longer in `locks/`: it
+    /// then opens the current one and locks again, or two runs (one on the
+    /// removed file, one on a new one) could hold "the" lock at once.
     pub fn lock_key(&self, key: &str, instance: &str) -> anyhow::Result<File> {
-        let file = self.open_lock_file(&self.root.join("locks").join(format!("{key}.lock")))?;
-        if file.try_lock().is_err() {
-            tracing::info!("{instance}: another run is computing it; waiting");
-            file.lock()?;
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let mut waited = false;
+        loop {
+            let file = self.open_lock_file(&path)?;
+            if file.try_lock().is_err() {
+                if !waited {
+                    tracing::info!("{instance}: another run is computing it; waiting");
+                    waited = true;
+                }
+                file.lock()?;
+            }
+            if same_file(&file, &path) {
+                return Ok(file);
+            }
         }
-        Ok(file)
+    }
+
+    /// Done with `key` (its record written, or found): remove its lock file
+    /// while still holding it, then let go. A run waiting on it finds the
+    /// file gone and locks a fresh one (see [`Self::lock_key`]).
+    pub fn release_key(&self, key: &str, lock: File) {
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        if same_file(&lock, &path) {
+            let _ = fs::remove_file(&path);
+        }
+        drop(lock);
     }
 
     /// Remove work folders under `tmp/` and `.partial-*` files beside
@@ -615,4 +640,13 @@ fn writable(dir: &Path) -> bool {
     };
     // SAFETY: access(2) reads the NUL-terminated path and nothing else.
     unsafe { libc::access(path.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Whether `file` is the file now at `path` (same device and inode).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }

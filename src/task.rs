@@ -140,6 +140,7 @@ impl Task {
             .map_err(|e| fail(e, None))?;
         if !self.spec.forced {
             if let Some(record) = self.cache.record(&self.spec.key) {
+                self.cache.release_key(&self.spec.key, key_lock);
                 return Ok(Outcome::FoundCached(record));
             }
         }
@@ -152,6 +153,9 @@ impl Task {
         if let Err(err) = remove_path(&temp) {
             tracing::warn!("could not remove {}: {err}", temp.display());
         }
+        // The command's processes have ended (the command stage waits for
+        // its whole group): nothing else holds this lock any more.
+        self.cache.release_key(&self.spec.key, key_lock);
         result
             .map(Outcome::Ran)
             .map_err(|e| fail(e, Some(log_path)))

@@ -286,7 +286,8 @@ outputs = ["out"]
 "#,
         counter = counter.display()
     );
-    for name in ["a", "b"] {
+    let names = ["a", "b", "c", "d"];
+    for name in names {
         s.write(
             &format!("{name}.toml"),
             &format!(
@@ -302,9 +303,11 @@ outputs = ["out"]
             ),
         );
     }
-    let a = s.spawn(&["run", "a.toml"]);
-    let b = s.spawn(&["run", "b.toml"]);
-    for child in [a, b] {
+    let children: Vec<_> = names
+        .iter()
+        .map(|name| s.spawn(&["run", &format!("{name}.toml")]))
+        .collect();
+    for child in children {
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
@@ -312,11 +315,19 @@ outputs = ["out"]
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // The shared key was computed once; the other run waited and reused it.
+    // The shared key was computed once; the other runs waited and reused
+    // it, though its lock file was removed under them when it was done.
     assert_eq!(std::fs::read_to_string(&counter).unwrap(), "x\n");
-    assert_eq!(s.records(), 3);
+    assert_eq!(s.records(), 5);
     let status = s.ok(&["status"]).stdout;
-    assert!(status.contains("a ") && status.contains("b "), "{status}");
+    assert!(status.contains("a ") && status.contains("d "), "{status}");
+    // Every key is complete and unlocked: no lock file is left.
+    let locks: Vec<_> = std::fs::read_dir(s.cache().join("locks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(locks.is_empty(), "{locks:?}");
 }
 
 #[test]
