@@ -807,27 +807,38 @@ outputs = ["o"]
     assert!(s.ok(&["verify"]).stdout.contains("0 damaged"));
 }
 
+/// Unmounts its folder when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A tmpfs of `size` at `dir`; `None` (and the test says it skipped) where
+/// this process may not mount one.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<Unmount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return None;
+    }
+    Some(Unmount(dir.to_path_buf()))
+}
+
 #[test]
 fn a_full_disk_is_named_and_leaves_no_partial_files() {
     let s = Scratch::new();
     let mount = s.path("small");
-    std::fs::create_dir_all(&mount).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&mount)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+    let Some(_unmount) = mount_tmpfs(&mount, "256k") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    };
     // The output takes (nearly) all the space: storing it is a rename, but
     // its seal and record cannot be written.
     s.write(
@@ -1024,23 +1035,9 @@ fn a_run_says_per_stage_what_runs_and_what_is_cached() {
 fn a_read_only_cache_serves_what_is_cached() {
     let s = Scratch::new();
     let mount = s.path("ro");
-    std::fs::create_dir_all(&mount).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mount)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+    let Some(_unmount) = mount_tmpfs(&mount, "4m") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    };
     s.write("p.toml", GRID);
     let cache = mount.join("cache");
     let xlpipe = |args: &[&str]| {

@@ -12,16 +12,22 @@ pub(super) fn format_summary(mean: f64, ci95: Option<f64>, bias: bool) -> String
     }
 }
 
+/// The width of each column: its widest cell, at least 3 (a rule's `---`).
+fn column_widths(header: &[String], rows: &[Vec<String>]) -> Vec<usize> {
+    (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .chain([header[i].chars().count(), 3])
+                .max()
+                .unwrap_or(3)
+        })
+        .collect()
+}
+
 /// A Markdown table with padded columns, so it also reads in a terminal.
 pub(super) fn markdown_table(header: &[String], rows: &[Vec<String>]) -> String {
-    let width = |i: usize| {
-        rows.iter()
-            .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
-            .chain([header[i].chars().count(), 3])
-            .max()
-            .unwrap_or(3)
-    };
-    let widths: Vec<usize> = (0..header.len()).map(width).collect();
+    let widths = column_widths(header, rows);
     let line = |cells: &[String]| {
         let padded: Vec<String> = widths
             .iter()
@@ -69,14 +75,9 @@ fn fit_width(table: &str, width: usize) -> String {
     let header = cells(lines.next().unwrap_or_default());
     let rows: Vec<Vec<String>> = lines.skip(1).map(cells).collect();
     let keys = header.iter().take_while(|h| !h.contains('/')).count();
-    let column_width = |i: usize| {
-        rows.iter()
-            .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
-            .chain([header[i].chars().count(), 3])
-            .max()
-            .unwrap_or(3)
-            + 3
-    };
+    // Each column takes its cells' width plus its " | " separator.
+    let widths = column_widths(&header, &rows);
+    let column_width = |i: usize| widths[i] + 3;
     let key_width: usize = 1 + (0..keys).map(column_width).sum::<usize>();
     let mut out = String::new();
     let mut next = keys;
