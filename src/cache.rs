@@ -165,7 +165,7 @@ impl Cache {
     /// then opens the current one and locks again, or two runs (one on the
     /// removed file, one on a new one) could hold "the" lock at once.
     pub fn lock_key(&self, key: &str, instance: &str) -> anyhow::Result<File> {
-        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let path = self.key_lock_path(key);
         let mut waited = false;
         loop {
             let file = self.open_lock_file(&path)?;
@@ -182,11 +182,15 @@ impl Cache {
         }
     }
 
+    fn key_lock_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
+    }
+
     /// Done with `key` (its record written, or found): remove its lock file
     /// while still holding it, then let go. A run waiting on it finds the
     /// file gone and locks a fresh one (see [`Self::lock_key`]).
     pub fn release_key(&self, key: &str, lock: File) {
-        let path = self.root.join("locks").join(format!("{key}.lock"));
+        let path = self.key_lock_path(key);
         if same_file(&lock, &path) {
             let _ = fs::remove_file(&path);
         }
@@ -362,7 +366,7 @@ impl Cache {
         let ok = match sealed {
             Some(sealed) => file_stamps(&path).is_ok_and(|now| now == sealed),
             None => {
-                let same = hash_path(&path).is_ok_and(|actual| actual == hash);
+                let same = self.hashes_to_its_name(hash);
                 if same {
                     if let Err(err) = self.seal(hash) {
                         tracing::warn!("{err:#}");
@@ -403,16 +407,12 @@ impl Cache {
     /// afresh, a damaged or unreadable one moved out of the store (the next
     /// run rebuilds it). Returns whether it was intact.
     pub fn reverify(&self, hash: &str) -> anyhow::Result<bool> {
-        let path = self.object_path(hash);
-        match hash_path(&path) {
-            Ok(actual) if actual == hash => {
-                self.seal(hash)?;
-                Ok(true)
-            }
-            _ => {
-                self.quarantine(&path);
-                Ok(false)
-            }
+        if self.hashes_to_its_name(hash) {
+            self.seal(hash)?;
+            Ok(true)
+        } else {
+            self.quarantine(&self.object_path(hash));
+            Ok(false)
         }
     }
 

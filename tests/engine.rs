@@ -851,15 +851,9 @@ outputs = ["o"]
 "#,
     );
     let cache = mount.join("cache");
-    let ran = std::process::Command::new(env!("CARGO_BIN_EXE_xlpipe"))
-        .arg("--cache")
-        .arg(&cache)
-        .args(["run", "p.toml"])
-        .current_dir(s.path(""))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&ran.stderr);
-    assert!(!ran.status.success(), "{stderr}");
+    let ran = s.xlpipe_on(&cache, &["run", "p.toml"]);
+    let stderr = &ran.stderr;
+    assert_ne!(ran.code, 0, "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");
     // The step (storing the output: its seal) and the file are named.
     assert!(
@@ -1040,20 +1034,10 @@ fn a_read_only_cache_serves_what_is_cached() {
     };
     s.write("p.toml", GRID);
     let cache = mount.join("cache");
+    // Exit code, and stdout and stderr as one text.
     let xlpipe = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xlpipe"))
-            .arg("--cache")
-            .arg(&cache)
-            .args(args)
-            .current_dir(s.path(""))
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        let ran = s.xlpipe_on(&cache, args);
+        (Some(ran.code), format!("{}{}", ran.stdout, ran.stderr))
     };
     assert_eq!(xlpipe(&["run", "p.toml"]).0, Some(0));
     let remounted = std::process::Command::new("mount")

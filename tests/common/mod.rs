@@ -100,9 +100,14 @@ impl Scratch {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_on(&self.cache, args)
+    }
+
+    /// `xlpipe` in this folder on another cache (one on a mount, say).
+    pub fn command_on(&self, cache: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_xlpipe"));
         cmd.arg("--cache")
-            .arg(self.cache())
+            .arg(cache)
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
@@ -113,6 +118,10 @@ impl Scratch {
 
     pub fn xlpipe(&self, args: &[&str]) -> Ran {
         self.command(args).output().unwrap().into()
+    }
+
+    pub fn xlpipe_on(&self, cache: &Path, args: &[&str]) -> Ran {
+        self.command_on(cache, args).output().unwrap().into()
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {

@@ -112,15 +112,8 @@ impl TrainingCurve {
         let label = if artifact.grid.is_empty() {
             artifact.producer.clone()
         } else {
-            artifact
-                .grid
-                .iter()
-                .map(|(k, v)| match v {
-                    Value::String(s) => format!("{k}={s}"),
-                    other => format!("{k}={other}"),
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
+            let point: Point = artifact.grid.clone().into_iter().collect();
+            super::point_label(&point)
         };
         Ok(TrainingCurve {
             label,
