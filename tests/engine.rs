@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Scratch;
+use common::{mount_tmpfs, Scratch};
 
 /// data -> train (alpha x seed) -> report (collects every train instance).
 const GRID: &str = r#"
@@ -805,31 +805,6 @@ outputs = ["o"]
     assert_eq!(std::fs::read_to_string(object).unwrap(), "first\n");
     assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 1));
     assert!(s.ok(&["verify"]).stdout.contains("0 damaged"));
-}
-
-/// Unmounts its folder when dropped.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
-/// A tmpfs of `size` at `dir`; `None` (and the test says it skipped) where
-/// this process may not mount one.
-fn mount_tmpfs(dir: &std::path::Path, size: &str) -> Option<Unmount> {
-    std::fs::create_dir_all(dir).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        return None;
-    }
-    Some(Unmount(dir.to_path_buf()))
 }
 
 #[test]

@@ -162,6 +162,7 @@ impl TypedStage for CommandStage {
             .open(&ctx.log_path)
             .with_context(|| format!("opening log {}", ctx.log_path.display()))?;
         tracing::info!("$ {line}");
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         command
             .arg("-c")
             .arg(&line)
@@ -174,7 +175,8 @@ impl TypedStage for CommandStage {
         let status = run_in_own_group(command, ctx.key_lock_fd)?;
         if !status.success() {
             anyhow::bail!(
-                "command exited with {status}: {line}\n(see the stage log for its output)"
+                "command exited with {status}: {line}\n{}",
+                output_tail(&ctx.log_path, log_start)
             );
         }
         for name in &p.outputs {
@@ -184,6 +186,35 @@ impl TypedStage for CommandStage {
         }
         Ok(())
     }
+}
+
+/// The last lines the command wrote to its log (from byte `start`), each
+/// cut to a window: why a command failed ("No space left on device", a
+/// missing file) is nearly always there.
+fn output_tail(log: &std::path::Path, start: u64) -> String {
+    const LINES: usize = 5;
+    const WIDTH: usize = 200;
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(bytes.get(start as usize..).unwrap_or_default());
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return "(it printed nothing)".into();
+    }
+    let mut out = String::from("its output ended with:");
+    for line in &lines[lines.len().saturating_sub(LINES)..] {
+        let chars: Vec<char> = line.chars().collect();
+        let shown = if chars.len() <= WIDTH {
+            line.to_string()
+        } else {
+            // The reason usually ends the line ("…: No space left on
+            // device"), after long paths: keep both ends.
+            let head: String = chars[..WIDTH / 3].iter().collect();
+            let tail: String = chars[chars.len() - WIDTH * 2 / 3..].iter().collect();
+            format!("{head} … {tail}")
+        };
+        out.push_str(&format!("\n  | {shown}"));
+    }
+    out
 }
 
 /// Process groups of the commands running now, for [`end_live_commands`].
@@ -400,6 +431,29 @@ fn shell_quote(s: &str) -> String {
 mod tests {
     use super::*;
     use xlpipe_stage_api::Stage;
+
+    #[test]
+    fn a_failure_quotes_the_end_of_what_the_command_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let earlier = "from an earlier attempt\n";
+        let long = format!("{}: No space left on device", "x".repeat(500));
+        let text: String = (1..=7).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, format!("{earlier}{text}{long}\n")).unwrap();
+        let tail = output_tail(&log, earlier.len() as u64);
+        let quoted: Vec<&str> = tail.lines().skip(1).collect();
+        assert_eq!(quoted.len(), 5, "{tail}");
+        assert_eq!(quoted[0], "  | line 4");
+        assert!(quoted[4].len() < 220, "{tail}");
+        assert!(quoted[4].contains("x … x"), "{tail}");
+        assert!(quoted[4].ends_with(": No space left on device"), "{tail}");
+        assert!(!tail.contains("earlier"), "{tail}");
+        std::fs::write(&log, earlier).unwrap();
+        assert_eq!(
+            output_tail(&log, earlier.len() as u64),
+            "(it printed nothing)"
+        );
+    }
 
     #[test]
     fn a_group_has_ended_when_only_zombies_are_left() {

@@ -105,7 +105,7 @@ impl Scratch {
 
     /// `xlpipe` in this folder on another cache (one on a mount, say).
     pub fn command_on(&self, cache: &Path, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xlpipe"));
+        let mut cmd = Command::new(xlpipe_binary());
         cmd.arg("--cache")
             .arg(cache)
             .args(args)
@@ -143,6 +143,14 @@ impl Scratch {
     pub fn records(&self) -> usize {
         count_files(&self.cache().join("records"))
     }
+}
+
+/// The binary under test: this build's, or the one `XLPIPE_TEST_BIN` names
+/// (to run a suite against an older build, e.g. for a before/after table).
+pub fn xlpipe_binary() -> PathBuf {
+    std::env::var_os("XLPIPE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_xlpipe")))
 }
 
 /// blake3 over the stage crate's sources.
@@ -343,4 +351,39 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
             worst.max(d)
         }
     })
+}
+
+/// Unmounts its folder when dropped.
+pub struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A tmpfs of `size` at `dir`; `None` (and the test says it skipped) where
+/// this process may not mount one.
+pub fn mount_tmpfs(dir: &Path, size: &str) -> Option<Unmount> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return None;
+    }
+    Some(Unmount(dir.to_path_buf()))
+}
+
+/// Resize the tmpfs at `dir` (made by `mount_tmpfs`).
+pub fn remount(dir: &Path, size: &str) {
+    let ok = Command::new("mount")
+        .args(["-o", &format!("remount,size={size}")])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "remounting {} at {size}", dir.display());
 }
