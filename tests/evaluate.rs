@@ -10,12 +10,12 @@ use xlpipe_eval::results::{Results, ALL, ANY, BIAS};
 use xlpipe_ml::rng::SplitMix64;
 use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
 
-#[test]
-fn mono_cross_multi_and_bias_by_hand() {
-    let s = Scratch::new();
+/// Two questions in English and German over four candidates, with
+/// `extra` stages added to the pipeline after `eval`.
+fn hand_made_evaluation(s: &Scratch, extra: &str) {
     // Queries: the same two questions in English and German.
     embeddings(
-        &s,
+        s,
         "q",
         &[
             ("q1", "en", [1.0, 0.0]),
@@ -26,7 +26,7 @@ fn mono_cross_multi_and_bias_by_hand() {
     );
     // English answers sit on the queries; German ones are tilted towards the wrong question.
     embeddings(
-        &s,
+        s,
         "c",
         &[
             ("en:a", "en", [1.0, 0.0]),
@@ -50,7 +50,7 @@ fn mono_cross_multi_and_bias_by_hand() {
     .unwrap();
     s.write(
         "p.toml",
-        r#"
+        &(r#"
 [stages.d]
 kind = "import"
 path = "d"
@@ -65,9 +65,17 @@ kind = "evaluate_lareqa"
 inputs.data = "d"
 inputs.questions = "q"
 inputs.candidates = "c"
-"#,
+"#
+        .to_string()
+            + extra),
     );
     s.ok(&["run", "p.toml"]);
+}
+
+#[test]
+fn mono_cross_multi_and_bias_by_hand() {
+    let s = Scratch::new();
+    hand_made_evaluation(&s, "");
     let dir = results_dir(&s);
     let summary: Value =
         serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
@@ -130,13 +138,133 @@ inputs.candidates = "c"
 }
 
 fn results_dir(s: &Scratch) -> PathBuf {
-    let shown = s.ok(&["show", "eval"]).stdout;
+    output_dir(s, "eval", "results")
+}
+
+fn output_dir(s: &Scratch, stage: &str, output: &str) -> PathBuf {
+    let shown = s.ok(&["show", stage]).stdout;
+    let prefix = format!("output   {output}  ");
     s.path(
         shown
             .lines()
-            .find_map(|l| l.trim().strip_prefix("output   results  "))
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
             .unwrap(),
     )
+}
+
+/// `export_mteb` writes MTEB `TaskResult` JSON that mteb itself loads
+/// (live where a python with `mteb` is found: XLPIPE_MTEB_PYTHON, else
+/// python3), with the numbers of the results format; where mteb is not
+/// installed (it needs torch: not in CI), the file is checked against what
+/// mteb 2.26's `TaskResult.from_disk` requires, read from its source.
+#[test]
+fn mteb_loads_the_exported_results() {
+    let s = Scratch::new();
+    hand_made_evaluation(
+        &s,
+        r#"
+[stages.mteb]
+kind = "export_mteb"
+inputs.evaluations = "eval"
+model = "org/tiny"
+tasks = { eval = "HandMadeLAReQA" }
+"#,
+    );
+    let results = Results::read(&results_dir(&s)).unwrap();
+    let out = output_dir(&s, "mteb", "mteb");
+    let file = out.join("results/org__tiny/no_revision_available/HandMadeLAReQA.json");
+    let json: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+
+    // What TaskResult requires (mteb/results/task_result.py, 2.26.24).
+    assert!(json["dataset_revision"].is_string() && json["task_name"] == "HandMadeLAReQA");
+    assert!(json["mteb_version"].is_null() && json["evaluation_time"].is_null());
+    let scores = json["scores"]["test"].as_array().expect("scores per split");
+    for score in scores {
+        assert!(score["main_score"].is_number(), "{score}");
+        assert!(score["hf_subset"].is_string(), "{score}");
+        assert!(score["languages"].is_array(), "{score}");
+    }
+    let subset = |name: &str| {
+        scores
+            .iter()
+            .find(|s| s["hf_subset"] == name)
+            .unwrap_or_else(|| panic!("no subset {name} in {json}"))
+    };
+    let value = |setting: &str, q: &str, c: &str, metric: &str| {
+        results
+            .rows
+            .iter()
+            .find(|r| {
+                (
+                    r.setting.as_str(),
+                    r.query_lang.as_str(),
+                    r.candidate_lang.as_str(),
+                    r.metric.as_str(),
+                ) == (setting, q, c, metric)
+            })
+            .unwrap()
+            .value
+    };
+    assert_eq!(subset("mono")["main_score"], value("mono", ALL, ALL, "map"));
+    assert_eq!(
+        subset("cross-de-en")["ndcg_at_10"],
+        value("cross", "de", "en", "ndcg_10")
+    );
+    assert_eq!(
+        subset("multi")["language_bias"],
+        value("multi", ALL, ALL, BIAS)
+    );
+    assert_eq!(
+        subset("mono")["languages"],
+        serde_json::json!(["deu-Latn", "eng-Latn"])
+    );
+
+    let python = std::env::var("XLPIPE_MTEB_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_mteb = std::process::Command::new(&python)
+        .args(["-c", "import mteb"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_mteb {
+        eprintln!(
+            "SKIPPED the live mteb load (no python with mteb; set XLPIPE_MTEB_PYTHON): \
+             checked against TaskResult's requirements only"
+        );
+        return;
+    }
+    let loaded = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(
+            "import json, sys, mteb\n\
+             from mteb.results import TaskResult\n\
+             r = mteb.ResultCache(cache_path=sys.argv[1]).load_results(\n\
+                 require_model_meta=False, include_remote=False)\n\
+             models = [(m.model_name, m.model_revision) for m in r.model_results]\n\
+             tr = r.model_results[0].task_results[0]\n\
+             one = TaskResult.from_disk(__import__('pathlib').Path(sys.argv[2]))\n\
+             print(json.dumps({'models': models, 'task': tr.task_name,\n\
+                 'mteb': mteb.__version__,\n\
+                 'main': {s['hf_subset']: s['main_score'] for s in one.scores['test']}}))",
+        )
+        .arg(&out)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success(),
+        "mteb could not load the export: {}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    let read: Value = serde_json::from_slice(&loaded.stdout).unwrap();
+    eprintln!("mteb read: {read}");
+    assert_eq!(
+        read["models"],
+        serde_json::json!([["org/tiny", "no_revision_available"]])
+    );
+    assert_eq!(read["task"], "HandMadeLAReQA");
+    let main = &read["main"];
+    assert_eq!(main["mono"], value("mono", ALL, ALL, "map"));
+    assert_eq!(main["multi-de"], value("multi", "de", ANY, "map"));
+    assert_eq!(main.as_object().unwrap().len(), scores.len());
 }
 
 #[test]

@@ -162,10 +162,12 @@ impl Grid {
             keep = e.keep("{outputs.o}", &format!("data-{salt}")),
         );
         let late = if self.late {
-            // Appends after the shell has exited; only ending the whole
-            // process group before hashing keeps this out of a stored
-            // object that does not hash to its name.
-            "exec 3>> {outputs.d}/f2; ( sleep 0.0${i}; yes LATE | head -c 200000 >&3 ) & "
+            // Appends after the shell has exited: one writer still busy
+            // when it exits, one that starts later. Only ending the whole
+            // process group before hashing keeps their bytes out of a
+            // stored object that would then not hash to its name.
+            "exec 3>> {outputs.d}/f2; ( yes LATE | head -c 2000000 >&3 ) & \
+             ( sleep 0.0${i}; yes LATE | head -c 200000 >&3 ) & "
         } else {
             ""
         };

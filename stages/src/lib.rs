@@ -10,6 +10,7 @@ pub mod datasets;
 pub mod download;
 pub mod encode;
 pub mod evaluate;
+pub mod export_mteb;
 pub mod frozen_states;
 pub mod hf_model;
 pub mod import;
@@ -51,5 +52,6 @@ pub fn kinds() -> Vec<Arc<dyn Stage>> {
         Arc::new(evaluate::bitext::EvaluateBitextStage),
         Arc::new(evaluate::adhoc::EvaluateAdhocStage),
         Arc::new(report::ReportStage),
+        Arc::new(export_mteb::ExportMtebStage),
     ]
 }

@@ -121,6 +121,16 @@ impl Results {
             );
     }
 
+    /// The dataset these results are of: the evaluation's `dataset` param,
+    /// or else the stage name of `producer` (e.g. `xquad_r_eval[seed=1]`).
+    pub fn dataset_or_stage(&self, producer: &str) -> String {
+        if self.dataset.is_empty() {
+            producer.split('[').next().unwrap_or_default().to_string()
+        } else {
+            self.dataset.clone()
+        }
+    }
+
     /// Write `results.parquet` and `query_results.parquet` into `dir`.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let rows = &self.rows;

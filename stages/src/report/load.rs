@@ -37,13 +37,7 @@ impl Evaluation {
         })?;
         let mut grid = artifact.grid.clone();
         let replicate = grid.remove(&p.replicate);
-        // An evaluation without a `dataset` param is named by its stage.
-        let dataset = if results.dataset.is_empty() {
-            let stage = artifact.producer.split('[').next();
-            stage.unwrap_or_default().to_string()
-        } else {
-            results.dataset
-        };
+        let dataset = results.dataset_or_stage(&artifact.producer);
         let mut summary = BTreeMap::new();
         let mut per_language = BTreeMap::new();
         for row in results.rows {
