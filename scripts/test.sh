@@ -27,5 +27,7 @@ python3 -c "import numpy" >/dev/null 2>&1 || pip_install numpy
 python3 -c "import pytrec_eval" >/dev/null 2>&1 || pip_install pytrec-eval-terrier
 # tensorboard: its own reader reads back the event files `train` writes.
 python3 -c "import tensorboard" >/dev/null 2>&1 || pip_install tensorboard
+# huggingface_hub: its ModelCard reads back the results `model_card` writes.
+python3 -c "import huggingface_hub" >/dev/null 2>&1 || pip_install huggingface_hub
 
 cargo test --workspace --locked "$@"

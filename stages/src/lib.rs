@@ -14,6 +14,7 @@ pub mod export_mteb;
 pub mod frozen_states;
 pub mod hf_model;
 pub mod import;
+pub mod model_card;
 mod on_device;
 pub mod qa_pairs;
 pub mod report;
@@ -53,5 +54,6 @@ pub fn kinds() -> Vec<Arc<dyn Stage>> {
         Arc::new(evaluate::adhoc::EvaluateAdhocStage),
         Arc::new(report::ReportStage),
         Arc::new(export_mteb::ExportMtebStage),
+        Arc::new(model_card::ModelCardStage),
     ]
 }
