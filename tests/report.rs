@@ -5,8 +5,9 @@
 mod common;
 
 use common::{embeddings, qrels, Scratch};
+use polars::prelude::Column;
 use xlpipe_ml::rng::SplitMix64;
-use xlpipe_stage_api::table::{read_parquet, strings};
+use xlpipe_stage_api::table::{read_parquet, strings, write_parquet};
 
 const DIM: usize = 8;
 
@@ -63,6 +64,25 @@ fn report_tables_intervals_bootstrap_and_plots() {
                 })
                 .collect();
             embeddings(&s, &format!("q_{alpha}_{seed}"), &questions);
+            // A training run's curves and TensorBoard folder, as `train` writes them.
+            let run = format!("t_{alpha}_{seed}");
+            std::fs::create_dir_all(s.path(&format!(
+                "{run}/tensorboard/train[alpha={alpha},seed={seed}]"
+            )))
+            .unwrap();
+            s.write(
+                &format!("{run}/tensorboard/train[alpha={alpha},seed={seed}]/events.out.tfevents.1.xlpipe"),
+                &run,
+            );
+            write_parquet(
+                &s.path(&format!("{run}/metrics.parquet")),
+                vec![
+                    Column::new("step".into(), vec![1i64, 2, 3]),
+                    Column::new("loss".into(), vec![Some(2.0f64), Some(1.5), Some(1.0)]),
+                    Column::new("val_loss".into(), vec![None, Some(1.8f64), None]),
+                ],
+            )
+            .unwrap();
         }
     }
     s.write(
@@ -91,9 +111,15 @@ kind = "evaluate_lareqa"
 inputs.data = "d"
 inputs.questions = "q"
 inputs.candidates = "c"
+[stages.tr]
+kind = "command"
+cmd = "cp -r t_${alpha}_${seed} {outputs.training}"
+outputs = ["training"]
+deps = ["t_${alpha}_${seed}"]
 [stages.report]
 kind = "report"
 inputs.evaluations = "eval[*]"
+inputs.training = "tr.training[*]"
 in_domain = ["eval"]
 bootstrap_samples = 200
 "#,
@@ -227,6 +253,23 @@ bootstrap_samples = 200
         let be = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
         assert_eq!((be(16), be(20)), (1280, 800), "{plot}");
     }
+    // Training curves, and every run's TensorBoard folder gathered in one.
+    assert!(dir.join("plots/validation-loss.svg").is_file());
+    let mut runs: Vec<String> = std::fs::read_dir(dir.join("tensorboard"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 6, "{runs:?}");
+    assert_eq!(runs[0], "train[alpha=0.0,seed=1]");
+    assert_eq!(
+        std::fs::read_to_string(
+            dir.join("tensorboard/train[alpha=0.5,seed=2]/events.out.tfevents.1.xlpipe")
+        )
+        .unwrap(),
+        "t_0.5_2"
+    );
     let csv = std::fs::read_to_string(dir.join("main.csv")).unwrap();
     assert!(
         csv.starts_with("alpha,eval/cross/map,eval/cross/map/ci95"),

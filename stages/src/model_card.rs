@@ -17,12 +17,12 @@
 //! ad-hoc), read through the one results format.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use xlpipe_eval::results::{Results, ALL};
+use xlpipe_stage_api::content::link_tree;
 use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 pub struct ModelCardStage;
@@ -90,7 +90,8 @@ impl TypedStage for ModelCardStage {
             );
         }
         let out = ctx.output("model");
-        link_tree(&model.path, &out)?;
+        link_tree(&model.path, &out)
+            .with_context(|| format!("linking {} into {}", model.path.display(), out.display()))?;
         let card_path = model.path.join("README.md");
         let card = std::fs::read_to_string(&card_path)
             .with_context(|| format!("{} has no model card", model.path.display()))?;
@@ -107,24 +108,6 @@ impl TypedStage for ModelCardStage {
         std::fs::write(&target, card)?;
         Ok(())
     }
-}
-
-/// `from`'s tree at `to`: files hard-linked (objects are read-only, so a
-/// shared inode cannot be changed through either name), or copied where
-/// links cannot be made (another file system).
-fn link_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let (source, target) = (entry.path(), to.join(entry.file_name()));
-        if entry.file_type()?.is_dir() {
-            link_tree(&source, &target)?;
-        } else if std::fs::hard_link(&source, &target).is_err() {
-            std::fs::copy(&source, &target)
-                .with_context(|| format!("copying {}", source.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// The card with a `model-index` in its front matter and an "Evaluation"

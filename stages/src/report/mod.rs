@@ -39,6 +39,8 @@
 //!   language pools (so with parallel queries, as in XQuAD-R, the mean over
 //!   queries is the macro average).
 //! - `report.md`: the tables above for reading; `plots/*.svg` and `*.png`.
+//! - `tensorboard/<run>/`: with `inputs.training`, every run's TensorBoard
+//!   events (hard-linked), for one `tensorboard --logdir` over the grid.
 
 mod load;
 mod markdown;
@@ -51,7 +53,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use anyhow::Context;
+
 use xlpipe_eval::results::known_metrics;
+use xlpipe_stage_api::content::link_tree;
 use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
 
 use load::Evaluation;
@@ -101,7 +106,8 @@ impl TypedStage for ReportStage {
     // 4: reads the results format; grid points sort numbers as numbers.
     // 5: the untuned row labelled; no domain columns repeating one
     // dataset's; training curves.
-    const VERSION: u32 = 5;
+    // 6: a grid's TensorBoard runs gathered under `tensorboard/`.
+    const VERSION: u32 = 6;
     const SUMMARY: &'static str = "result tables (mean ± 95% CI over seeds, paired bootstrap) and plots of a grid's evaluations";
 
     fn validate(&self, mut p: ReportParams, _env: &ParamsEnv) -> Result<ReportParams, ParamError> {
@@ -159,7 +165,19 @@ impl TypedStage for ReportStage {
             .iter()
             .map(load::TrainingCurve::load)
             .collect::<anyhow::Result<Vec<_>>>()?;
-        plot::write_training_curves(&curves, &out.join("plots"))
+        plot::write_training_curves(&curves, &out.join("plots"))?;
+        // Every run's TensorBoard events in one folder, so that
+        // `tensorboard --logdir <report>/tensorboard` shows the whole grid
+        // (each run folder is named after its instance).
+        for artifact in ctx.inputs("training") {
+            let events = artifact.path.join("tensorboard");
+            if events.is_dir() {
+                link_tree(&events, &out.join("tensorboard")).with_context(|| {
+                    format!("gathering the TensorBoard runs of {}", artifact.producer)
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {
