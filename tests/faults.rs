@@ -140,6 +140,12 @@ struct Grid {
     width: usize,
     late: bool,
     bytes: usize,
+    /// Pad `data`'s work folder (in the cache's `tmp/`, removed once the
+    /// instance is recorded) until (margin) KB are left, so that storing
+    /// its output (the seal, the record) meets a full disk; the free space
+    /// counted is capped (at the disk's size) so that a rerun on a bigger
+    /// disk does not fill that one too.
+    leave_free_k: Option<(u64, u64)>,
 }
 
 impl Grid {
@@ -150,14 +156,23 @@ impl Grid {
             width: 6,
             late: false,
             bytes: 2_000,
+            leave_free_k: None,
         }
     }
 
     fn toml(&self, e: &Evidence) -> String {
         let salt = self.salt;
         let values: Vec<String> = (1..=self.width).map(|i| i.to_string()).collect();
+        let pad = match self.leave_free_k {
+            Some((k, cap)) => format!(
+                "avail=$(df -k --output=avail $(dirname {{outputs.o}}) | tail -1); \
+                 [ $avail -le {cap} ] || avail={cap}; \
+                 head -c $(( (avail - {k}) * 1024 )) /dev/zero > $XLPIPE_WORK/pad 2>/dev/null || true; "
+            ),
+            None => String::new(),
+        };
         let data = format!(
-            "set -e; {mark}{{ echo begin; seq 1 2000; sleep 0.05; echo salt {salt}; echo end; }} > {{outputs.o}}; {keep}",
+            "set -e; {mark}{{ echo begin; seq 1 2000; sleep 0.05; echo salt {salt}; echo end; }} > {{outputs.o}}; {pad}{keep}",
             mark = e.mark(&format!("data-{salt}")),
             keep = e.keep("{outputs.o}", &format!("data-{salt}")),
         );
@@ -530,6 +545,11 @@ fn disk_full_at_random_points() {
         remount(&mount, &format!("{size_k}k"));
         let mut grid = Grid::new("full", 400 + t as u64);
         grid.bytes = 4_000 + rng.below(40_000) as usize;
+        // Every other try fills the disk to within a few pages right after
+        // `data`'s command, so that storing it (its seal, its record) fails.
+        if t % 2 == 1 {
+            grid.leave_free_k = Some((rng.below(12), size_k));
+        }
         let file = grid.write(&s, &e);
         let ran = s.xlpipe_on(&cache, &["run", &file]);
         let mut problems = Vec::new();

@@ -527,3 +527,76 @@ max_len = 48
         assert_eq!(as_pairs(tag).len(), 4, "{tag}");
     }
 }
+
+/// The per-step training loss and learning rate of a finished training.
+fn curve(dir: &Path) -> Vec<(f64, f64)> {
+    let metrics = read_parquet(&dir.join("metrics.parquet")).unwrap();
+    let column = |name: &str| -> Vec<f64> {
+        metrics
+            .column(name)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap_or(f64::NAN))
+            .collect()
+    };
+    column("loss").into_iter().zip(column("lr")).collect()
+}
+
+/// Under `lr_schedule = "wsd"` a step depends on (seed, step), never on the
+/// budget: the first 6 steps of a 10-step run whose decay starts at 6 are
+/// those of a 6-step run without decay, bit for bit (stratified blocks
+/// included). Under the linear schedule they are not (the control: the
+/// comparison can fail).
+#[test]
+fn a_wsd_stable_phase_does_not_depend_on_the_budget() {
+    let s = Scratch::shared();
+    tiny_model(&s);
+    let common =
+        "alpha = 0.5\nmix = \"stratified\"\nbatch_size = 8\nlr = 1e-3\neval_every = 0\nseed = 7\n";
+    let runs = [
+        (
+            "wsd6",
+            "lr_schedule = \"wsd\"\nwarmup_steps = 2\ndecay_steps = 0\nsteps = 6\n",
+        ),
+        (
+            "wsd10",
+            "lr_schedule = \"wsd\"\nwarmup_steps = 2\ndecay_steps = 4\nsteps = 10\n",
+        ),
+        ("linear6", "steps = 6\n"),
+        ("linear10", "steps = 10\n"),
+    ];
+    let mut curves = std::collections::BTreeMap::new();
+    for (name, schedule) in runs {
+        s.write("p.toml", &pipeline(name, &format!("{common}{schedule}")));
+        let ran = run_until_train(&s);
+        assert_eq!(ran.code, 0, "{ran}");
+        curves.insert(name, curve(&output(&s, name, "training")));
+    }
+    let (short, long) = (&curves["wsd6"], &curves["wsd10"]);
+    assert_eq!((short.len(), long.len()), (6, 10));
+    for (step, (a, b)) in short.iter().zip(long).enumerate() {
+        assert!(
+            a.0.to_bits() == b.0.to_bits() && a.1.to_bits() == b.1.to_bits(),
+            "step {}: loss/lr {a:?} (6 steps) vs {b:?} (10 steps)",
+            step + 1
+        );
+    }
+    // Warmup over 2 steps, then constant, then the 1-sqrt decay.
+    let lrs: Vec<f64> = long.iter().map(|(_, lr)| *lr).collect();
+    assert_eq!(&lrs[..6], &[5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]);
+    assert!(
+        lrs[6] == 1e-3 && lrs[7] < lrs[6] && lrs[9] < lrs[8] && lrs[9] > 0.0,
+        "{lrs:?}"
+    );
+    assert!(
+        (lrs[7] - 1e-3 * (1.0 - 0.25f64.sqrt())).abs() < 1e-15,
+        "{lrs:?}"
+    );
+    let (short, long) = (&curves["linear6"], &curves["linear10"]);
+    assert!(
+        short.iter().zip(long).skip(1).any(|(a, b)| a != b),
+        "the linear schedule's first steps should depend on the budget"
+    );
+}

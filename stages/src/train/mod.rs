@@ -92,6 +92,21 @@ pub struct TrainParams {
     weight_decay: f64,
     #[serde(default = "default_warmup_ratio")]
     warmup_ratio: f64,
+    /// `linear` (warmup over `warmup_ratio` of the steps, then down to 0 at
+    /// the last step) or `wsd` (warmup-stable-decay: `warmup_steps` up,
+    /// constant, then down over the last `decay_steps`), whose steps before
+    /// the decay do not depend on `steps`.
+    #[serde(default, skip_serializing_if = "LrSchedule::is_linear")]
+    lr_schedule: LrSchedule,
+    /// WSD's warmup, in steps (a share of `steps` would tie it to the budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    warmup_steps: Option<usize>,
+    /// WSD's decay: the last this many steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    decay_steps: Option<usize>,
+    /// WSD's decay shape: `linear` or `1-sqrt` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    decay_shape: Option<DecayShape>,
     #[serde(default = "default_max_grad_norm")]
     max_grad_norm: f64,
     #[serde(default = "default_grad_accumulation")]
@@ -145,6 +160,31 @@ pub struct TrainParams {
     /// `base_model` (e.g. "intfloat/multilingual-e5-small").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     base_model: Option<String>,
+}
+
+/// How the learning rate moves over training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    Linear,
+    Wsd,
+}
+
+impl LrSchedule {
+    fn is_linear(&self) -> bool {
+        *self == LrSchedule::Linear
+    }
+}
+
+/// The shape of WSD's decay from `lr` to 0.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum DecayShape {
+    #[serde(rename = "linear")]
+    Linear,
+    /// lr × (1 − sqrt(progress)) (Hägele et al. 2024 found it better than linear).
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
 }
 
 fn default_language_choice() -> LanguageChoice {
@@ -254,6 +294,7 @@ impl TypedStage for TrainStage {
                 "must be a share of tokens above 0 (1 = one padded batch)",
             ));
         }
+        check_schedule(&p)?;
         p.device = p.device.check().map_err(|m| ParamError::new("device", m))?;
         Ok(p)
     }
@@ -273,6 +314,49 @@ impl TypedStage for TrainStage {
     fn execute(&self, p: &TrainParams, ctx: &StageContext) -> anyhow::Result<()> {
         run_on(p.device, ctx, p)
     }
+}
+
+/// WSD's params go with `lr_schedule = "wsd"` and nothing that spans the
+/// whole budget: everything before its decay must not depend on `steps`.
+fn check_schedule(p: &TrainParams) -> Result<(), ParamError> {
+    let wsd_only = [
+        ("warmup_steps", p.warmup_steps.is_some()),
+        ("decay_steps", p.decay_steps.is_some()),
+        ("decay_shape", p.decay_shape.is_some()),
+    ];
+    if p.lr_schedule == LrSchedule::Linear {
+        if let Some((name, _)) = wsd_only.iter().find(|(_, set)| *set) {
+            return Err(ParamError::new(
+                *name,
+                "belongs to lr_schedule = \"wsd\" (this train uses the linear schedule)",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(decay) = p.decay_steps else {
+        return Err(ParamError::new(
+            "decay_steps",
+            "lr_schedule = \"wsd\" needs decay_steps (the last steps, over which lr decays to 0)",
+        ));
+    };
+    let warmup = p.warmup_steps.unwrap_or(0);
+    if warmup + decay > p.steps {
+        return Err(ParamError::new(
+            "decay_steps",
+            format!(
+                "warmup_steps ({warmup}) + decay_steps ({decay}) exceed steps ({})",
+                p.steps
+            ),
+        ));
+    }
+    if p.alpha_end.is_some() {
+        return Err(ParamError::new(
+            "alpha_end",
+            "a ramp of alpha spans the whole budget, so with lr_schedule = \"wsd\" every step \
+             would depend on `steps`; use a constant alpha",
+        ));
+    }
+    Ok(())
 }
 
 /// Training runs on the backend it is given, with autodiff.

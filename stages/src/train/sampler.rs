@@ -43,6 +43,12 @@ pub enum Mix {
 /// Steps per block of [`Mix::Stratified`].
 pub const STRATUM: usize = 20;
 
+/// The `total` for a sampler whose draws must depend on the step alone
+/// (training under WSD, whose stable phase is shared across budgets):
+/// stratified blocks are then never cut short by the end of training.
+/// A ramp of alpha needs a real total (`train` refuses one under WSD).
+pub const NO_HORIZON: usize = usize::MAX;
+
 /// alpha over training: constant, or a linear ramp from `alpha` to
 /// `alpha_end` (beyond the paper).
 #[derive(Debug, Clone, Copy, PartialEq)]

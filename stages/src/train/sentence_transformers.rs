@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 
-use super::TrainParams;
+use super::{DecayShape, LrSchedule, TrainParams};
 use xlpipe_ml::model::Pooling;
 
 /// What the card says about the run beside its params.
@@ -136,7 +136,16 @@ fn model_card(p: &TrainParams, run: &RunFacts) -> String {
         ("batch size", p.batch_size.to_string()),
         (
             "learning rate",
-            format!("{} (warmup {})", p.lr, p.warmup_ratio),
+            match p.lr_schedule {
+                LrSchedule::Linear => format!("{} (warmup {})", p.lr, p.warmup_ratio),
+                LrSchedule::Wsd => format!(
+                    "{} (warmup-stable-decay: warmup {} steps, decay {:?} over the last {})",
+                    p.lr,
+                    p.warmup_steps.unwrap_or(0),
+                    p.decay_shape.unwrap_or(DecayShape::OneMinusSqrt),
+                    p.decay_steps.unwrap_or(0)
+                ),
+            },
         ),
         ("layers trained", layers),
         ("pooling", format!("{:?}, L2-normalised", p.pooling)),

@@ -11,10 +11,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use polars::prelude::Column;
 
 use super::checkpoint::{Checkpoints, MetricRow, Progress};
-use super::sampler::{AlphaSchedule, Batch, HybridSampler, ParallelPairs};
+use super::sampler::{AlphaSchedule, Batch, HybridSampler, ParallelPairs, NO_HORIZON};
 use super::sentence_transformers::{self, RunFacts};
 use super::tensorboard::{write_events, Scalar};
-use super::{load_pairs, Init, TrainParams};
+use super::{load_pairs, DecayShape, Init, LrSchedule, TrainParams};
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::model::cpu_kernels::seed_dropout;
 use xlpipe_ml::model::{
@@ -192,14 +192,42 @@ pub(super) fn clip_norm(max_grad_norm: f64) -> Option<f64> {
     (max_grad_norm > 0.0).then_some(max_grad_norm)
 }
 
-/// Learning rate at `step`: linear warmup, then linear decay to zero.
-fn learning_rate(p: &TrainParams, step: usize) -> f64 {
-    let warmup = ((p.steps as f64) * p.warmup_ratio).round() as usize;
-    if step < warmup {
-        p.lr * (step + 1) as f64 / warmup as f64
-    } else {
-        let remaining = (p.steps - step) as f64 / (p.steps - warmup).max(1) as f64;
-        p.lr * remaining
+/// Learning rate at `step` (from 0).
+///
+/// Linear: warmup over `warmup_ratio` of the steps, then linear decay to
+/// zero at the end, so every step's rate depends on `steps`. WSD: warmup
+/// over `warmup_steps`, constant, then decay over the last `decay_steps`;
+/// before the decay the rate depends on the step alone.
+pub(super) fn learning_rate(p: &TrainParams, step: usize) -> f64 {
+    match p.lr_schedule {
+        LrSchedule::Linear => {
+            let warmup = ((p.steps as f64) * p.warmup_ratio).round() as usize;
+            if step < warmup {
+                p.lr * (step + 1) as f64 / warmup as f64
+            } else {
+                let remaining = (p.steps - step) as f64 / (p.steps - warmup).max(1) as f64;
+                p.lr * remaining
+            }
+        }
+        LrSchedule::Wsd => {
+            let warmup = p.warmup_steps.unwrap_or(0);
+            let decay = p.decay_steps.unwrap_or(0);
+            let decay_start = p.steps - decay;
+            if step < warmup {
+                p.lr * (step + 1) as f64 / warmup as f64
+            } else if step < decay_start {
+                p.lr
+            } else {
+                // From just below 1 at the decay's first step to 1/decay
+                // of the way at its last (never exactly 0: a step at lr 0
+                // would be wasted).
+                let progress = (step - decay_start) as f64 / decay as f64;
+                match p.decay_shape.unwrap_or(DecayShape::OneMinusSqrt) {
+                    DecayShape::Linear => p.lr * (1.0 - progress),
+                    DecayShape::OneMinusSqrt => p.lr * (1.0 - progress.sqrt()),
+                }
+            }
+        }
     }
 }
 
@@ -239,7 +267,12 @@ pub(super) fn train<B: AutodiffBackend>(
         start: p.alpha,
         end: p.alpha_end.unwrap_or(p.alpha),
     };
-    let micro_steps = p.steps * p.grad_accumulation;
+    // Under WSD the sampler sees no horizon, so a step's batch depends on
+    // (seed, step) alone, never on the budget (see `sampler::NO_HORIZON`).
+    let micro_steps = match p.lr_schedule {
+        LrSchedule::Linear => p.steps * p.grad_accumulation,
+        LrSchedule::Wsd => NO_HORIZON,
+    };
     let mut sampler = HybridSampler::new(
         &train_data,
         p.batch_size,
