@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::Scratch;
-use xlpipe_stage_api::table::{read_parquet, string_column, write_parquet};
+use xlpipe_stage_api::table::{read_parquet, string_column, strings, write_parquet};
 
 fn repo(path: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -599,4 +599,94 @@ fn a_wsd_stable_phase_does_not_depend_on_the_budget() {
         short.iter().zip(long).skip(1).any(|(a, b)| a != b),
         "the linear schedule's first steps should depend on the budget"
     );
+}
+
+/// The held-out pairs as a retrieval set: a trained model is scored on
+/// them by the same encode + evaluate_lareqa as on XQuAD-R (mono, cross,
+/// multi, bias), and the set holds only `valid` pairs, never training ones.
+#[test]
+fn held_out_pairs_make_a_validation_retrieval_set() {
+    let s = Scratch::shared();
+    tiny_model(&s);
+    let stages = r#"alpha = 0.5
+steps = 4
+batch_size = 8
+eval_every = 0
+seed = 2
+
+[stages.valid_set]
+kind = "validation_retrieval"
+inputs.pairs = "translate"
+
+[stages.valid_questions]
+kind = "encode"
+inputs.model = "train.model"
+inputs.texts = "valid_set"
+table = "questions"
+text = "question"
+id = "qid"
+max_len = 24
+
+[stages.valid_candidates]
+kind = "encode"
+inputs.model = "train.model"
+inputs.texts = "valid_set"
+table = "candidates"
+text = "sentence"
+id = "cid"
+max_len = 48
+
+[stages.valid_eval]
+kind = "evaluate_lareqa"
+inputs.data = "valid_set"
+inputs.questions = "valid_questions"
+inputs.candidates = "valid_candidates"
+dataset = "validation"
+"#;
+    s.write("p.toml", &pipeline("valid", stages));
+    let ran = s.xlpipe(&[
+        "run",
+        "p.toml",
+        "--offline",
+        "--mirror",
+        &repo("../shared/mirror"),
+    ]);
+    assert_eq!(ran.code, 0, "{ran}");
+    let shown = |stage: &str, output: &str| {
+        let text = s.ok(&["show", stage, "--pipeline", "valid"]).stdout;
+        let prefix = format!("output   {output}  ");
+        s.path(
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+                .unwrap(),
+        )
+    };
+    // Only held-out pairs, in both languages, one query per pair and language.
+    let pairs = read_parquet(&shown("translate", "pairs").join("pairs.parquet")).unwrap();
+    let (ids, splits) = (
+        strings(&pairs, "pair_id").unwrap(),
+        strings(&pairs, "split").unwrap(),
+    );
+    let valid: std::collections::BTreeSet<&String> = ids
+        .iter()
+        .zip(&splits)
+        .filter(|(_, s)| *s == "valid")
+        .map(|(id, _)| id)
+        .collect();
+    let questions = read_parquet(&shown("valid_set", "data").join("questions.parquet")).unwrap();
+    let qids = strings(&questions, "qid").unwrap();
+    assert!(
+        qids.iter().all(|q| valid.contains(q)),
+        "a training pair is in the set"
+    );
+    assert_eq!(qids.len(), 2 * valid.len());
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shown("valid_eval", "results").join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    for setting in ["mono", "cross", "multi"] {
+        let map = summary[setting]["map"].as_f64().unwrap();
+        assert!(map > 0.0 && map <= 1.0, "{setting}: {summary}");
+    }
+    assert!(summary["max_min_rank_distance"].as_f64().unwrap() >= 0.0);
 }

@@ -20,6 +20,7 @@ pub mod qa_pairs;
 pub mod report;
 pub mod train;
 pub mod translate;
+pub mod validation_retrieval;
 
 use std::sync::Arc;
 
@@ -44,6 +45,7 @@ pub fn kinds() -> Vec<Arc<dyn Stage>> {
         Arc::new(datasets::parallel::ParallelStage),
         Arc::new(datasets::miracl::MiraclStage),
         Arc::new(answer_retrieval::AnswerRetrievalStage),
+        Arc::new(validation_retrieval::ValidationRetrievalStage),
         Arc::new(qa_pairs::QaPairsStage),
         Arc::new(translate::TranslateStage),
         Arc::new(train::TrainStage),
