@@ -326,8 +326,9 @@ impl Cache {
         }
         make_read_only(path)?;
         fs::create_dir_all(dest.parent().expect("sharded path has a parent"))?;
-        if let Err(err) = fs::rename(path, &dest) {
-            // Another run stored the same content first.
+        if let Err(err) = rename_no_replace(path, &dest) {
+            // Another run stored the same content first (under another
+            // key: equal outputs of different stages); its copy stays.
             if dest.exists() {
                 remove_path(path)?;
             } else {
@@ -492,6 +493,46 @@ impl Cache {
     }
 }
 
+/// Rename `from` to `to` unless `to` exists. A plain rename would replace
+/// an existing file: a run storing content another run has just stored
+/// (and is sealing) would swap the file under that seal, and the next hit
+/// would find the object "changed" and throw it away.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    };
+    let (from_c, to_c) = (c_path(from)?, c_path(to)?);
+    // SAFETY: renameat2(2) with two NUL-terminated paths relative to the
+    // working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) {
+        return Err(err);
+    }
+    // A file system without RENAME_NOREPLACE: a file is linked (which fails
+    // on an existing name) then unlinked; a folder cannot replace a
+    // non-empty one anyway.
+    if fs::symlink_metadata(from)?.is_dir() {
+        fs::rename(from, to)
+    } else {
+        fs::hard_link(from, to)?;
+        fs::remove_file(from)
+    }
+}
+
 /// Write `bytes` to `path` so that readers see either the old file or the
 /// whole new one, even after a crash.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
@@ -648,5 +689,42 @@ fn same_file(file: &File, path: &Path) -> bool {
     match (file.metadata(), fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs storing the same content under different keys (two pipelines
+    /// whose outputs happen to be equal) must leave one object whose seal
+    /// describes it: a rename that replaced the first copy after its seal
+    /// was read made the next hit see "changed" and throw it away.
+    #[test]
+    fn concurrent_stores_of_one_content_leave_an_intact_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        for round in 0..60 {
+            let content = format!("round {round}\n");
+            let stored: Vec<String> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..3)
+                    .map(|t| {
+                        let (cache, content) = (&cache, &content);
+                        scope.spawn(move || {
+                            let temp = cache.temp_dir(&format!("{t:0>16}")).unwrap();
+                            let output = temp.join("o");
+                            fs::write(&output, content).unwrap();
+                            cache.store(&output).unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(stored.windows(2).all(|w| w[0] == w[1]), "{stored:?}");
+            assert!(
+                cache.intact(&stored[0]),
+                "round {round}: the stored object does not match its seal"
+            );
+        }
     }
 }

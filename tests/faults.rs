@@ -441,18 +441,26 @@ fn concurrent_runs_over_shared_keys() {
             std::thread::sleep(Duration::from_millis(rng.below(150)));
         }
         let mut problems = Vec::new();
+        let mut warnings = Vec::new();
         for child in children {
             let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             if !out.status.success() {
-                problems.push(format!(
-                    "a concurrent run failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
+                problems.push(format!("a concurrent run failed: {stderr}"));
             }
+            warnings.extend(
+                stderr
+                    .lines()
+                    .filter(|l| l.contains("WARN"))
+                    .map(String::from),
+            );
         }
         problems.extend(audit(&s.cache(), &e));
         for grid in &grids {
             problems.extend(final_output_problems(&s, &e, grid));
+        }
+        if !problems.is_empty() {
+            problems.extend(warnings);
         }
         tally.record(problems);
     }
