@@ -236,6 +236,71 @@ bootstrap_samples = 200
         assert!(low <= delta.get(row).unwrap() && delta.get(row).unwrap() <= high);
     }
 
+    // Holm within each family (one baseline, one measure: the two other
+    // alphas): the smaller p doubled, the larger kept, made monotone.
+    let floats = |frame: &polars::prelude::DataFrame, name: &str| -> Vec<f64> {
+        frame
+            .column(name)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect()
+    };
+    let (p, holm) = (floats(&boot, "p_value"), floats(&boot, "p_holm"));
+    for row in 0..boot.height() {
+        let sibling = (0..boot.height())
+            .find(|&o| {
+                o != row
+                    && base[o] == base[row]
+                    && setting[o] == setting[row]
+                    && metric[o] == metric[row]
+            })
+            .unwrap();
+        let (mine, other) = (p[row], p[sibling]);
+        let expected = if mine < other || (mine == other && row < sibling) {
+            (2.0 * mine).min(1.0)
+        } else {
+            (2.0 * other).min(1.0).max(mine)
+        };
+        assert!(
+            (holm[row] - expected).abs() < 1e-12,
+            "row {row}: p {mine}, sibling {other}, holm {}",
+            holm[row]
+        );
+    }
+
+    // Against the best point of each measure: the best is never compared
+    // with itself, every other grid point is, and the answer table has one
+    // row per alpha.
+    let best = read_parquet(&dir.join("versus_best.parquet")).unwrap();
+    let (point, best_label, best_setting) = (
+        strings(&best, "alpha").unwrap(),
+        strings(&best, "best").unwrap(),
+        strings(&best, "setting").unwrap(),
+    );
+    // 4 measures (3 settings' map and bias), 2 non-best alphas each.
+    assert_eq!(best.height(), 4 * 2);
+    for row in 0..best.height() {
+        assert_ne!(
+            format!("alpha={}", point[row]),
+            best_label[row],
+            "row {row}"
+        );
+    }
+    // multi/map grows with alpha here, so alpha 1 is its best.
+    let multi_best = (0..best.height())
+        .find(|&r| best_setting[r] == "multi" && strings(&best, "metric").unwrap()[r] == "map")
+        .map(|r| best_label[r].clone())
+        .unwrap();
+    assert_eq!(multi_best, "alpha=1.0");
+    let answer = std::fs::read_to_string(dir.join("versus_best.md")).unwrap();
+    assert_eq!(answer.lines().count(), 2 + 3, "{answer}");
+    assert!(
+        answer.contains("within noise of the best on all"),
+        "{answer}"
+    );
+
     for file in [
         "main.csv",
         "per_language.parquet",

@@ -37,7 +37,13 @@
 //!   query, resampling both) of the difference in the main metric and in
 //!   bias. A query's value in a setting is its mean over that setting's
 //!   language pools (so with parallel queries, as in XQuAD-R, the mean over
-//!   queries is the macro average).
+//!   queries is the macro average). Its
+//!   p-values are adjusted by Holm within each family (one baseline, one
+//!   measure).
+//! - `versus_best.{parquet,csv,md}`: per measure (each setting's main
+//!   metric, and bias) the best grid point, every other point against it
+//!   (paired bootstrap, Holm within the measure), and per point whether it
+//!   is within noise of the best on every measure at once.
 //! - `report.md`: the tables above for reading; `plots/*.svg` and `*.png`.
 //! - `tensorboard/<run>/`: with `inputs.training`, every run's TensorBoard
 //!   events (hard-linked), for one `tensorboard --logdir` over the grid.
@@ -107,7 +113,8 @@ impl TypedStage for ReportStage {
     // 5: the untuned row labelled; no domain columns repeating one
     // dataset's; training curves.
     // 6: a grid's TensorBoard runs gathered under `tensorboard/`.
-    const VERSION: u32 = 6;
+    // 7: Holm-adjusted p-values; every point against each measure's best.
+    const VERSION: u32 = 7;
     const SUMMARY: &'static str = "result tables (mean ± 95% CI over seeds, paired bootstrap) and plots of a grid's evaluations";
 
     fn validate(&self, mut p: ReportParams, _env: &ParamsEnv) -> Result<ReportParams, ParamError> {

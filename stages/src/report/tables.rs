@@ -11,7 +11,7 @@ use polars::prelude::{Column, CsvWriter, DataFrame, SerWriter};
 use serde_json::Value;
 
 use xlpipe_eval::results::BIAS;
-use xlpipe_eval::stats::{mean_ci, p_text, paired_bootstrap, PairedBootstrap};
+use xlpipe_eval::stats::{holm, mean_ci, p_text, paired_bootstrap, PairedBootstrap};
 use xlpipe_stage_api::table::{string_column, write_parquet};
 
 use super::load::Evaluation;
@@ -146,6 +146,7 @@ impl<'a> Report<'a> {
         self.write_results(out)?;
         markdown += &self.write_main(out)?;
         markdown += &self.write_per_language(out)?;
+        markdown += &self.write_versus_best(out)?;
         markdown += &self.write_bootstrap(out)?;
         Ok(markdown)
     }
@@ -371,14 +372,198 @@ impl<'a> Report<'a> {
             .collect()
     }
 
+    /// `point` minus `reference` on `cell`, paired by replicate (the same
+    /// seed on both sides) and by query (those every such replicate holds),
+    /// resampled by `paired_bootstrap` with stream `stream`; `None` where
+    /// the two share no replicate or no query.
+    fn paired(&self, point: &Point, reference: &Point, cell: &Cell, stream: u64) -> Option<Paired> {
+        let ours = self.query_values(point, &cell.0, &cell.1, &cell.2);
+        let theirs = self.query_values(reference, &cell.0, &cell.1, &cell.2);
+        let replicates: Vec<(&QueryValues, &QueryValues)> = ours
+            .iter()
+            .filter_map(|(r, a)| Some((*a, *theirs.get(r)?)))
+            .collect();
+        let (first, _) = replicates.first()?;
+        let mut queries: Vec<&String> = first
+            .keys()
+            .filter(|q| {
+                replicates
+                    .iter()
+                    .all(|(a, b)| a.contains_key(*q) && b.contains_key(*q))
+            })
+            .collect();
+        if queries.is_empty() {
+            return None;
+        }
+        queries.sort();
+        let differences: Vec<Vec<f64>> = replicates
+            .iter()
+            .map(|(a, b)| queries.iter().map(|q| a[*q] - b[*q]).collect())
+            .collect();
+        Some(Paired {
+            queries: queries.len(),
+            replicates: differences.len(),
+            result: paired_bootstrap(&differences, self.p.bootstrap_samples, stream),
+        })
+    }
+
+    /// The issue's question as a table: per measure (each dataset's
+    /// settings in the main metric, and bias), the best grid point by its
+    /// mean over replicates, and every other point against it (paired
+    /// bootstrap, Holm within the measure). A point is "within noise" of
+    /// the best where its Holm-adjusted p is at least 0.05; the last column
+    /// says whether it is so on every measure at once.
+    fn write_versus_best(&self, out: &Path) -> anyhow::Result<String> {
+        struct Row<'r> {
+            point: &'r Point,
+            best: &'r Point,
+            cell: Cell,
+            paired: Paired,
+            p_holm: f64,
+        }
+        let x = &self.p.x;
+        let cells: Vec<Cell> = self
+            .cells()
+            .into_iter()
+            .filter(|c| self.evaluations.iter().any(|e| e.dataset == c.0))
+            .filter(|c| c.2 == self.p.metric || c.2 == BIAS)
+            .collect();
+        // Only grid points with a value of x (not an untuned baseline).
+        let grid: Vec<&Point> = self
+            .points
+            .iter()
+            .filter(|pt| pt.iter().any(|(k, _)| k == x))
+            .collect();
+        let mut rows: Vec<Row> = Vec::new();
+        let mut bests: Vec<(Cell, &Point)> = Vec::new();
+        for (index, cell) in cells.iter().enumerate() {
+            let lower_is_better = cell.2 == BIAS;
+            let means: Vec<(&Point, f64)> = grid
+                .iter()
+                .filter_map(|pt| Some((*pt, self.summarise(pt, cell)?.mean)))
+                .filter(|(_, m)| !m.is_nan())
+                .collect();
+            let Some(&(best, _)) = means.iter().max_by(|a, b| {
+                let order = a.1.total_cmp(&b.1);
+                if lower_is_better {
+                    order.reverse()
+                } else {
+                    order
+                }
+            }) else {
+                continue;
+            };
+            bests.push((cell.clone(), best));
+            let first = rows.len();
+            for (point, _) in &means {
+                if *point == best {
+                    continue;
+                }
+                let stream = 1_000 + index as u64;
+                if let Some(paired) = self.paired(point, best, cell, stream) {
+                    rows.push(Row {
+                        point,
+                        best,
+                        cell: cell.clone(),
+                        paired,
+                        p_holm: f64::NAN,
+                    });
+                }
+            }
+            let adjusted = holm(
+                &rows[first..]
+                    .iter()
+                    .map(|r| r.paired.result.p_value)
+                    .collect::<Vec<_>>(),
+            );
+            for (row, p) in rows[first..].iter_mut().zip(adjusted) {
+                row.p_holm = p;
+            }
+        }
+        let within = |r: &Row| r.p_holm >= 0.05;
+        let points: Vec<&Point> = rows.iter().map(|r| r.point).collect();
+        let mut columns = self.variable_columns(&points);
+        let text = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
+        let num = |f: fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+        columns.extend([
+            string_column("best", text(|r| point_label(r.best))),
+            string_column("dataset", text(|r| r.cell.0.clone())),
+            string_column("setting", text(|r| r.cell.1.clone())),
+            string_column("metric", text(|r| r.cell.2.clone())),
+            Column::new(
+                "replicates".into(),
+                rows.iter()
+                    .map(|r| r.paired.replicates as i64)
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new("delta".into(), num(|r| r.paired.result.delta)),
+            Column::new("ci_low".into(), num(|r| r.paired.result.ci_low)),
+            Column::new("ci_high".into(), num(|r| r.paired.result.ci_high)),
+            Column::new("p_value".into(), num(|r| r.paired.result.p_value)),
+            Column::new("p_holm".into(), num(|r| r.p_holm)),
+            Column::new(
+                "within_noise".into(),
+                rows.iter().map(within).collect::<Vec<bool>>(),
+            ),
+        ]);
+        write_table(out, "versus_best", columns)?;
+
+        // The answer: one row per grid point, one column per measure.
+        let header: Vec<String> = std::iter::once("grid point".to_string())
+            .chain(
+                bests
+                    .iter()
+                    .map(|(c, _)| format!("{}/{}/{}", c.0, c.1, c.2)),
+            )
+            .chain(std::iter::once(
+                "within noise of the best on all".to_string(),
+            ))
+            .collect();
+        let answer: Vec<Vec<String>> = grid
+            .iter()
+            .map(|pt| {
+                let mut all = true;
+                let mut row = vec![point_label(pt)];
+                for (cell, best) in &bests {
+                    if best == pt {
+                        row.push("best".into());
+                        continue;
+                    }
+                    let found = rows.iter().find(|r| r.point == *pt && r.cell == *cell);
+                    let digits = if cell.2 == BIAS { 1 } else { 4 };
+                    row.push(match found {
+                        Some(r) => {
+                            all &= within(r);
+                            let mark = if within(r) { "≈" } else { "✗" };
+                            format!("{mark} {:+.d$}", r.paired.result.delta, d = digits)
+                        }
+                        None => {
+                            all = false;
+                            "–".into()
+                        }
+                    });
+                }
+                row.push(if all { "yes".into() } else { "no".into() });
+                row
+            })
+            .collect();
+        let table = markdown_table(&header, &answer);
+        std::fs::write(out.join("versus_best.md"), &table)?;
+        Ok(format!(
+            "## Within noise of the best?
+
+Per measure, the best grid point by its mean over {r}s (`best`; for bias the lowest), and every other point's difference from it (paired bootstrap by {r} and query, as below); `≈` where the difference is within noise (Holm-adjusted p ≥ 0.05 within the measure), `✗` where the point is reliably worse. The last column answers whether a point is within noise of the best on every measure at once. `versus_best.csv` has the intervals and both p-values.\n\n{table}\n",
+            r = self.p.replicate
+        ))
+    }
+
     fn write_bootstrap(&self, out: &Path) -> anyhow::Result<String> {
         struct Row<'r> {
             point: &'r Point,
             baseline: f64,
-            cell: (String, String, String),
-            queries: usize,
-            replicates: usize,
-            result: PairedBootstrap,
+            cell: Cell,
+            paired: Paired,
+            p_holm: f64,
         }
         let x = &self.p.x;
         let mut rows: Vec<Row> = Vec::new();
@@ -413,46 +598,37 @@ impl<'a> Report<'a> {
                     continue;
                 };
                 for (index, cell) in dataset_cells.iter().enumerate() {
-                    let ours = self.query_values(point, &cell.0, &cell.1, &cell.2);
-                    let theirs = self.query_values(reference, &cell.0, &cell.1, &cell.2);
-                    // Paired by replicate (the same seed on both sides) and
-                    // by query: the queries every such replicate holds.
-                    let replicates: Vec<(&QueryValues, &QueryValues)> = ours
-                        .iter()
-                        .filter_map(|(r, a)| Some((*a, *theirs.get(r)?)))
-                        .collect();
-                    let Some((first, _)) = replicates.first() else {
+                    let Some(paired) = self.paired(point, reference, cell, index as u64 + 1) else {
                         continue;
                     };
-                    let mut queries: Vec<&String> = first
-                        .keys()
-                        .filter(|q| {
-                            replicates
-                                .iter()
-                                .all(|(a, b)| a.contains_key(*q) && b.contains_key(*q))
-                        })
-                        .collect();
-                    if queries.is_empty() {
-                        continue;
-                    }
-                    queries.sort();
-                    let differences: Vec<Vec<f64>> = replicates
-                        .iter()
-                        .map(|(a, b)| queries.iter().map(|q| a[*q] - b[*q]).collect())
-                        .collect();
                     rows.push(Row {
                         point,
                         baseline,
                         cell: cell.clone(),
-                        queries: queries.len(),
-                        replicates: differences.len(),
-                        result: paired_bootstrap(
-                            &differences,
-                            self.p.bootstrap_samples,
-                            index as u64 + 1,
-                        ),
+                        paired,
+                        p_holm: f64::NAN,
                     });
                 }
+            }
+        }
+        // One family per baseline and measure: the other values of x
+        // compared with it (Holm, family-wise error).
+        let families: BTreeSet<(u64, Cell)> = rows
+            .iter()
+            .map(|r| (r.baseline.to_bits(), r.cell.clone()))
+            .collect();
+        for family in families {
+            let members: Vec<usize> = (0..rows.len())
+                .filter(|&i| (rows[i].baseline.to_bits(), rows[i].cell.clone()) == family)
+                .collect();
+            let adjusted = holm(
+                &members
+                    .iter()
+                    .map(|&i| rows[i].paired.result.p_value)
+                    .collect::<Vec<_>>(),
+            );
+            for (&i, p) in members.iter().zip(adjusted) {
+                rows[i].p_holm = p;
             }
         }
         let points: Vec<&Point> = rows.iter().map(|r| r.point).collect();
@@ -466,16 +642,21 @@ impl<'a> Report<'a> {
             string_column("metric", text(|r| r.cell.2.clone())),
             Column::new(
                 "queries".into(),
-                rows.iter().map(|r| r.queries as i64).collect::<Vec<_>>(),
+                rows.iter()
+                    .map(|r| r.paired.queries as i64)
+                    .collect::<Vec<_>>(),
             ),
             Column::new(
                 "replicates".into(),
-                rows.iter().map(|r| r.replicates as i64).collect::<Vec<_>>(),
+                rows.iter()
+                    .map(|r| r.paired.replicates as i64)
+                    .collect::<Vec<_>>(),
             ),
-            Column::new("delta".into(), num(|r| r.result.delta)),
-            Column::new("ci_low".into(), num(|r| r.result.ci_low)),
-            Column::new("ci_high".into(), num(|r| r.result.ci_high)),
-            Column::new("p_value".into(), num(|r| r.result.p_value)),
+            Column::new("delta".into(), num(|r| r.paired.result.delta)),
+            Column::new("ci_low".into(), num(|r| r.paired.result.ci_low)),
+            Column::new("ci_high".into(), num(|r| r.paired.result.ci_high)),
+            Column::new("p_value".into(), num(|r| r.paired.result.p_value)),
+            Column::new("p_holm".into(), num(|r| r.p_holm)),
         ]);
         write_table(out, "bootstrap", columns)?;
         let header: Vec<String> = [
@@ -487,6 +668,7 @@ impl<'a> Report<'a> {
             "seeds",
             "Δ (95% CI)",
             "p",
+            "p (Holm)",
         ]
         .map(String::from)
         .to_vec();
@@ -501,24 +683,39 @@ impl<'a> Report<'a> {
                     r.cell.0.clone(),
                     r.cell.1.clone(),
                     r.cell.2.clone(),
-                    r.replicates.to_string(),
-                    format!(
-                        "{:+.d$} ({:+.d$}, {:+.d$})",
-                        r.result.delta,
-                        r.result.ci_low,
-                        r.result.ci_high,
-                        d = digits
-                    ),
-                    p_text(r.result.p_value, self.p.bootstrap_samples),
+                    r.paired.replicates.to_string(),
+                    r.paired.difference_text(digits),
+                    p_text(r.paired.result.p_value, self.p.bootstrap_samples),
+                    p_text(r.p_holm, self.p.bootstrap_samples),
                 ]
             })
             .collect();
         let table = markdown_table(&header, &table_rows);
         std::fs::write(out.join("bootstrap.md"), &table)?;
         Ok(format!(
-            "## Paired bootstrap against {x} = {:?}\n\nDifference in the per-query mean, paired by {r} and by query ({} resamples, each drawing {r}s and queries with replacement, so the interval holds the {r}-to-{r} variance as well as the query sampling; a query's value is its mean over the setting's language pools). p is two-sided; `< 1/resamples` where no resample crossed zero.\n\nGrid points that share a {r} share its random draws (batch sampler stream, initialisation and dropout masks): at one {r}, two values of {x} are compared under common random numbers, which makes paired differences sharper but means that neighbouring values of {x} are not independent evidence of a trend.\n\n{table}\n",
+            "## Paired bootstrap against {x} = {:?}\n\nDifference in the per-query mean, paired by {r} and by query ({} resamples, each drawing {r}s and queries with replacement, so the interval holds the {r}-to-{r} variance as well as the query sampling; a query's value is its mean over the setting's language pools). p is two-sided; `< 1/resamples` where no resample crossed zero; p (Holm) is adjusted by Holm's step-down method within each family (one baseline, one dataset, setting and metric: every other value of {x} against it), which bounds the chance of any false difference in the family at the level read.\n\nGrid points that share a {r} share its random draws (batch sampler stream, initialisation and dropout masks): at one {r}, two values of {x} are compared under common random numbers, which makes paired differences sharper but means that neighbouring values of {x} are not independent evidence of a trend.\n\n{table}\n",
             self.p.baselines, self.p.bootstrap_samples, r = self.p.replicate
         ))
+    }
+}
+
+/// One point minus another on one measure, paired by replicate and query.
+struct Paired {
+    queries: usize,
+    replicates: usize,
+    result: PairedBootstrap,
+}
+
+impl Paired {
+    /// "+0.0123 (+0.0050, +0.0200)".
+    fn difference_text(&self, digits: usize) -> String {
+        format!(
+            "{:+.d$} ({:+.d$}, {:+.d$})",
+            self.result.delta,
+            self.result.ci_low,
+            self.result.ci_high,
+            d = digits
+        )
     }
 }
 
