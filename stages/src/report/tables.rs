@@ -483,29 +483,17 @@ impl<'a> Report<'a> {
         let within = |r: &Row| r.p_holm >= 0.05;
         let points: Vec<&Point> = rows.iter().map(|r| r.point).collect();
         let mut columns = self.variable_columns(&points);
-        let text = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
-        let num = |f: fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
-        columns.extend([
-            string_column("best", text(|r| point_label(r.best))),
-            string_column("dataset", text(|r| r.cell.0.clone())),
-            string_column("setting", text(|r| r.cell.1.clone())),
-            string_column("metric", text(|r| r.cell.2.clone())),
-            Column::new(
-                "replicates".into(),
-                rows.iter()
-                    .map(|r| r.paired.replicates as i64)
-                    .collect::<Vec<_>>(),
-            ),
-            Column::new("delta".into(), num(|r| r.paired.result.delta)),
-            Column::new("ci_low".into(), num(|r| r.paired.result.ci_low)),
-            Column::new("ci_high".into(), num(|r| r.paired.result.ci_high)),
-            Column::new("p_value".into(), num(|r| r.paired.result.p_value)),
-            Column::new("p_holm".into(), num(|r| r.p_holm)),
-            Column::new(
-                "within_noise".into(),
-                rows.iter().map(within).collect::<Vec<bool>>(),
-            ),
-        ]);
+        columns.push(string_column(
+            "best",
+            rows.iter().map(|r| point_label(r.best)).collect(),
+        ));
+        columns.extend(paired_columns(
+            rows.iter().map(|r| (&r.cell, &r.paired, r.p_holm)),
+        ));
+        columns.push(Column::new(
+            "within_noise".into(),
+            rows.iter().map(within).collect::<Vec<bool>>(),
+        ));
         write_table(out, "versus_best", columns)?;
 
         // The answer: one row per grid point, one column per measure.
@@ -633,31 +621,13 @@ Per measure, the best grid point by its mean over {r}s (`best`; for bias the low
         }
         let points: Vec<&Point> = rows.iter().map(|r| r.point).collect();
         let mut columns = self.variable_columns(&points);
-        let text = |f: fn(&Row) -> String| rows.iter().map(f).collect::<Vec<String>>();
-        let num = |f: fn(&Row) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
-        columns.extend([
-            Column::new(format!("baseline_{x}").as_str().into(), num(|r| r.baseline)),
-            string_column("dataset", text(|r| r.cell.0.clone())),
-            string_column("setting", text(|r| r.cell.1.clone())),
-            string_column("metric", text(|r| r.cell.2.clone())),
-            Column::new(
-                "queries".into(),
-                rows.iter()
-                    .map(|r| r.paired.queries as i64)
-                    .collect::<Vec<_>>(),
-            ),
-            Column::new(
-                "replicates".into(),
-                rows.iter()
-                    .map(|r| r.paired.replicates as i64)
-                    .collect::<Vec<_>>(),
-            ),
-            Column::new("delta".into(), num(|r| r.paired.result.delta)),
-            Column::new("ci_low".into(), num(|r| r.paired.result.ci_low)),
-            Column::new("ci_high".into(), num(|r| r.paired.result.ci_high)),
-            Column::new("p_value".into(), num(|r| r.paired.result.p_value)),
-            Column::new("p_holm".into(), num(|r| r.p_holm)),
-        ]);
+        columns.push(Column::new(
+            format!("baseline_{x}").as_str().into(),
+            rows.iter().map(|r| r.baseline).collect::<Vec<f64>>(),
+        ));
+        columns.extend(paired_columns(
+            rows.iter().map(|r| (&r.cell, &r.paired, r.p_holm)),
+        ));
         write_table(out, "bootstrap", columns)?;
         let header: Vec<String> = [
             "grid point",
@@ -717,6 +687,35 @@ impl Paired {
             d = digits
         )
     }
+}
+
+/// The columns of paired comparisons: the measure, the queries and
+/// replicates behind it, the difference with its interval, p and Holm's p.
+fn paired_columns<'r>(
+    rows: impl Iterator<Item = (&'r Cell, &'r Paired, f64)> + Clone,
+) -> Vec<Column> {
+    let text = |f: fn(&Cell) -> &String| rows.clone().map(|(c, _, _)| f(c).clone()).collect();
+    let num = |f: fn(&Paired) -> f64| rows.clone().map(|(_, p, _)| f(p)).collect::<Vec<f64>>();
+    let count = |f: fn(&Paired) -> usize| {
+        rows.clone()
+            .map(|(_, p, _)| f(p) as i64)
+            .collect::<Vec<i64>>()
+    };
+    vec![
+        string_column("dataset", text(|c| &c.0)),
+        string_column("setting", text(|c| &c.1)),
+        string_column("metric", text(|c| &c.2)),
+        Column::new("queries".into(), count(|p| p.queries)),
+        Column::new("replicates".into(), count(|p| p.replicates)),
+        Column::new("delta".into(), num(|p| p.result.delta)),
+        Column::new("ci_low".into(), num(|p| p.result.ci_low)),
+        Column::new("ci_high".into(), num(|p| p.result.ci_high)),
+        Column::new("p_value".into(), num(|p| p.result.p_value)),
+        Column::new(
+            "p_holm".into(),
+            rows.clone().map(|(_, _, h)| h).collect::<Vec<f64>>(),
+        ),
+    ]
 }
 
 /// `var`'s value at `point` as text (empty where the point lacks it).
