@@ -309,7 +309,13 @@ bootstrap_samples = 200
     ] {
         assert!(dir.join(file).is_file(), "{file}");
     }
-    for plot in ["eval-map", "eval-bias", "domains-map"] {
+    for plot in [
+        "eval-map",
+        "eval-bias",
+        "domains-map",
+        "eval-mono-vs-multi",
+        "eval-mono-vs-bias",
+    ] {
         let svg = std::fs::read_to_string(dir.join("plots").join(format!("{plot}.svg"))).unwrap();
         assert!(svg.starts_with("<svg"), "{plot}");
         // The PNG: its signature, and the IHDR size, twice the SVG's 640 x 400.
@@ -335,6 +341,14 @@ bootstrap_samples = 200
         .unwrap(),
         "t_0.5_2"
     );
+    // The trade-off chart: one point per alpha, each labelled with it.
+    let tradeoff = std::fs::read_to_string(dir.join("plots/eval-mono-vs-multi.svg")).unwrap();
+    for alpha in ["0", "0.5", "1"] {
+        assert!(
+            tradeoff.contains(&format!("font-size=\"10\">{alpha}</text>")),
+            "{alpha}: {tradeoff}"
+        );
+    }
     let csv = std::fs::read_to_string(dir.join("main.csv")).unwrap();
     assert!(
         csv.starts_with("alpha,eval/cross/map,eval/cross/map/ci95"),

@@ -114,7 +114,8 @@ impl TypedStage for ReportStage {
     // dataset's; training curves.
     // 6: a grid's TensorBoard runs gathered under `tensorboard/`.
     // 7: Holm-adjusted p-values; every point against each measure's best.
-    const VERSION: u32 = 7;
+    // 8: trade-off charts (mono against multi and against bias).
+    const VERSION: u32 = 8;
     const SUMMARY: &'static str = "result tables (mean ± 95% CI over seeds, paired bootstrap) and plots of a grid's evaluations";
 
     fn validate(&self, mut p: ReportParams, _env: &ParamsEnv) -> Result<ReportParams, ParamError> {

@@ -1,5 +1,7 @@
 //! SVG line charts of a report: a metric against the grid's `x` variable,
-//! one line per series with its 95% CI band over replicates.
+//! one line per series with its 95% CI band over replicates; and per
+//! dataset the trade-off charts, mono against multi and against bias, one
+//! point per value of `x` with CI crosses.
 //!
 //! Written directly as SVG (a few elements per series), which opens in any
 //! browser or Markdown viewer, plus a PNG of each rendered by resvg with
@@ -144,6 +146,86 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    // Per dataset: mono against multi (and against bias), one point per
+    // value of x with its CI cross, joined in x order; the untuned model
+    // (outside the grid) as a hollow square.
+    for dataset in &datasets {
+        let mono: Cell = ((*dataset).clone(), "mono".into(), metric.clone());
+        for (other, name) in [
+            (
+                ((*dataset).clone(), "multi".into(), metric.clone()),
+                "multi",
+            ),
+            (
+                ((*dataset).clone(), "multi".into(), BIAS.to_string()),
+                "bias",
+            ),
+        ] {
+            let pair = |p: &Point| -> Option<TradeoffPoint> {
+                let (a, b) = (report.summarise(p, &mono)?, report.summarise(p, &other)?);
+                Some(TradeoffPoint {
+                    x: (a.mean, a.ci95),
+                    y: (b.mean, b.ci95),
+                    label: x_of(p).map_or_else(|| "untuned".to_string(), trim_number),
+                })
+            };
+            let mut lines: Vec<TradeoffLine> = others
+                .iter()
+                .map(|rest| {
+                    let mut in_order: Vec<(f64, TradeoffPoint)> = report
+                        .points
+                        .iter()
+                        .filter(|p| {
+                            p.iter().filter(|(k, _)| k != x).cloned().collect::<Point>() == *rest
+                        })
+                        .filter_map(|p| Some((x_of(p)?, pair(p)?)))
+                        .collect();
+                    in_order.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    TradeoffLine {
+                        label: format!("{x}{}", suffix(rest)),
+                        points: in_order.into_iter().map(|(_, t)| t).collect(),
+                        outside_grid: false,
+                    }
+                })
+                .filter(|l| !l.points.is_empty())
+                .collect();
+            if lines.is_empty() {
+                continue;
+            }
+            lines.extend(
+                report
+                    .points
+                    .iter()
+                    .filter(|p| x_of(p).is_none())
+                    .filter_map(|p| {
+                        Some(TradeoffLine {
+                            label: if p.is_empty() {
+                                "untuned".into()
+                            } else {
+                                super::point_label(p)
+                            },
+                            points: vec![pair(p)?],
+                            outside_grid: true,
+                        })
+                    }),
+            );
+            let y_label = if name == "bias" {
+                "multi max-min rank distance (lower is better)".to_string()
+            } else {
+                format!("multi {metric}")
+            };
+            canvas.write(
+                dir,
+                &file_name(&format!("{dataset}-mono-vs-{name}")),
+                &tradeoff_chart(
+                    &format!("{dataset}: mono vs {name}, by {x}"),
+                    &format!("mono {metric}"),
+                    &y_label,
+                    &lines,
+                ),
+            )?;
+        }
+    }
     // In-domain against out-of-domain, per setting.
     let domain_series: Vec<Series> = cells
         .iter()
@@ -169,6 +251,150 @@ pub(super) fn write_plots(report: &Report, dir: &Path) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// One model of a trade-off chart: both measures' means and CI half-widths.
+struct TradeoffPoint {
+    x: (f64, Option<f64>),
+    y: (f64, Option<f64>),
+    label: String,
+}
+
+/// The grid's points in x order (joined), or one model outside the grid.
+struct TradeoffLine {
+    label: String,
+    points: Vec<TradeoffPoint>,
+    outside_grid: bool,
+}
+
+/// A scatter of two measures: each point with its 95% CI on both axes, a
+/// grid's points joined in order of x and labelled with x, a model outside
+/// the grid as a hollow square.
+fn tradeoff_chart(title: &str, x_label: &str, y_label: &str, lines: &[TradeoffLine]) -> String {
+    let (left, right, top, bottom) = MARGIN;
+    let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
+    let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for t in lines.iter().flat_map(|l| &l.points) {
+        let (cx, cy) = (t.x.1.unwrap_or(0.0), t.y.1.unwrap_or(0.0));
+        x_min = x_min.min(t.x.0 - cx);
+        x_max = x_max.max(t.x.0 + cx);
+        y_min = y_min.min(t.y.0 - cy);
+        y_max = y_max.max(t.y.0 + cy);
+    }
+    let x_pad = ((x_max - x_min) * 0.08).max(1e-6);
+    let y_pad = ((y_max - y_min) * 0.08).max(1e-6);
+    (x_min, x_max, y_min, y_max) = (x_min - x_pad, x_max + x_pad, y_min - y_pad, y_max + y_pad);
+    let sx = |x: f64| left + (x - x_min) / (x_max - x_min) * plot_w;
+    let sy = |y: f64| top + (1.0 - (y - y_min) / (y_max - y_min)) * plot_h;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>
+"#,
+        left + plot_w / 2.0,
+        escape(title)
+    );
+    for t in ticks(y_min, y_max) {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + plot_w,
+            left - 6.0,
+            sy(t) + 4.0,
+            trim_number(t),
+            y = sy(t)
+        );
+    }
+    for t in ticks(x_min, x_max) {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#f0f0f0"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            top + plot_h,
+            top + plot_h + 16.0,
+            trim_number(t),
+            x = sx(t)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>
+<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>
+<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"##,
+        left + plot_w / 2.0,
+        HEIGHT - 12.0,
+        escape(x_label),
+        top + plot_h / 2.0,
+        escape(y_label)
+    );
+    for (i, line) in lines.iter().enumerate() {
+        let colour = if line.outside_grid {
+            "#444444"
+        } else {
+            COLOURS[i % COLOURS.len()]
+        };
+        let (lx, ly) = (left + plot_w + 12.0, top + 10.0 + i as f64 * 18.0);
+        let _ = writeln!(
+            svg,
+            r#"<circle cx="{:.1}" cy="{ly}" r="4" fill="{colour}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            lx + 9.0,
+            lx + 24.0,
+            ly + 4.0,
+            escape(&line.label)
+        );
+        if line.points.len() > 1 {
+            let path: Vec<String> = line
+                .points
+                .iter()
+                .map(|t| format!("{:.1},{:.1}", sx(t.x.0), sy(t.y.0)))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="1" stroke-opacity="0.6"/>"#,
+                path.join(" ")
+            );
+        }
+        for t in &line.points {
+            let (px, py) = (sx(t.x.0), sy(t.y.0));
+            if let Some(ci) = t.x.1 {
+                let _ = writeln!(
+                    svg,
+                    r#"<line x1="{:.1}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="{colour}"/>"#,
+                    sx(t.x.0 - ci),
+                    sx(t.x.0 + ci)
+                );
+            }
+            if let Some(ci) = t.y.1 {
+                let _ = writeln!(
+                    svg,
+                    r#"<line x1="{px:.1}" y1="{:.1}" x2="{px:.1}" y2="{:.1}" stroke="{colour}"/>"#,
+                    sy(t.y.0 - ci),
+                    sy(t.y.0 + ci)
+                );
+            }
+            if line.outside_grid {
+                let _ = writeln!(
+                    svg,
+                    r#"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="white" stroke="{colour}" stroke-width="2"/>"#,
+                    px - 4.5,
+                    py - 4.5
+                );
+            } else {
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{px:.1}" cy="{py:.1}" r="4" fill="{colour}"/>"#
+                );
+            }
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+                px + 6.0,
+                py - 6.0,
+                escape(&t.label)
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
 
 /// `training-loss` (the training loss, a running mean over 10 steps, as
