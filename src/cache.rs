@@ -399,6 +399,23 @@ impl Cache {
         quarantine
     }
 
+    /// Delete `path` (an object, a record, a folder of refs) so that a kill
+    /// midway never leaves it half there: a folder is first renamed into
+    /// `tmp/` (one atomic step), then deleted from there; what a kill leaves
+    /// in `tmp/` is never trusted and is cleared by the next run or `gc`.
+    pub fn remove_whole(&self, path: &Path) -> io::Result<()> {
+        if !fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+            return remove_path(path);
+        }
+        let doomed = self.root.join("tmp").join(unique_name("removed"));
+        fs::create_dir_all(self.root.join("tmp"))?;
+        match fs::rename(path, &doomed) {
+            Ok(()) => remove_path(&doomed),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Whether object `hash` re-hashes to its name, touching nothing.
     pub fn hashes_to_its_name(&self, hash: &str) -> bool {
         hash_path(&self.object_path(hash)).is_ok_and(|actual| actual == hash)

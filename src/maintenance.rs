@@ -4,9 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::cache::{
-    disk_usage, key_lock_held, list_dir, remove_path, sharded_entries, Cache, InstanceRef,
-};
+use crate::cache::{disk_usage, key_lock_held, list_dir, sharded_entries, Cache, InstanceRef};
 
 /// `xlpipe show STAGE`: params, artifacts and timings of matching instances.
 pub fn show(cache: &Cache, selector: &str, pipeline: Option<&str>) -> anyhow::Result<String> {
@@ -247,7 +245,7 @@ pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<Strin
     let bytes: u64 = doomed.iter().map(|p| disk_usage(p)).sum();
     if !dry_run {
         for path in &doomed {
-            remove_path(path)?;
+            cache.remove_whole(path)?;
         }
     }
     Ok(format!(
