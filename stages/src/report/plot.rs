@@ -271,8 +271,8 @@ struct TradeoffLine {
 /// grid's points joined in order of x and labelled with x, a model outside
 /// the grid as a hollow square.
 fn tradeoff_chart(title: &str, x_label: &str, y_label: &str, lines: &[TradeoffLine]) -> String {
-    let (left, right, top, bottom) = MARGIN;
-    let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
+    let (left, right, top, _) = MARGIN;
+    let plot_w = WIDTH - left - right;
     let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for t in lines.iter().flat_map(|l| &l.points) {
         let (cx, cy) = (t.x.1.unwrap_or(0.0), t.y.1.unwrap_or(0.0));
@@ -284,48 +284,12 @@ fn tradeoff_chart(title: &str, x_label: &str, y_label: &str, lines: &[TradeoffLi
     let x_pad = ((x_max - x_min) * 0.08).max(1e-6);
     let y_pad = ((y_max - y_min) * 0.08).max(1e-6);
     (x_min, x_max, y_min, y_max) = (x_min - x_pad, x_max + x_pad, y_min - y_pad, y_max + y_pad);
-    let sx = |x: f64| left + (x - x_min) / (x_max - x_min) * plot_w;
-    let sy = |y: f64| top + (1.0 - (y - y_min) / (y_max - y_min)) * plot_h;
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>
-"#,
-        left + plot_w / 2.0,
-        escape(title)
-    );
-    for t in ticks(y_min, y_max) {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            left + plot_w,
-            left - 6.0,
-            sy(t) + 4.0,
-            trim_number(t),
-            y = sy(t)
-        );
-    }
-    for t in ticks(x_min, x_max) {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#f0f0f0"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-            top + plot_h,
-            top + plot_h + 16.0,
-            trim_number(t),
-            x = sx(t)
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>
-<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>
-<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"##,
-        left + plot_w / 2.0,
-        HEIGHT - 12.0,
-        escape(x_label),
-        top + plot_h / 2.0,
-        escape(y_label)
-    );
+    let frame = Frame {
+        x: (x_min, x_max),
+        y: (y_min, y_max),
+    };
+    let (sx, sy) = (|x| frame.sx(x), |y| frame.sy(y));
+    let mut svg = frame.open_svg(title, x_label, y_label);
     for (i, line) in lines.iter().enumerate() {
         let colour = if line.outside_grid {
             "#444444"
@@ -572,9 +536,75 @@ fn colours(series: &[Series]) -> Vec<&'static str> {
         .collect()
 }
 
+/// A chart's plot area: the data ranges it shows and where they land.
+struct Frame {
+    x: (f64, f64),
+    y: (f64, f64),
+}
+
+impl Frame {
+    fn sx(&self, x: f64) -> f64 {
+        let (left, right, _, _) = MARGIN;
+        left + (x - self.x.0) / (self.x.1 - self.x.0) * (WIDTH - left - right)
+    }
+
+    fn sy(&self, y: f64) -> f64 {
+        let (_, _, top, bottom) = MARGIN;
+        top + (1.0 - (y - self.y.0) / (self.y.1 - self.y.0)) * (HEIGHT - top - bottom)
+    }
+
+    /// The SVG up to the data: background, title, grid lines with their
+    /// tick labels, the plot's box and the axis labels.
+    fn open_svg(&self, title: &str, x_label: &str, y_label: &str) -> String {
+        let (left, right, top, bottom) = MARGIN;
+        let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
+        let mut svg = format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>
+"#,
+            left + plot_w / 2.0,
+            escape(title)
+        );
+        for t in ticks(self.y.0, self.y.1) {
+            let y = self.sy(t);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                left + plot_w,
+                left - 6.0,
+                y + 4.0,
+                trim_number(t)
+            );
+        }
+        for t in ticks(self.x.0, self.x.1) {
+            let x = self.sx(t);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#f0f0f0"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                top + plot_h,
+                top + plot_h + 16.0,
+                trim_number(t)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>
+<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>
+<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"##,
+            left + plot_w / 2.0,
+            HEIGHT - 12.0,
+            escape(x_label),
+            top + plot_h / 2.0,
+            escape(y_label)
+        );
+        svg
+    }
+}
+
 fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
-    let (left, right, top, bottom) = MARGIN;
-    let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
+    let (left, right, top, _) = MARGIN;
+    let plot_w = WIDTH - left - right;
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y, ci) in all {
@@ -591,50 +621,12 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
     }
     let pad = ((y_max - y_min) * 0.08).max(1e-6);
     (y_min, y_max) = (y_min - pad, y_max + pad);
-    let sx = |x: f64| left + (x - x_min) / (x_max - x_min) * plot_w;
-    let sy = |y: f64| top + (1.0 - (y - y_min) / (y_max - y_min)) * plot_h;
-
-    let mut svg = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>
-"#,
-        left + plot_w / 2.0,
-        escape(title)
-    );
-    // Axes, grid lines and tick labels.
-    for t in ticks(y_min, y_max) {
-        let y = sy(t);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            left + plot_w,
-            left - 6.0,
-            y + 4.0,
-            trim_number(t)
-        );
-    }
-    for t in ticks(x_min, x_max) {
-        let x = sx(t);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{:.1}" stroke="#f0f0f0"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-            top + plot_h,
-            top + plot_h + 16.0,
-            trim_number(t)
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#444"/>
-<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>
-<text transform="translate(16 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"##,
-        left + plot_w / 2.0,
-        HEIGHT - 12.0,
-        escape(x_label),
-        top + plot_h / 2.0,
-        escape(y_label)
-    );
+    let frame = Frame {
+        x: (x_min, x_max),
+        y: (y_min, y_max),
+    };
+    let (sx, sy) = (|x| frame.sx(x), |y| frame.sy(y));
+    let mut svg = frame.open_svg(title, x_label, y_label);
     let colours = colours(series);
     for (i, s) in series.iter().enumerate() {
         let colour = colours[i];
