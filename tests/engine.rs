@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{mount_tmpfs, Scratch};
+use common::{flip_bit, mount_tmpfs, Scratch};
 
 /// data -> train (alpha x seed) -> report (collects every train instance).
 const GRID: &str = r#"
@@ -375,7 +375,7 @@ fn damaged_objects_are_detected_and_rebuilt() {
         .unwrap();
     let object = s.path(object);
     // Same size and time: the seal cannot tell, the re-hash on read can.
-    flip_byte(&object, true);
+    flip_bit(&object, 0, 0, true);
     let ran = s.xlpipe(&["run", "p.toml", "--force", "train[alpha=0.0,seed=1]"]);
     assert_eq!(ran.code, 1, "{ran}");
     assert!(ran.stderr.contains("is damaged"), "{ran}");
@@ -507,23 +507,6 @@ fn object(s: &Scratch, stage: &str) -> std::path::PathBuf {
     )
 }
 
-/// Rewrite one byte of a (read-only) cached file; `keep_time` puts its
-/// modification time back, as damage below the file system's notice would.
-fn flip_byte(path: &std::path::Path, keep_time: bool) {
-    let meta = std::fs::metadata(path).unwrap();
-    let mut perms = meta.permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(path, perms).unwrap();
-    let mut bytes = std::fs::read(path).unwrap();
-    bytes[0] ^= 0x01;
-    std::fs::write(path, bytes).unwrap();
-    if keep_time {
-        let file = std::fs::File::options().write(true).open(path).unwrap();
-        file.set_modified(meta.modified().unwrap()).unwrap();
-    }
-}
-
 #[test]
 fn damaged_objects_are_noticed_and_rebuilt() {
     let s = Scratch::new();
@@ -532,7 +515,7 @@ fn damaged_objects_are_noticed_and_rebuilt() {
     let expected = std::fs::read(object(&s, "c")).unwrap();
 
     // A changed output is not a cache hit: plan says so, run rebuilds it.
-    flip_byte(&object(&s, "c"), false);
+    flip_bit(&object(&s, "c"), 0, 0, false);
     let plan = s.ok(&["plan", "p.toml"]).stdout;
     assert!(plan.contains("1 to run"), "{plan}");
     assert_eq!(s.ok(&["run", "p.toml"]).counts(), (1, 1));
@@ -541,14 +524,14 @@ fn damaged_objects_are_noticed_and_rebuilt() {
     // Upstream damage, and --force: the rebuilt object replaces the damaged
     // one, and the consumer stays cached (same content, same key).
     let p = object(&s, "p");
-    flip_byte(&p, false);
+    flip_bit(&p, 0, 0, false);
     let forced = s.ok(&["run", "p.toml", "--force", "p"]);
     assert_eq!(forced.counts(), (1, 1), "{forced}");
     assert_eq!(std::fs::read(&p).unwrap()[..2], *b"1\n");
     assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 2));
 
     // Damage that keeps size and time: only re-hashing finds it.
-    flip_byte(&p, true);
+    flip_bit(&p, 0, 0, true);
     assert_eq!(s.ok(&["run", "p.toml"]).counts(), (0, 2));
     let verify = s.xlpipe(&["verify"]);
     assert_eq!(verify.code, 1, "{verify}");
@@ -561,7 +544,7 @@ fn damaged_objects_are_noticed_and_rebuilt() {
     // The same damage, then --force: the rebuilt output hashes to the same
     // name, and the damaged object must not be kept on the strength of its
     // seal.
-    flip_byte(&p, true);
+    flip_bit(&p, 0, 0, true);
     let forced = s.ok(&["run", "p.toml", "--force", "p"]);
     assert_eq!(forced.counts(), (1, 1), "{forced}");
     assert_eq!(std::fs::read(&p).unwrap()[..2], *b"1\n");

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{mount_tmpfs, remount, Scratch};
+use common::{flip_bit, mount_tmpfs, remount, Scratch};
 
 /// splitmix64: the faults' random numbers, reproducible from one seed.
 struct Rng(u64);
@@ -631,7 +631,8 @@ fn byte_flips_then_run_force_or_verify() {
         };
         let target = &files[rng.below(files.len() as u64) as usize];
         let keep_time = rng.below(2) == 0;
-        flip_random_byte(target, keep_time, &mut rng);
+        let at = rng.below(std::fs::metadata(target).unwrap().len()) as usize;
+        flip_bit(target, at, rng.below(8) as u32, keep_time);
         let action = rng.below(3);
         let mut problems = match action {
             0 => {
@@ -681,22 +682,6 @@ fn byte_flips_then_run_force_or_verify() {
     tally.assert_clean(&format!(
         "{undetected} flips left for verify (size and time kept, nothing read them)"
     ));
-}
-
-fn flip_random_byte(path: &Path, keep_time: bool, rng: &mut Rng) {
-    let meta = std::fs::metadata(path).unwrap();
-    let mut perms = meta.permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(path, perms).unwrap();
-    let mut bytes = std::fs::read(path).unwrap();
-    let at = rng.below(bytes.len() as u64) as usize;
-    bytes[at] ^= 1 << rng.below(8);
-    std::fs::write(path, bytes).unwrap();
-    if keep_time {
-        let file = std::fs::File::options().write(true).open(path).unwrap();
-        file.set_modified(meta.modified().unwrap()).unwrap();
-    }
 }
 
 /// Every file under `dir`, as paths.

@@ -82,7 +82,12 @@ fn run_until_train(s: &Scratch) -> common::Ran {
 }
 
 fn output(s: &Scratch, pipeline: &str, name: &str) -> PathBuf {
-    let shown = s.ok(&["show", "train", "--pipeline", pipeline]).stdout;
+    output_of(s, pipeline, "train", name)
+}
+
+/// Output `name` of `stage`'s cached result in `pipeline`.
+fn output_of(s: &Scratch, pipeline: &str, stage: &str, name: &str) -> PathBuf {
+    let shown = s.ok(&["show", stage, "--pipeline", pipeline]).stdout;
     let prefix = format!("output   {name}  ");
     s.path(
         shown
@@ -652,15 +657,7 @@ dataset = "validation"
         &repo("../shared/mirror"),
     ]);
     assert_eq!(ran.code, 0, "{ran}");
-    let shown = |stage: &str, output: &str| {
-        let text = s.ok(&["show", stage, "--pipeline", "valid"]).stdout;
-        let prefix = format!("output   {output}  ");
-        s.path(
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-                .unwrap(),
-        )
-    };
+    let shown = |stage: &str, output: &str| output_of(&s, "valid", stage, output);
     // Only held-out pairs, in both languages, one query per pair and language.
     let pairs = read_parquet(&shown("translate", "pairs").join("pairs.parquet")).unwrap();
     let (ids, splits) = (

@@ -387,3 +387,21 @@ pub fn remount(dir: &Path, size: &str) {
         .is_ok_and(|s| s.success());
     assert!(ok, "remounting {} at {size}", dir.display());
 }
+
+/// Flip bit `bit` of byte `at` of a (read-only) cached file; `keep_time`
+/// puts its modification time back, as damage below the file system's
+/// notice would.
+pub fn flip_bit(path: &Path, at: usize, bit: u32, keep_time: bool) {
+    let meta = std::fs::metadata(path).unwrap();
+    let mut perms = meta.permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(path, perms).unwrap();
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 1 << bit;
+    std::fs::write(path, bytes).unwrap();
+    if keep_time {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(meta.modified().unwrap()).unwrap();
+    }
+}
