@@ -6,6 +6,7 @@
 //!   seals/ab/<hash>.json      each object's files with their sizes and mtimes when stored
 //!   records/ab/<key>.json     one record per stage key: params, input and output hashes, timings
 //!   refs/<pipeline>/<id>.json which key each instance of a pipeline had at its last run
+//!   prefixes/<family>/<step>.json  a stored training prefix: its object and the key that made it
 //!   logs/ab/<key>.log         per-stage log
 //!   state/<kind>/             kept across runs: partial downloads, translation memory
 //!   locks/<key>.lock          held while a key is being computed
@@ -68,6 +69,17 @@ pub struct Record {
 pub struct InputRecord {
     pub producer: String,
     pub hash: String,
+}
+
+/// A stored prefix of a family's work (see `xlpipe_stage_api::PrefixReuse`):
+/// the state after `step` steps, object `object`, stored by the run of
+/// `key` (whose record `gc` must keep for the prefix to stay).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrefixEntry {
+    pub step: usize,
+    pub object: String,
+    pub key: String,
+    pub instance: String,
 }
 
 /// The key an instance of a pipeline had at its last run; lets `plan` say
@@ -457,6 +469,41 @@ impl Cache {
         let dir = self.root.join("state").join(kind);
         fs::create_dir_all(&dir)?;
         Ok(dir)
+    }
+
+    fn prefix_dir(&self, family: &str) -> PathBuf {
+        self.root.join("prefixes").join(family)
+    }
+
+    /// Record that `entry`'s object holds `family`'s state at its step.
+    pub fn write_prefix(&self, family: &str, entry: &PrefixEntry) -> anyhow::Result<()> {
+        let path = self
+            .prefix_dir(family)
+            .join(format!("{:010}.json", entry.step));
+        write_atomic(&path, &serde_json::to_vec_pretty(entry)?)
+    }
+
+    /// Every prefix entry in the cache, with the file that holds it.
+    pub fn prefix_entries(&self) -> Vec<(PathBuf, PrefixEntry)> {
+        sharded_entries(&self.root, "prefixes")
+            .into_iter()
+            .filter_map(|path| {
+                let entry = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
+                Some((path, entry))
+            })
+            .collect()
+    }
+
+    /// `family`'s longest stored prefix of at most `until` steps whose
+    /// object is intact (as far as its seal tells).
+    pub fn best_prefix(&self, family: &str, until: usize) -> Option<PrefixEntry> {
+        let mut entries: Vec<PrefixEntry> = list_dir(&self.prefix_dir(family))
+            .iter()
+            .filter_map(|path| serde_json::from_slice(&fs::read(path).ok()?).ok())
+            .filter(|e: &PrefixEntry| e.step <= until)
+            .collect();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.step));
+        entries.into_iter().find(|e| self.intact(&e.object))
     }
 
     pub fn refs_dir(&self, pipeline: &str) -> PathBuf {

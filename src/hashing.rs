@@ -16,8 +16,37 @@ pub fn stage_key(
     params: &serde_json::Value,
     inputs: &BTreeMap<String, Vec<String>>,
 ) -> String {
+    keyed(b"xlpipe-stage-key-v1\0", kind, version, params, inputs)
+}
+
+/// The family of instances that share stored prefixes: the same kind, code
+/// and inputs, and the same params but the budget (`shared_params`, see
+/// `xlpipe_stage_api::PrefixReuse`). Tagged apart from stage keys, so a
+/// family never names a key.
+pub fn prefix_family(
+    kind: &str,
+    version: u32,
+    shared_params: &serde_json::Value,
+    inputs: &BTreeMap<String, Vec<String>>,
+) -> String {
+    keyed(
+        b"xlpipe-prefix-family-v1\0",
+        kind,
+        version,
+        shared_params,
+        inputs,
+    )
+}
+
+fn keyed(
+    tag: &[u8],
+    kind: &str,
+    version: u32,
+    params: &serde_json::Value,
+    inputs: &BTreeMap<String, Vec<String>>,
+) -> String {
     let mut hasher = blake3::Hasher::new();
-    hasher.update(b"xlpipe-stage-key-v1\0");
+    hasher.update(tag);
     update_str(&mut hasher, kind);
     hasher.update(&version.to_le_bytes());
     update_json(&mut hasher, params);

@@ -202,6 +202,15 @@ pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<Strin
     for p in pipelines.iter().filter(|p| !kept_pipelines.contains(p)) {
         doomed.push(cache.refs_dir(p));
     }
+    // A stored training prefix lives as long as the record of the run
+    // that stored it.
+    for (path, entry) in cache.prefix_entries() {
+        if keys.contains(&entry.key) {
+            objects.insert(entry.object);
+        } else {
+            doomed.push(path);
+        }
+    }
     let stem_kept = |path: &Path, set: &BTreeSet<String>| {
         let name = path
             .file_name()
@@ -246,6 +255,10 @@ pub fn gc(cache: &Cache, keep: &[String], dry_run: bool) -> anyhow::Result<Strin
     if !dry_run {
         for path in &doomed {
             cache.remove_whole(path)?;
+        }
+        for family in list_dir(&cache.root().join("prefixes")) {
+            // Only an emptied one goes: remove_dir refuses the others.
+            let _ = std::fs::remove_dir(family);
         }
     }
     Ok(format!(

@@ -8,8 +8,9 @@
 use std::collections::BTreeMap;
 
 use crate::cache::{Cache, InputRecord, Record};
-use crate::hashing::stage_key;
+use crate::hashing::{prefix_family, stage_key};
 use crate::pipeline::Pipeline;
+use crate::task::PrefixSpec;
 
 #[derive(Debug, Clone)]
 pub enum Status {
@@ -38,29 +39,53 @@ pub fn instance_key(
         }
         inputs.insert(input.slot.clone(), artifacts);
     }
-    let hashes: BTreeMap<String, Vec<String>> = inputs
-        .iter()
-        .map(|(slot, artifacts): (&String, &Vec<InputRecord>)| {
-            (
-                slot.clone(),
-                artifacts.iter().map(|a| a.hash.clone()).collect(),
-            )
-        })
-        .collect();
     let stage = pipeline.stage_of(i);
     let key = stage_key(
         stage.kind.kind(),
         stage.kind.version(),
         &instance.params,
-        &hashes,
+        &input_hashes(&inputs),
     );
     Some((key, inputs))
+}
+
+fn input_hashes(inputs: &BTreeMap<String, Vec<InputRecord>>) -> BTreeMap<String, Vec<String>> {
+    inputs
+        .iter()
+        .map(|(slot, artifacts)| {
+            (
+                slot.clone(),
+                artifacts.iter().map(|a| a.hash.clone()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The prefixes instance `i` shares, when its kind reuses prefixes (see
+/// `xlpipe_stage_api::PrefixReuse`) and these are its inputs.
+pub fn prefix_spec(
+    pipeline: &Pipeline,
+    i: usize,
+    inputs: &BTreeMap<String, Vec<InputRecord>>,
+) -> Option<PrefixSpec> {
+    let stage = pipeline.stage_of(i);
+    let reuse = stage.kind.prefix_reuse(&pipeline.instances[i].params)?;
+    Some(PrefixSpec {
+        family: prefix_family(
+            stage.kind.kind(),
+            stage.kind.version(),
+            &reuse.shared_params,
+            &input_hashes(inputs),
+        ),
+        reusable_until: reuse.reusable_until,
+    })
 }
 
 /// Statuses of every instance, in the pipeline's (dependency) order.
 pub fn plan(pipeline: &Pipeline, cache: &Cache, forced: &[bool]) -> Vec<Status> {
     let mut outputs: Vec<Option<BTreeMap<String, String>>> = vec![None; pipeline.instances.len()];
     let mut statuses = Vec::with_capacity(pipeline.instances.len());
+    let mut prefixes: Vec<Option<PrefixSpec>> = vec![None; pipeline.instances.len()];
     for (i, instance) in pipeline.instances.iter().enumerate() {
         let status = match instance_key(pipeline, i, &outputs) {
             None => {
@@ -82,13 +107,56 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, forced: &[bool]) -> Vec<Status> 
                     } else {
                         why_run(pipeline, cache, i, &key, &inputs)
                     };
+                    prefixes[i] = prefix_spec(pipeline, i, &inputs);
                     Status::Run { key, reasons }
                 }
             },
         };
         statuses.push(status);
     }
+    for (i, status) in statuses.iter_mut().enumerate() {
+        if let (Status::Run { reasons, .. }, Some(spec)) = (status, &prefixes[i]) {
+            reasons.extend(resume_note(pipeline, cache, spec, &prefixes));
+        }
+    }
     statuses
+}
+
+/// Where an instance to run will resume: the longest stored prefix of its
+/// family, or a longer one that a sibling in this run stores first (the
+/// scheduler starts a family's instances shortest stable phase first).
+fn resume_note(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    spec: &PrefixSpec,
+    prefixes: &[Option<PrefixSpec>],
+) -> Option<String> {
+    let stored = cache.best_prefix(&spec.family, spec.reusable_until);
+    let sibling = prefixes
+        .iter()
+        .enumerate()
+        .filter_map(|(j, other)| Some((j, other.as_ref()?)))
+        .filter(|(_, other)| {
+            other.family == spec.family && other.reusable_until < spec.reusable_until
+        })
+        .max_by_key(|(_, other)| other.reusable_until);
+    match (stored, sibling) {
+        (stored, Some((j, other)))
+            if stored
+                .as_ref()
+                .is_none_or(|s| s.step < other.reusable_until) =>
+        {
+            Some(format!(
+                "resumes from the stable phase at step {} of {} (which runs first)",
+                other.reusable_until, pipeline.instances[j].name
+            ))
+        }
+        (Some(stored), _) => Some(format!(
+            "resumes from the stable phase at step {} of {}",
+            stored.step, stored.instance
+        )),
+        _ => None,
+    }
 }
 
 /// Why instance `i` (with new key `key`) is not cached, compared with what

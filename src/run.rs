@@ -19,9 +19,9 @@ use crate::cache::{Cache, InputRecord, InstanceRef, Record};
 use crate::diag::did_you_mean;
 use crate::executor::{self, ExecutorConfig, SlurmOptions};
 use crate::pipeline::Pipeline;
-use crate::plan::{instance_key, plan, why_run, Status};
+use crate::plan::{instance_key, plan, prefix_spec, why_run, Status};
 use crate::slurm::SlurmExecutor;
-use crate::task::{Failure, JobResult, Outcome, Task, TaskSpec};
+use crate::task::{Failure, JobResult, Outcome, PrefixSpec, Task, TaskSpec};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -146,6 +146,7 @@ struct Job {
     key: String,
     forced: bool,
     inputs: BTreeMap<String, Vec<InputRecord>>,
+    prefix: Option<PrefixSpec>,
 }
 
 /// Where a started instance runs, and what it holds there.
@@ -204,6 +205,9 @@ struct Scheduler<'a> {
     /// Not cached: waiting for a job slot or its resources.
     runnable: Vec<Job>,
     running: BTreeMap<usize, Slot>,
+    /// The prefix families of running instances (see
+    /// `waits_for_a_shorter_prefix`).
+    running_prefixes: BTreeMap<usize, Option<PrefixSpec>>,
     local_running: usize,
     slurm_running: BTreeMap<&'a str, usize>,
     sender: mpsc::Sender<JobResult>,
@@ -331,6 +335,7 @@ impl<'a> Scheduler<'a> {
             ready,
             runnable: Vec::new(),
             running: BTreeMap::new(),
+            running_prefixes: BTreeMap::new(),
             local_running: 0,
             slurm_running: BTreeMap::new(),
             sender,
@@ -451,6 +456,7 @@ impl<'a> Scheduler<'a> {
                 instance: i,
                 key,
                 forced: self.forced[i],
+                prefix: prefix_spec(pipeline, i, &inputs),
                 inputs,
             });
         }
@@ -467,6 +473,10 @@ impl<'a> Scheduler<'a> {
         let mut pos = 0;
         while pos < self.runnable.len() {
             let i = self.runnable[pos].instance;
+            if self.waits_for_a_shorter_prefix(&self.runnable[pos]) {
+                pos += 1;
+                continue;
+            }
             let executor = self.executor_of[i];
             let startable = match executor {
                 ExecutorConfig::Local => {
@@ -483,12 +493,30 @@ impl<'a> Scheduler<'a> {
                 continue;
             }
             let job = self.runnable.remove(pos);
+            self.running_prefixes.insert(i, job.prefix.clone());
             match executor {
                 ExecutorConfig::Local => self.start_local(job)?,
                 ExecutorConfig::Slurm(slurm_options) => self.submit(job, slurm_options)?,
             }
         }
         Ok(())
+    }
+
+    /// Whether a job of a family that shares prefixes must wait for a
+    /// sibling with a shorter stable phase, queued or running: that one
+    /// stores the prefix this one then resumes from (a grid over `steps`
+    /// trains its longest budget once, not every budget from the start).
+    fn waits_for_a_shorter_prefix(&self, job: &Job) -> bool {
+        let Some(spec) = &job.prefix else {
+            return false;
+        };
+        let shorter = |other: &Option<PrefixSpec>| {
+            other
+                .as_ref()
+                .is_some_and(|o| o.family == spec.family && o.reusable_until < spec.reusable_until)
+        };
+        self.runnable.iter().any(|other| shorter(&other.prefix))
+            || self.running_prefixes.values().any(shorter)
     }
 
     /// On a worker thread of this process, with the devices it needs.
@@ -542,6 +570,7 @@ impl<'a> Scheduler<'a> {
             }
             Err(failure) => {
                 log_failure(self.pipeline, &failure);
+                self.running_prefixes.remove(&i);
                 self.state[i] = State::Failed;
                 self.bar.inc(1);
                 self.summary.failed.push(failure);
@@ -586,6 +615,7 @@ impl<'a> Scheduler<'a> {
     /// Wait for one running instance to end, and take in its outcome.
     fn collect_one(&mut self) -> anyhow::Result<()> {
         let (i, result) = self.receiver.recv().context("a worker thread vanished")?;
+        self.running_prefixes.remove(&i);
         match self.running.remove(&i).expect("finished job was running") {
             Slot::Local(devices) => {
                 self.local_running -= 1;
@@ -740,6 +770,7 @@ fn task_spec(
         base_dir: stage.base_dir.clone(),
         devices,
         fetch: fetch.clone(),
+        prefix: job.prefix,
     }
 }
 

@@ -14,9 +14,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use indicatif::MultiProgress;
 use serde::{Deserialize, Serialize};
-use xlpipe_stage_api::{FetchSettings, InputArtifact, Stage, StageContext};
+use xlpipe_stage_api::{FetchSettings, InputArtifact, Prefixes, Stage, StageContext, StoredPrefix};
 
-use crate::cache::{remove_path, Cache, InputRecord, Record};
+use crate::cache::{remove_path, Cache, InputRecord, PrefixEntry, Record};
 
 #[derive(Debug)]
 pub struct Failure {
@@ -51,6 +51,19 @@ pub struct TaskSpec {
     pub base_dir: PathBuf,
     pub devices: BTreeMap<String, Vec<u32>>,
     pub fetch: FetchSettings,
+    /// For a kind with `PrefixReuse`: the prefixes it may resume from and
+    /// store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<PrefixSpec>,
+}
+
+/// Which stored prefixes an instance shares (see
+/// `xlpipe_stage_api::PrefixReuse`): its family (`hashing::prefix_family`)
+/// and the last step whose state no budget decides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefixSpec {
+    pub family: String,
+    pub reusable_until: usize,
 }
 
 impl TaskSpec {
@@ -207,6 +220,10 @@ impl Task {
             state_dir: self.cache.state_dir(self.stage.kind())?,
             progress: self.progress.clone(),
             key_lock_fd: Some(key_lock_fd),
+            prefixes: self.spec.prefix.as_ref().map(|spec| Prefixes {
+                resume: self.resume_point(spec),
+                store_at: temp.join("prefix"),
+            }),
         };
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -258,6 +275,12 @@ impl Task {
             xlpipe_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         self.cache.write_record(&record)?;
+        if let Some(spec) = &self.spec.prefix {
+            // The result stands without it; a prefix only saves later work.
+            if let Err(err) = self.store_prefix(spec, &temp.join("prefix")) {
+                tracing::warn!("could not store the stable-phase prefix: {err:#}");
+            }
+        }
         span.in_scope(|| {
             if self.quiet {
                 tracing::info!(target: GRID_INSTANCE, "finished in {seconds:.2}s");
@@ -266,5 +289,40 @@ impl Task {
             }
         });
         Ok(record)
+    }
+
+    /// The longest stored prefix this instance may resume from, re-hashed
+    /// before a stage reads it (a damaged one is moved out: none then).
+    fn resume_point(&self, spec: &PrefixSpec) -> Option<StoredPrefix> {
+        let entry = self.cache.best_prefix(&spec.family, spec.reusable_until)?;
+        match self.cache.verify(&entry.object) {
+            Ok(path) => Some(StoredPrefix {
+                step: entry.step,
+                path,
+                producer: entry.instance,
+            }),
+            Err(err) => {
+                tracing::warn!("{err:#}; training from the start instead");
+                None
+            }
+        }
+    }
+
+    /// Store what the stage left at `path` (if anything) as the family's
+    /// prefix at `reusable_until` steps.
+    fn store_prefix(&self, spec: &PrefixSpec, path: &std::path::Path) -> anyhow::Result<()> {
+        if !path.exists() {
+            return Ok(());
+        }
+        let object = self.cache.store(path)?;
+        self.cache.write_prefix(
+            &spec.family,
+            &PrefixEntry {
+                step: spec.reusable_until,
+                object,
+                key: self.spec.key.clone(),
+                instance: self.spec.instance.clone(),
+            },
+        )
     }
 }

@@ -687,3 +687,153 @@ dataset = "validation"
     }
     assert!(summary["max_min_rank_distance"].as_f64().unwrap() >= 0.0);
 }
+
+/// The stage log of `stage`'s cached result in `pipeline`.
+fn stage_log(s: &Scratch, pipeline: &str, stage: &str) -> String {
+    let shown = s.ok(&["show", stage, "--pipeline", pipeline]).stdout;
+    let path = shown
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("log      "))
+        .unwrap();
+    std::fs::read_to_string(s.path(path)).unwrap()
+}
+
+/// Weights (as raw bytes), losses and learning rates of the cached
+/// training of `stage` in `pipeline`.
+fn trained(s: &Scratch, pipeline: &str, stage: &str) -> (Vec<u8>, Vec<(u64, u64)>) {
+    let model = output_of(s, pipeline, stage, "model").join("model.safetensors");
+    let steps = curve(&output_of(s, pipeline, stage, "training"))
+        .into_iter()
+        .map(|(loss, lr)| (loss.to_bits(), lr.to_bits()))
+        .collect();
+    (std::fs::read(model).unwrap(), steps)
+}
+
+/// Prefix reuse under WSD: in a grid over `steps`, the longer run waits
+/// for the shorter one and continues from the state it stored at its decay
+/// start; its weights and curve are bit-identical to training the same
+/// budget from the start, on one thread and on two. A run whose settings
+/// differ in anything but `steps` shares nothing, and `gc` keeps a prefix
+/// as long as the record of the run that stored it.
+#[test]
+fn a_resumed_stable_phase_trains_the_weights_of_a_run_from_the_start() {
+    let settings = "alpha = 0.5\nbatch_size = 8\nlr = 1e-3\neval_every = 3\nseed = 11\n\
+                    lr_schedule = \"wsd\"\nwarmup_steps = 2\ndecay_steps = 3\n";
+    for threads in ["1", "2"] {
+        let grid = Scratch::new();
+        tiny_model(&grid);
+        let text = pipeline("grid", &format!("{settings}steps = \"${{steps}}\"\n"));
+        grid.write("p.toml", &format!("{text}\n[grid]\nsteps = [14, 8]\n"));
+        let until = |s: &Scratch, stage: &str| {
+            let mut cmd = s.command(&[
+                "run",
+                "p.toml",
+                "--offline",
+                "--mirror",
+                &repo("../shared/mirror"),
+                "--until",
+                stage,
+                "--jobs",
+                "2",
+            ]);
+            let ran: common::Ran = cmd
+                .env("RAYON_NUM_THREADS", threads)
+                .output()
+                .unwrap()
+                .into();
+            assert_eq!(ran.code, 0, "{ran}");
+            ran
+        };
+        until(&grid, "translate");
+        until(&grid, "tiny");
+        let plan = grid.ok(&["plan", "p.toml"]).stdout;
+        assert!(
+            plan.lines().any(|l| l.contains("train[steps=14]")
+                && l.contains(
+                    "resumes from the stable phase at step 5 of train[steps=8] (which runs first)"
+                )),
+            "{plan}"
+        );
+        until(&grid, "train");
+        let log = stage_log(&grid, "grid", "train[steps=14]");
+        assert!(
+            log.contains("resumed from the stable phase at step 5 of train[steps=8]"),
+            "{log}"
+        );
+        let resumed = trained(&grid, "grid", "train[steps=14]");
+
+        let alone = Scratch::new();
+        tiny_model(&alone);
+        alone.write(
+            "p.toml",
+            &pipeline("alone", &format!("{settings}steps = 14\n")),
+        );
+        until(&alone, "train");
+        let log = stage_log(&alone, "alone", "train");
+        assert!(!log.contains("resumed"), "{log}");
+        let scratch = trained(&alone, "alone", "train");
+        assert_eq!(resumed.1.len(), 14);
+        assert!(
+            resumed.1 == scratch.1,
+            "{threads} thread(s): the curves differ"
+        );
+        assert!(
+            resumed.0 == scratch.0,
+            "{threads} thread(s): the weights differ after a resumed stable phase"
+        );
+
+        // In the grid's cache: a longer budget resumes from the longest
+        // stored prefix (step 11, stored by steps = 14); another alpha
+        // shares nothing.
+        if threads == "1" {
+            for (name, changed, expect) in [
+                (
+                    "longer",
+                    "alpha = 0.5\nsteps = 20\n",
+                    Some("at step 11 of train[steps=14]"),
+                ),
+                ("other", "alpha = 0.25\nsteps = 20\n", None),
+            ] {
+                let others = settings.replace("alpha = 0.5\n", "");
+                grid.write("q.toml", &pipeline(name, &format!("{others}{changed}")));
+                let plan = grid.ok(&["plan", "q.toml"]).stdout;
+                grid.ok(&[
+                    "run",
+                    "q.toml",
+                    "--offline",
+                    "--mirror",
+                    &repo("../shared/mirror"),
+                    "--until",
+                    "train",
+                ]);
+                let log = stage_log(&grid, name, "train");
+                match expect {
+                    Some(at) => {
+                        assert!(
+                            plan.contains(&format!("resumes from the stable phase {at}")),
+                            "{plan}"
+                        );
+                        assert!(
+                            log.contains(&format!("resumed from the stable phase {at}")),
+                            "{log}"
+                        );
+                    }
+                    None => {
+                        assert!(!plan.contains("resumes"), "{plan}");
+                        assert!(!log.contains("resumed"), "{log}");
+                    }
+                }
+            }
+            let prefixes = || common::count_files(&grid.cache().join("prefixes"));
+            assert_eq!(
+                prefixes(),
+                4,
+                "steps 8 and 14, and each 20-step run stored one"
+            );
+            grid.ok(&["gc", "--keep", "grid"]);
+            assert_eq!(prefixes(), 2, "gc keeps the prefixes of kept records only");
+            let plan = grid.ok(&["plan", "q.toml"]).stdout;
+            assert!(!plan.contains("resumes"), "{plan}");
+        }
+    }
+}

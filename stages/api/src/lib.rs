@@ -62,6 +62,46 @@ pub trait Stage: Send + Sync {
     /// What `xlpipe report` prints for a stored output folder of this kind;
     /// `None` for kinds with nothing to show there.
     fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>>;
+
+    /// Whether an instance with these canonical params may continue from a
+    /// stored prefix of another's work (see [`PrefixReuse`]).
+    fn prefix_reuse(&self, params: &serde_json::Value) -> Option<PrefixReuse>;
+}
+
+/// A stage whose work up to some step does not depend on its budget (a
+/// training run under a warmup-stable-decay schedule) shares that prefix
+/// with every instance of the same kind, inputs and `shared_params`: the
+/// engine stores the state a run reaches at `reusable_until`, and hands
+/// another run the longest stored state at or before its own
+/// `reusable_until` ([`StageContext::prefixes`]), so it trains only the
+/// rest. The outputs must not depend on whether a run resumed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixReuse {
+    /// The canonical params with the budget taken out.
+    pub shared_params: serde_json::Value,
+    /// The last step (counted from 0 done) whose state no budget decides.
+    pub reusable_until: usize,
+}
+
+/// The prefixes of one running instance (see [`PrefixReuse`]).
+#[derive(Debug, Clone)]
+pub struct Prefixes {
+    /// The longest stored prefix at or before this instance's
+    /// `reusable_until`, if any.
+    pub resume: Option<StoredPrefix>,
+    /// Where to write the state at `reusable_until` (a folder, in the layout
+    /// the stage reads back as `resume`); stored once the stage succeeds.
+    pub store_at: PathBuf,
+}
+
+/// A prefix in the cache: read-only, verified against its hash.
+#[derive(Debug, Clone)]
+pub struct StoredPrefix {
+    /// Steps done in it.
+    pub step: usize,
+    pub path: PathBuf,
+    /// The instance whose run stored it.
+    pub producer: String,
 }
 
 /// One stage kind written against its own params type: a new kind is its
@@ -110,6 +150,12 @@ pub trait TypedStage: Send + Sync {
     fn render_output(&self, _output: &Path) -> anyhow::Result<Option<String>> {
         Ok(None)
     }
+
+    /// Whether an instance with these params may continue from a stored
+    /// prefix of another's work (see [`PrefixReuse`]); most kinds may not.
+    fn prefix_reuse(&self, _params: &Self::Params) -> Option<PrefixReuse> {
+        None
+    }
 }
 
 impl<T: TypedStage> Stage for T {
@@ -151,6 +197,10 @@ impl<T: TypedStage> Stage for T {
 
     fn render_output(&self, output: &Path) -> anyhow::Result<Option<String>> {
         TypedStage::render_output(self, output)
+    }
+
+    fn prefix_reuse(&self, params: &serde_json::Value) -> Option<PrefixReuse> {
+        TypedStage::prefix_reuse(self, &from_canonical::<T::Params>(params).ok()?)
     }
 }
 
@@ -312,6 +362,9 @@ pub struct StageContext {
     /// exits, even if xlpipe is killed first, so no other run computes the
     /// key while an orphaned command still writes it.
     pub key_lock_fd: Option<i32>,
+    /// For a kind with [`PrefixReuse`]: the prefix to resume from and where
+    /// to leave this run's own.
+    pub prefixes: Option<Prefixes>,
 }
 
 impl StageContext {

@@ -68,14 +68,45 @@ impl Checkpoints {
         device: &B::Device,
     ) -> anyhow::Result<(Encoder<B>, Option<Progress>)> {
         self.recover_swap()?;
-        let Ok(text) = std::fs::read_to_string(self.dir.join("progress.json")) else {
+        if !self.dir.join("progress.json").is_file() {
             return Ok((encoder, None));
-        };
-        let progress: Progress = serde_json::from_str(&text)?;
-        // Loading keeps each parameter's frozen or trainable flag.
-        let encoder = encoder.load_record(self.recorder.load(self.dir.join("model"), device)?);
-        optimizer.load(&self.dir.join("optimizer.bin"))?;
+        }
+        let (encoder, progress) = self.load_state(&self.dir, encoder, optimizer, device)?;
         Ok((encoder, Some(progress)))
+    }
+
+    /// Continue from a stored stable-phase prefix (a folder `write_state`
+    /// wrote, in the cache): its state, and its best weights so far copied
+    /// to where this run keeps its own.
+    pub(super) fn adopt_prefix<B: AutodiffBackend>(
+        &self,
+        prefix: &Path,
+        encoder: Encoder<B>,
+        optimizer: &mut AdamW,
+        device: &B::Device,
+    ) -> anyhow::Result<(Encoder<B>, Progress)> {
+        let loaded = self.load_state(prefix, encoder, optimizer, device)?;
+        let _ = std::fs::remove_dir_all(self.best_dir());
+        if prefix.join("best").is_dir() {
+            std::fs::create_dir_all(&self.dir)?;
+            copy_tree(&prefix.join("best"), &self.best_dir())?;
+        }
+        Ok(loaded)
+    }
+
+    fn load_state<B: AutodiffBackend>(
+        &self,
+        dir: &Path,
+        encoder: Encoder<B>,
+        optimizer: &mut AdamW,
+        device: &B::Device,
+    ) -> anyhow::Result<(Encoder<B>, Progress)> {
+        let progress: Progress =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("progress.json"))?)?;
+        // Loading keeps each parameter's frozen or trainable flag.
+        let encoder = encoder.load_record(self.recorder.load(dir.join("model"), device)?);
+        optimizer.load(&dir.join("optimizer.bin"))?;
+        Ok((encoder, progress))
     }
 
     /// `save` swaps checkpoints with two renames (current to `.old`, then
@@ -99,14 +130,7 @@ impl Checkpoints {
         // a half-written checkpoint behind.
         let partial = self.dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial)?;
-        self.recorder
-            .record(encoder.clone().into_record(), partial.join("model"))?;
-        optimizer.save(&partial.join("optimizer.bin"))?;
-        std::fs::write(partial.join("progress.json"), serde_json::to_vec(progress)?)?;
-        if self.best_dir().is_dir() {
-            copy_tree(&self.best_dir(), &partial.join("best"))?;
-        }
+        self.write_state(&partial, encoder, optimizer, progress)?;
         let old = self.dir.with_extension("old");
         let _ = std::fs::remove_dir_all(&old);
         if self.dir.exists() {
@@ -114,6 +138,27 @@ impl Checkpoints {
         }
         std::fs::rename(&partial, &self.dir)?;
         let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// The whole state of a run (weights, optimizer, progress, best weights
+    /// so far) into the new folder `dir`: a checkpoint, or a stable-phase
+    /// prefix for the engine to store.
+    pub(super) fn write_state<B: AutodiffBackend>(
+        &self,
+        dir: &Path,
+        encoder: &Encoder<B>,
+        optimizer: &AdamW,
+        progress: &Progress,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        self.recorder
+            .record(encoder.clone().into_record(), dir.join("model"))?;
+        optimizer.save(&dir.join("optimizer.bin"))?;
+        std::fs::write(dir.join("progress.json"), serde_json::to_vec(progress)?)?;
+        if self.best_dir().is_dir() {
+            copy_tree(&self.best_dir(), &dir.join("best"))?;
+        }
         Ok(())
     }
 

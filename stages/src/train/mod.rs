@@ -52,7 +52,9 @@ use crate::on_device::{run_on, BackendWork};
 use sampler::{LanguageChoice, Mix, ParallelPairs};
 use xlpipe_ml::model::{DeviceChoice, Pooling};
 use xlpipe_stage_api::table::{read_parquet, strings};
-use xlpipe_stage_api::{InputSlot, Interface, ParamError, ParamsEnv, StageContext, TypedStage};
+use xlpipe_stage_api::{
+    InputSlot, Interface, ParamError, ParamsEnv, PrefixReuse, StageContext, TypedStage,
+};
 
 pub struct TrainStage;
 
@@ -314,6 +316,25 @@ impl TypedStage for TrainStage {
     fn execute(&self, p: &TrainParams, ctx: &StageContext) -> anyhow::Result<()> {
         run_on(p.device, ctx, p)
     }
+
+    /// Under WSD everything before the decay depends on (seed, step) alone,
+    /// so runs that differ only in `steps` share their stable phase.
+    fn prefix_reuse(&self, p: &TrainParams) -> Option<PrefixReuse> {
+        let until = stable_until(p)?;
+        let mut shared_params = serde_json::to_value(p).ok()?;
+        shared_params.as_object_mut()?.remove("steps");
+        Some(PrefixReuse {
+            shared_params,
+            reusable_until: until,
+        })
+    }
+}
+
+/// The steps of a WSD run before its decay (`None` under the linear
+/// schedule, or with no step before the decay).
+fn stable_until(p: &TrainParams) -> Option<usize> {
+    let decay = p.decay_steps?;
+    (p.lr_schedule == LrSchedule::Wsd && p.steps > decay).then(|| p.steps - decay)
 }
 
 /// WSD's params go with `lr_schedule = "wsd"` and nothing that spans the

@@ -14,7 +14,7 @@ use super::checkpoint::{Checkpoints, MetricRow, Progress};
 use super::sampler::{AlphaSchedule, Batch, HybridSampler, ParallelPairs, NO_HORIZON};
 use super::sentence_transformers::{self, RunFacts};
 use super::tensorboard::{write_events, Scalar};
-use super::{load_pairs, DecayShape, Init, LrSchedule, TrainParams};
+use super::{load_pairs, stable_until, DecayShape, Init, LrSchedule, TrainParams};
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::model::cpu_kernels::seed_dropout;
 use xlpipe_ml::model::{
@@ -298,26 +298,45 @@ pub(super) fn train<B: AutodiffBackend>(
         Vec::new()
     };
 
-    // Resume from the last checkpoint of this very stage instance.
+    // Resume from the last checkpoint of this very stage instance, else
+    // from the stable phase another run with these settings stored.
     let checkpoints = Checkpoints::of(ctx);
     let (resumed, progress) = checkpoints.resume(encoder, &mut optimizer, &device)?;
-    encoder = resumed;
-    let mut progress = match progress {
-        Some(progress) => {
-            // The sampler is a pure function of the seed: replay it.
-            for micro in 0..progress.step * p.grad_accumulation {
-                sampler.next_batch(micro, micro_steps);
-            }
+    let prefix = ctx.prefixes.as_ref().and_then(|p| p.resume.as_ref());
+    let (resumed, progress) = match (progress, prefix) {
+        (Some(progress), _) => {
             tracing::warn!(
                 "resumed at step {} from {}",
                 progress.step,
                 checkpoints.dir().display()
             );
-            progress
+            (resumed, Some(progress))
         }
-        None => Progress::default(),
+        (None, Some(prefix)) => {
+            let (resumed, progress) =
+                checkpoints.adopt_prefix(&prefix.path, resumed, &mut optimizer, &device)?;
+            tracing::info!(
+                "resumed from the stable phase at step {} of {}",
+                progress.step,
+                prefix.producer
+            );
+            (resumed, Some(progress))
+        }
+        (None, None) => (resumed, None),
     };
+    encoder = resumed;
+    let mut progress = progress.unwrap_or_default();
+    // The sampler is a pure function of the seed: replay it.
+    for micro in 0..progress.step * p.grad_accumulation {
+        sampler.next_batch(micro, micro_steps);
+    }
     let best_dir = checkpoints.best_dir();
+    // Where this run leaves its stable phase for others (not when it
+    // started from that very prefix).
+    let store_prefix = ctx.prefixes.as_ref().and_then(|prefixes| {
+        let until = stable_until(p)?;
+        (progress.step < until).then_some((until, &prefixes.store_at))
+    });
 
     let bar = ctx.progress_bar(p.steps as u64, "training");
     bar.set_position(progress.step as u64);
@@ -397,6 +416,11 @@ pub(super) fn train<B: AutodiffBackend>(
                 progress.bad_evals
             );
             break;
+        }
+        if let Some((until, store_at)) = store_prefix {
+            if step == until {
+                checkpoints.write_state(store_at, &encoder, &optimizer, &progress)?;
+            }
         }
         if p.checkpoint_every > 0 && step % p.checkpoint_every == 0 && step < p.steps {
             checkpoints.save(&encoder, &optimizer, &progress)?;

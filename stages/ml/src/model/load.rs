@@ -219,23 +219,23 @@ pub fn save_encoder<B: Backend>(
     encoder
         .save_into(&mut store)
         .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", dir.display()))?;
-    keep_pooler(&source.join("model.safetensors"), &weights)
+    finish_weights(&source.join("model.safetensors"), &weights)
 }
 
-/// Copy the source's pooler (which the encoder neither uses nor trains)
-/// into the saved weights: transformers' `BertModel`, and so
+/// Write the saved weights again, with the source's pooler (which the
+/// encoder neither uses nor trains; transformers' `BertModel`, and so
 /// sentence-transformers, expects one and warns about "newly initialized"
-/// weights when it is missing.
-fn keep_pooler(source: &Path, saved: &Path) -> anyhow::Result<()> {
+/// weights when it is missing) and one metadata entry, PyTorch's
+/// `format = "pt"`. burn writes its metadata from a hash map, in a random
+/// order: equal weights saved twice would differ in bytes, and so in
+/// content hash, and everything downstream would rerun.
+fn finish_weights(source: &Path, saved: &Path) -> anyhow::Result<()> {
     use safetensors::SafeTensors;
-    let Ok(source_bytes) = std::fs::read(source) else {
-        return Ok(());
-    };
-    let source_tensors = SafeTensors::deserialize(&source_bytes)
-        .with_context(|| format!("reading {}", source.display()))?;
+    let source_bytes = std::fs::read(source).unwrap_or_default();
+    let source_tensors = SafeTensors::deserialize(&source_bytes).ok();
     let pooler: Vec<_> = source_tensors
-        .tensors()
-        .into_iter()
+        .iter()
+        .flat_map(|tensors| tensors.tensors())
         .filter_map(|(name, view)| {
             let bare = name
                 .strip_prefix("bert.")
@@ -245,15 +245,13 @@ fn keep_pooler(source: &Path, saved: &Path) -> anyhow::Result<()> {
                 .then(|| (bare.to_string(), view))
         })
         .collect();
-    if pooler.is_empty() {
-        return Ok(());
-    }
     let saved_bytes = std::fs::read(saved)?;
     let saved_tensors = SafeTensors::deserialize(&saved_bytes)
         .with_context(|| format!("reading {}", saved.display()))?;
     let all = saved_tensors.tensors().into_iter().chain(pooler);
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let partial = saved.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(all, None, &partial)
+    safetensors::serialize_to_file(all, Some(metadata), &partial)
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, saved)?;
     Ok(())
