@@ -324,8 +324,12 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     format!(" ({submitted} as Slurm jobs, {adopted} adopted from an earlier run)")
                 }
             };
+            let stopped = match summary.stopped.len() {
+                0 => String::new(),
+                n => format!(", stopped by the search {n}"),
+            };
             println!(
-                "{}: ran {}{on_slurm}, cached {}, failed {}, skipped {} ({:.2}s)",
+                "{}: ran {}{on_slurm}, cached {}, failed {}, skipped {}{stopped} ({:.2}s)",
                 pipeline.name,
                 summary.executed.len(),
                 summary.cached,
@@ -506,8 +510,12 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
 
 pub fn render_plan(pipeline: &Pipeline, statuses: &[Status]) -> String {
     let count = |f: fn(&Status) -> bool| statuses.iter().filter(|s| f(s)).count();
+    let stopped = match count(|s| matches!(s, Status::Stopped { .. })) {
+        0 => String::new(),
+        n => format!(", {n} stopped by the search"),
+    };
     let mut out = format!(
-        "{}: {} instances: {} cached, {} to run, {} pending\n",
+        "{}: {} instances: {} cached, {} to run, {} pending{stopped}\n",
         pipeline.name,
         statuses.len(),
         count(|s| matches!(s, Status::Cached { .. })),
@@ -525,6 +533,7 @@ pub fn render_plan(pipeline: &Pipeline, statuses: &[Status]) -> String {
             Status::Cached { key } => ("cached ", format!("key {}", &key[..12])),
             Status::Run { reasons, .. } => ("to-run ", reasons.join("; ")),
             Status::Pending { after } => ("pending", format!("after {after} runs")),
+            Status::Stopped { reason } => ("stopped", reason.clone()),
         };
         out.push_str(&format!("  {label}  {:<width$}  {detail}\n", instance.name));
     }

@@ -19,5 +19,6 @@ pub mod pipeline;
 pub mod plan;
 pub mod registry;
 pub mod run;
+pub mod search;
 pub mod slurm;
 pub mod task;

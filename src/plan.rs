@@ -9,28 +9,113 @@ use std::collections::BTreeMap;
 
 use crate::cache::{Cache, InputRecord, Record};
 use crate::hashing::{prefix_family, stage_key};
+use crate::pipeline::expand::Gate;
 use crate::pipeline::Pipeline;
+use crate::search::{self, Admission};
 use crate::task::PrefixSpec;
 
 #[derive(Debug, Clone)]
 pub enum Status {
-    Cached { key: String },
-    Run { key: String, reasons: Vec<String> },
-    Pending { after: String },
+    Cached {
+        key: String,
+    },
+    Run {
+        key: String,
+        reasons: Vec<String>,
+    },
+    Pending {
+        after: String,
+    },
+    /// Not run: `[search]` stopped it or what it needs.
+    Stopped {
+        reason: String,
+    },
+}
+
+/// What instance `i` comes to once everything it depends on is settled
+/// (done, or stopped by the search).
+pub enum Settled {
+    /// A dependency is not settled yet (the first such one).
+    Waiting(usize),
+    /// The search stopped it.
+    Stopped(String),
+    /// Its key and the inputs as they go into its record.
+    Keyed(String, BTreeMap<String, Vec<InputRecord>>),
+}
+
+/// Settle instance `i` given its dependencies' outputs (`None`: not done)
+/// and which of them the search stopped.
+pub fn settle(
+    pipeline: &Pipeline,
+    cache: &Cache,
+    i: usize,
+    outputs: &[Option<BTreeMap<String, String>>],
+    stopped: &[bool],
+) -> anyhow::Result<Settled> {
+    let instance = &pipeline.instances[i];
+    if let Some(d) = instance
+        .dependencies()
+        .find(|&d| outputs[d].is_none() && !stopped[d])
+    {
+        return Ok(Settled::Waiting(d));
+    }
+    let gate_decision = match &instance.gate {
+        Some(Gate::Promoted { decision, .. } | Gate::Winner { decision }) => Some(*decision),
+        None => None,
+    };
+    if let Some(d) = gate_decision.filter(|&d| stopped[d]) {
+        return Ok(Settled::Stopped(format!(
+            "{} was stopped",
+            pipeline.instances[d].name
+        )));
+    }
+    let winner = match search::admission(
+        pipeline,
+        cache,
+        i,
+        gate_decision.and_then(|d| outputs[d].as_ref()),
+    )? {
+        Admission::Stopped(reason) => return Ok(Settled::Stopped(reason)),
+        Admission::Open { winner } => winner,
+    };
+    let lost = instance
+        .inputs
+        .iter()
+        .filter(|input| !input.collecting && !input.reads_winner)
+        .flat_map(|input| &input.sources)
+        .find(|(p, _)| stopped[*p]);
+    if let Some((p, _)) = lost {
+        return Ok(Settled::Stopped(format!(
+            "needs {}, which the search stopped",
+            pipeline.instances[*p].name
+        )));
+    }
+    let (key, inputs) = instance_key(pipeline, i, outputs, stopped, winner.as_ref())
+        .expect("every dependency is settled");
+    Ok(Settled::Keyed(key, inputs))
 }
 
 /// The key of instance `i` given its producers' outputs, with the input
 /// hashes as they go into its record; `None` while a producer is unfinished.
+/// Producers the search stopped are left out of collecting inputs, and of
+/// a winner's candidates only the `winner` is read.
 pub fn instance_key(
     pipeline: &Pipeline,
     i: usize,
     outputs: &[Option<BTreeMap<String, String>>],
+    stopped: &[bool],
+    winner: Option<&BTreeMap<String, serde_json::Value>>,
 ) -> Option<(String, BTreeMap<String, Vec<InputRecord>>)> {
     let instance = &pipeline.instances[i];
     let mut inputs = BTreeMap::new();
     for input in &instance.inputs {
         let mut artifacts = Vec::new();
         for (producer, output) in &input.sources {
+            let passed_over = input.reads_winner
+                && winner.is_some_and(|w| !search::is_winner(pipeline, *producer, w));
+            if passed_over || (input.collecting && stopped[*producer]) {
+                continue;
+            }
             let hash = outputs[*producer].as_ref()?.get(output)?.clone();
             artifacts.push(InputRecord {
                 producer: pipeline.instances[*producer].name.clone(),
@@ -86,17 +171,20 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, forced: &[bool]) -> Vec<Status> 
     let mut outputs: Vec<Option<BTreeMap<String, String>>> = vec![None; pipeline.instances.len()];
     let mut statuses = Vec::with_capacity(pipeline.instances.len());
     let mut prefixes: Vec<Option<PrefixSpec>> = vec![None; pipeline.instances.len()];
-    for (i, instance) in pipeline.instances.iter().enumerate() {
-        let status = match instance_key(pipeline, i, &outputs) {
-            None => {
-                let after = instance
-                    .dependencies()
-                    .find(|&d| outputs[d].is_none())
-                    .map(|d| pipeline.instances[d].name.clone())
-                    .unwrap_or_default();
-                Status::Pending { after }
+    let mut stopped = vec![false; pipeline.instances.len()];
+    for i in 0..pipeline.instances.len() {
+        let status = match settle(pipeline, cache, i, &outputs, &stopped) {
+            Ok(Settled::Waiting(d)) => Status::Pending {
+                after: pipeline.instances[d].name.clone(),
+            },
+            Err(err) => Status::Pending {
+                after: format!("a search decision that cannot be read ({err:#})"),
+            },
+            Ok(Settled::Stopped(reason)) => {
+                stopped[i] = true;
+                Status::Stopped { reason }
             }
-            Some((key, inputs)) => match cache.record(&key) {
+            Ok(Settled::Keyed(key, inputs)) => match cache.record(&key) {
                 Some(record) if !forced[i] => {
                     outputs[i] = Some(record.outputs);
                     Status::Cached { key }

@@ -19,7 +19,7 @@ use crate::cache::{Cache, InputRecord, InstanceRef, Record};
 use crate::diag::did_you_mean;
 use crate::executor::{self, ExecutorConfig, SlurmOptions};
 use crate::pipeline::Pipeline;
-use crate::plan::{instance_key, plan, prefix_spec, why_run, Status};
+use crate::plan::{plan, prefix_spec, settle, why_run, Settled, Status};
 use crate::slurm::SlurmExecutor;
 use crate::task::{Failure, JobResult, Outcome, PrefixSpec, Task, TaskSpec};
 
@@ -72,6 +72,8 @@ pub struct RunSummary {
     /// Instances sent to Slurm: submitted, and adopted from an earlier run.
     pub slurm_submitted: usize,
     pub slurm_adopted: usize,
+    /// Instances `[search]` did not promote, with the reason.
+    pub stopped: Vec<(String, String)>,
 }
 
 /// Instances named by `selectors` (stage names or exact instance names).
@@ -139,6 +141,8 @@ enum State {
     Running,
     Done,
     Failed,
+    /// Not run: `[search]` stopped it (or what it needs).
+    Stopped,
 }
 
 struct Job {
@@ -367,7 +371,7 @@ impl<'a> Scheduler<'a> {
             match status {
                 Status::Run { .. } => counts[0] += 1,
                 Status::Pending { .. } => counts[1] += 1,
-                Status::Cached { .. } => counts[2] += 1,
+                Status::Cached { .. } | Status::Stopped { .. } => counts[2] += 1,
             }
         }
         let mut cached_stages = Vec::new();
@@ -416,8 +420,28 @@ impl<'a> Scheduler<'a> {
     fn look_up_ready(&mut self) -> anyhow::Result<()> {
         let pipeline = self.pipeline;
         while let Some(i) = self.ready.pop_front() {
-            let (key, inputs) = instance_key(pipeline, i, &self.outputs)
-                .expect("producers of a ready instance are done");
+            let stopped: Vec<bool> = self.state.iter().map(|s| *s == State::Stopped).collect();
+            let settled = settle(pipeline, self.cache, i, &self.outputs, &stopped);
+            let (key, inputs) = match settled {
+                Ok(Settled::Keyed(key, inputs)) => (key, inputs),
+                Ok(Settled::Stopped(reason)) => {
+                    self.stop(i, reason);
+                    continue;
+                }
+                Ok(Settled::Waiting(_)) => {
+                    unreachable!("a ready instance's dependencies are settled")
+                }
+                Err(err) => {
+                    self.state[i] = State::Failed;
+                    self.bar.inc(1);
+                    self.summary.failed.push(Failure {
+                        instance: pipeline.instances[i].name.clone(),
+                        error: format!("{err:#}"),
+                        log: None,
+                    });
+                    continue;
+                }
+            };
             if !self.forced[i] {
                 if let Some(record) = self.cache.record(&key) {
                     self.summary.cached += 1;
@@ -645,7 +669,13 @@ impl<'a> Scheduler<'a> {
                 self.summary.cached += 1;
                 self.complete(i, record)?;
             }
-            Err(failure) => {
+            Err(mut failure) => {
+                if let (true, Some(at)) = (
+                    self.pipeline.stage_of(i).name == crate::search::STAGE,
+                    &self.pipeline.search_objective_at,
+                ) {
+                    failure.error += &format!(" (see [search] objective at {at})");
+                }
                 log_failure(self.pipeline, &failure);
                 self.state[i] = State::Failed;
                 self.summary.failed.push(failure);
@@ -683,6 +713,22 @@ impl<'a> Scheduler<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Instance `i` will not run: the search stopped it. What waits on it
+    /// goes on (a rung's decision reads the others), or stops in turn.
+    fn stop(&mut self, i: usize, reason: String) {
+        let name = self.pipeline.instances[i].name.clone();
+        tracing::info!(target: WILL_RUN, "{name} stopped: {reason}");
+        self.state[i] = State::Stopped;
+        self.bar.inc(1);
+        self.summary.stopped.push((name, reason));
+        for &d in &self.dependants[i] {
+            self.waiting_on[d] -= 1;
+            if self.waiting_on[d] == 0 && self.relevant[d] {
+                self.ready.push_back(d);
+            }
+        }
     }
 
     /// What the run did; what it left waiting was skipped.

@@ -837,3 +837,246 @@ fn a_resumed_stable_phase_trains_the_weights_of_a_run_from_the_start() {
         }
     }
 }
+
+/// A pipeline whose `[search]` halves three alphas over budgets 2, 4, 8
+/// (eta 2), two seeds per configuration, on the validation objective; a
+/// stage reads the winner's models through `train.model[search=best]`.
+fn search_pipeline(search: &str) -> String {
+    let stages = r#"alpha = "${alpha}"
+seed = "${seed}"
+batch_size = 8
+eval_every = 0
+lr_schedule = "wsd"
+decay_steps = 1
+
+[stages.valid_set]
+kind = "validation_retrieval"
+inputs.pairs = "translate"
+
+[stages.valid_questions]
+kind = "encode"
+inputs.model = "train.model"
+inputs.texts = "valid_set"
+table = "questions"
+text = "question"
+id = "qid"
+max_len = 24
+
+[stages.valid_candidates]
+kind = "encode"
+inputs.model = "train.model"
+inputs.texts = "valid_set"
+table = "candidates"
+text = "sentence"
+id = "cid"
+max_len = 48
+
+[stages.valid_eval]
+kind = "evaluate_lareqa"
+inputs.data = "valid_set"
+inputs.questions = "valid_questions"
+inputs.candidates = "valid_candidates"
+dataset = "validation"
+
+[stages.winner_questions]
+kind = "encode"
+inputs.model = "train.model[search=best]"
+inputs.texts = "valid_set"
+table = "questions"
+text = "question"
+id = "qid"
+max_len = 24
+"#;
+    format!(
+        "{}\n[grid]\nalpha = [0.0, 0.5, 1.0]\nseed = [1, 2]\n\n[search]\n{search}",
+        pipeline("search", stages)
+    )
+}
+
+const SEARCH: &str = r#"over = ["alpha"]
+replicate = "seed"
+budget = { stage = "train", param = "steps", min = 2, max = 8, eta = 2 }
+objective = { stage = "valid_eval", metrics = ["mono.map", "multi.map"], goal = "max" }
+"#;
+
+/// The decision of the rung at `budget`.
+fn decision(s: &Scratch, budget: u64) -> serde_json::Value {
+    let dir = output_of(s, "search", &format!("search[steps={budget}]"), "decision");
+    serde_json::from_slice(&std::fs::read(dir.join("decision.json")).unwrap()).unwrap()
+}
+
+/// Successive halving as cached instances: rung 0 trains every alpha and
+/// seed, the best 1/eta of the alphas (by the mean over seeds of the
+/// objective) go on with twice the budget, the rest and everything
+/// downstream of them stop; the objective is the evaluation's own numbers;
+/// the winner's models are what `[search=best]` reads; a rerun computes
+/// nothing.
+#[test]
+fn a_search_halves_the_alphas_and_hands_on_its_winner() {
+    let s = Scratch::new();
+    tiny_model(&s);
+    s.write("p.toml", &search_pipeline(SEARCH));
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    assert!(plan.contains("search[steps=2]"), "{plan}");
+    let run = || {
+        s.xlpipe(&[
+            "run",
+            "p.toml",
+            "--offline",
+            "--mirror",
+            &repo("../shared/mirror"),
+            "--until",
+            "winner_questions",
+        ])
+    };
+    let ran = run();
+    assert_eq!(ran.code, 0, "{ran}");
+    // 2 alphas x 2 seeds stop at each of rungs 1 and 2, each with its two
+    // encodes and its evaluation.
+    assert!(ran.stdout.contains("stopped by the search 32"), "{ran}");
+
+    let first = decision(&s, 2);
+    let rows = first["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{first}");
+    let promoted: Vec<bool> = rows
+        .iter()
+        .map(|r| r["promoted"].as_bool().unwrap())
+        .collect();
+    assert_eq!(promoted, [true, false, false], "{first}");
+    let means: Vec<f64> = rows.iter().map(|r| r["mean"].as_f64().unwrap()).collect();
+    assert!(
+        means.windows(2).all(|w| w[0] >= w[1]),
+        "best first: {means:?}"
+    );
+    // Each row's objective is the mean over seeds of (mono + multi) / 2 as
+    // the evaluation wrote them.
+    for row in rows {
+        let alpha = row["config"]["alpha"].as_f64().unwrap();
+        let mut per_seed = Vec::new();
+        for seed in [1, 2] {
+            let instance = format!("valid_eval[alpha={alpha:?},seed={seed},steps=2]");
+            let summary: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(output_of(&s, "search", &instance, "results").join("summary.json"))
+                    .unwrap(),
+            )
+            .unwrap();
+            let objective = (summary["mono"]["map"].as_f64().unwrap()
+                + summary["multi"]["map"].as_f64().unwrap())
+                / 2.0;
+            let recorded = row["replicates"][seed.to_string()].as_f64().unwrap();
+            assert!((recorded - objective).abs() < 1e-12, "{row}");
+            per_seed.push(objective);
+        }
+        let mean = (per_seed[0] + per_seed[1]) / 2.0;
+        assert!(
+            (row["mean"].as_f64().unwrap() - mean).abs() < 1e-12,
+            "{row}"
+        );
+    }
+    let winner = rows[0]["config"]["alpha"].as_f64().unwrap();
+    let last = decision(&s, 8);
+    assert_eq!(last["winner"]["alpha"].as_f64(), Some(winner), "{last}");
+    assert_eq!(last["rows"].as_array().unwrap().len(), 1, "{last}");
+
+    let plan = s.ok(&["plan", "p.toml"]).stdout;
+    let loser = rows[1]["config"]["alpha"].as_f64().unwrap();
+    let stopped = format!("train[alpha={loser:?},seed=1,steps=4]");
+    assert!(
+        plan.lines().any(|l| l.contains("stopped")
+            && l.contains(&stopped)
+            && l.contains("not promoted at rung 0")),
+        "{plan}"
+    );
+    let searched = ["train", "valid_", "search", "winner_"];
+    let instances = plan.lines().skip(1);
+    for line in instances.filter(|l| searched.iter().any(|p| l.contains(&format!(" {p}")))) {
+        assert!(
+            !line.contains("to-run") && !line.contains("pending"),
+            "{line}"
+        );
+    }
+    // The winner's 8-step models, one per seed, are what the reader read.
+    for seed in [1, 2] {
+        let shown = s
+            .ok(&[
+                "show",
+                &format!("winner_questions[seed={seed}]"),
+                "--pipeline",
+                "search",
+            ])
+            .stdout;
+        let expected = format!("model <- train[alpha={winner:?},seed={seed},steps=8]");
+        assert!(shown.contains(&expected), "{shown}");
+    }
+    let again = run();
+    assert_eq!((again.code, again.counts().0), (0, 0), "{again}");
+}
+
+/// Bad `[search]` input: each error names the file, line and field; an
+/// objective metric the evaluation does not write fails its rung with the
+/// metrics it does write and where the objective was set.
+#[test]
+fn a_bad_search_is_located() {
+    let s = Scratch::new();
+    tiny_model(&s);
+    for (bad, line_has, says) in [
+        (
+            SEARCH.replace("eta = 2", "eta = 1"),
+            "eta = 1",
+            "search.budget",
+        ),
+        (
+            SEARCH.replace("param = \"steps\"", "param = \"stepz\""),
+            "stepz",
+            "unknown field `stepz`",
+        ),
+        (
+            SEARCH.replace("over = [\"alpha\"]", "over = [\"alpah\"]"),
+            "alpah",
+            "did you mean `alpha`",
+        ),
+        (
+            SEARCH.replace("stage = \"valid_eval\"", "stage = \"valid_evl\""),
+            "valid_evl",
+            "no stage named `valid_evl`",
+        ),
+    ] {
+        s.write("bad.toml", &search_pipeline(&bad));
+        let ran = s.xlpipe(&["plan", "bad.toml"]);
+        assert_eq!(ran.code, 2, "{ran}");
+        let line = search_pipeline(&bad)
+            .lines()
+            .position(|l| l.contains(line_has))
+            .unwrap()
+            + 1;
+        assert!(
+            ran.stderr.contains(&format!("bad.toml:{line}:")),
+            "line {line}: {ran}"
+        );
+        assert!(ran.stderr.contains(says), "{ran}");
+    }
+    let bad = SEARCH.replace("\"multi.map\"", "\"multi.mapp\"");
+    s.write("bad.toml", &search_pipeline(&bad));
+    let ran = s.xlpipe(&[
+        "run",
+        "bad.toml",
+        "--offline",
+        "--mirror",
+        &repo("../shared/mirror"),
+        "--until",
+        "winner_questions",
+    ]);
+    assert_eq!(ran.code, 1, "{ran}");
+    let line = search_pipeline(&bad)
+        .lines()
+        .position(|l| l.contains("multi.mapp"))
+        .unwrap()
+        + 1;
+    for expected in [
+        "objective metric `multi.mapp` is not in the results".to_string(),
+        "multi.map".to_string(),
+        format!("see [search] objective at bad.toml:{line}:"),
+    ] {
+        assert!(ran.stderr.contains(&expected), "{expected}: {ran}");
+    }
+}

@@ -34,6 +34,9 @@ pub struct Pipeline {
     pub instances: Vec<Instance>,
     /// Executors stages may name (built-in `local` and `slurm` included).
     pub executors: BTreeMap<String, ExecutorConfig>,
+    /// `[search]`'s objective as `file:line:column`, quoted when a rung
+    /// fails on it.
+    pub search_objective_at: Option<String>,
 }
 
 pub struct StageDef {
@@ -59,20 +62,48 @@ pub struct Instance {
     pub inputs: Vec<ResolvedInput>,
     pub outputs: Vec<String>,
     pub resources: BTreeMap<String, u32>,
+    /// Set by `[search]` (see `crate::search`): whether it runs depends on
+    /// a rung's decision.
+    pub gate: Option<Gate>,
+}
+
+/// How a `[search]` decision steers an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gate {
+    /// A budget-stage instance above the first rung: runs only if
+    /// `decision` promoted its configuration.
+    Promoted {
+        decision: usize,
+        config: BTreeMap<String, serde_json::Value>,
+    },
+    /// Reads `stage[search=best]`: of its sources, only the last rung's
+    /// winner's.
+    Winner { decision: usize },
 }
 
 pub struct ResolvedInput {
     pub slot: String,
     /// (producing instance, output name), in grid order.
     pub sources: Vec<(usize, String)>,
+    /// Collects instances (`stage[*]`, a search rung's evaluations): a
+    /// source the search stopped is left out, not awaited.
+    pub collecting: bool,
+    /// `stage[search=best]`: of its sources (every configuration at the
+    /// last budget), only the winner's is read.
+    pub reads_winner: bool,
 }
 
 impl Instance {
-    /// Instances this one reads from.
+    /// Instances this one reads from, and the decision its gate waits on.
     pub fn dependencies(&self) -> impl Iterator<Item = usize> + '_ {
+        let gate = match self.gate {
+            Some(Gate::Promoted { decision, .. } | Gate::Winner { decision }) => Some(decision),
+            None => None,
+        };
         self.inputs
             .iter()
             .flat_map(|i| i.sources.iter().map(|(producer, _)| *producer))
+            .chain(gate)
     }
 }
 
@@ -83,7 +114,9 @@ impl Pipeline {
 }
 
 /// Validate `spec` against the stage kinds and expand its grid.
-pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, Diagnostics> {
+pub fn expand(mut spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, Diagnostics> {
+    let search = crate::search::prepare(&mut spec).map_err(Diagnostics)?;
+    let spec = spec;
     let sources = &spec.sources;
     let mut errors = Vec::new();
 
@@ -185,7 +218,36 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
         }
         for input in &stage.inputs {
             for r in input.refs.iter().filter(|r| !r.all) {
-                own.extend(vars[stage_index(&spec, &r.stage)].iter().copied());
+                let upstream = vars[stage_index(&spec, &r.stage)].iter().copied();
+                if !r.winner {
+                    own.extend(upstream);
+                    continue;
+                }
+                // The winner is one configuration at the last budget: what
+                // the search chose over does not multiply the reader.
+                let Some(search) = &search else {
+                    errors.push(sources.error(
+                        r.loc,
+                        &format!("stages.{}.inputs.{}", stage.name, input.slot),
+                        "`[search=best]` needs a [search] table in the pipeline".to_string(),
+                    ));
+                    continue;
+                };
+                let searched = |v: &usize| {
+                    let name = &spec.grid[*v].name;
+                    search.over.contains(name) || *name == search.budget_param
+                };
+                if !vars[stage_index(&spec, &r.stage)].iter().any(&searched) {
+                    errors.push(sources.error(
+                        r.loc,
+                        &format!("stages.{}.inputs.{}", stage.name, input.slot),
+                        format!(
+                            "stage `{}` does not vary over what [search] searches: it has no winner",
+                            r.stage
+                        ),
+                    ));
+                }
+                own.extend(upstream.filter(|v| !searched(v)));
             }
         }
         own.sort_unstable();
@@ -289,8 +351,23 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
                     break;
                 }
             };
-            match resolve_inputs(sources, &spec, stage, &interface, &binding, &built) {
+            let last_budget = search.as_ref().map(|s| {
+                (
+                    s.budget_param.as_str(),
+                    *s.budgets.last().expect("a rung at least"),
+                )
+            });
+            match resolve_inputs(
+                sources,
+                &spec,
+                stage,
+                &interface,
+                &binding,
+                &built,
+                last_budget,
+            ) {
                 Ok(inputs) => {
+                    let reads_winner = stage.inputs.iter().flat_map(|i| &i.refs).any(|r| r.winner);
                     def.instances.push(built.instances.len());
                     built.instances.push(Instance {
                         stage: def_index,
@@ -300,6 +377,10 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
                         inputs,
                         outputs: interface.outputs,
                         resources: interface.resources,
+                        // The decision is filled in when the rungs exist.
+                        gate: reads_winner.then_some(Gate::Winner {
+                            decision: usize::MAX,
+                        }),
                     });
                 }
                 Err(mut e) => {
@@ -322,15 +403,83 @@ pub fn expand(spec: PipelineSpec, kinds: &[Arc<dyn Stage>]) -> Result<Pipeline, 
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
     }
+    let Built {
+        mut stages,
+        mut instances,
+        ..
+    } = built;
+    if let Some(search) = &search {
+        crate::search::attach(search, sources, kinds, &mut stages, &mut instances)
+            .map_err(Diagnostics)?;
+        // Gates run from a rung's decision up to the next rung's training:
+        // put every instance after what it waits on.
+        (stages, instances) = reorder(stages, instances);
+    }
     Ok(Pipeline {
         name: spec.name,
         description: spec.description,
         file: spec.file,
         grid: spec.grid,
-        stages: built.stages,
-        instances: built.instances,
+        stages,
+        instances,
         executors,
+        search_objective_at: search.map(|s| s.objective_at),
     })
+}
+
+/// Instances in an order where each comes after its dependencies (gates
+/// included), the original order kept where nothing forces a change.
+fn reorder(mut stages: Vec<StageDef>, instances: Vec<Instance>) -> (Vec<StageDef>, Vec<Instance>) {
+    let n = instances.len();
+    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut waiting = vec![0usize; n];
+    for (i, instance) in instances.iter().enumerate() {
+        let deps: std::collections::BTreeSet<usize> = instance.dependencies().collect();
+        waiting[i] = deps.len();
+        for d in deps {
+            dependants[d].push(i);
+        }
+    }
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&i| waiting[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &d in &dependants[i] {
+            waiting[d] -= 1;
+            if waiting[d] == 0 {
+                ready.insert(d);
+            }
+        }
+    }
+    assert_eq!(order.len(), n, "search gates made a cycle");
+    let mut new_index = vec![0usize; n];
+    for (new, &old) in order.iter().enumerate() {
+        new_index[old] = new;
+    }
+    let mut slots: Vec<Option<Instance>> = instances.into_iter().map(Some).collect();
+    let mut reordered = Vec::with_capacity(n);
+    for &old in &order {
+        let mut instance = slots[old].take().expect("each instance once");
+        for input in &mut instance.inputs {
+            for (producer, _) in &mut input.sources {
+                *producer = new_index[*producer];
+            }
+        }
+        if let Some(Gate::Promoted { decision, .. } | Gate::Winner { decision }) =
+            &mut instance.gate
+        {
+            *decision = new_index[*decision];
+        }
+        reordered.push(instance);
+    }
+    for stage in &mut stages {
+        for i in &mut stage.instances {
+            *i = new_index[*i];
+        }
+        stage.instances.sort_unstable();
+    }
+    (stages, reordered)
 }
 
 /// Stages and instances expanded so far (producers before consumers).
@@ -446,6 +595,7 @@ fn resolve_inputs(
     interface: &Interface,
     binding: &[(String, toml::Value)],
     built: &Built,
+    last_budget: Option<(&str, u64)>,
 ) -> Result<Vec<ResolvedInput>, Vec<Diagnostic>> {
     let mut errors = Vec::new();
     let mut resolved = Vec::new();
@@ -482,26 +632,32 @@ fn resolve_inputs(
             continue;
         };
         let mut artifacts = Vec::new();
+        // A winner's candidates count as the one artifact they narrow to.
+        let mut count = 0;
         for r in &input.refs {
-            match resolve_ref(r, binding, built, spec) {
-                Ok(mut found) => artifacts.append(&mut found),
+            match resolve_ref(r, binding, built, spec, last_budget) {
+                Ok(mut found) => {
+                    count += if r.winner { 1 } else { found.len() };
+                    artifacts.append(&mut found);
+                }
                 Err(message) => errors.push(sources.error(r.loc, &field(&input.slot), message)),
             }
         }
-        if !slot.many && artifacts.len() != 1 {
+        if !slot.many && count != 1 {
             errors.push(sources.error(
                 input.loc,
                 &field(&input.slot),
                 format!(
                     "input `{}` takes exactly one artifact, but this resolves to {}",
-                    input.slot,
-                    artifacts.len()
+                    input.slot, count
                 ),
             ));
         }
         resolved.push(ResolvedInput {
             slot: input.slot.clone(),
             sources: artifacts,
+            collecting: input.refs.iter().any(|r| r.all),
+            reads_winner: input.refs.iter().any(|r| r.winner),
         });
     }
     if errors.is_empty() {
@@ -516,10 +672,18 @@ fn resolve_ref(
     binding: &[(String, toml::Value)],
     built: &Built,
     spec: &PipelineSpec,
+    last_budget: Option<(&str, u64)>,
 ) -> Result<Vec<(usize, String)>, String> {
     let (stages, instances) = (&built.stages, &built.instances);
     let upstream = &stages[built.position[stage_index(spec, &r.stage)]];
-    // Upstream instances that agree with this instance on shared variables.
+    // Upstream instances that agree with this instance on shared variables
+    // (a winner's candidates: every configuration at the last budget).
+    let at_last_budget = |grid: &[(String, toml::Value)]| match last_budget {
+        Some((var, budget)) if r.winner => grid
+            .iter()
+            .all(|(k, v)| k != var || v.as_integer() == Some(budget as i64)),
+        _ => true,
+    };
     let matching: Vec<usize> = upstream
         .instances
         .iter()
@@ -529,6 +693,7 @@ fn resolve_ref(
                 .grid
                 .iter()
                 .all(|(k, v)| binding.iter().all(|(bk, bv)| bk != k || bv == v))
+                && at_last_budget(&instances[i].grid)
         })
         .collect();
     let Some(&first) = matching.first() else {
@@ -560,7 +725,7 @@ fn resolve_ref(
             ))
         }
     };
-    if !r.all && matching.len() != 1 {
+    if !r.all && !r.winner && matching.len() != 1 {
         return Err(format!(
             "`{}` has {} instances here; use \"{}[*]\" to collect them all",
             r.stage,

@@ -35,7 +35,18 @@ pub struct PipelineSpec {
     pub index: std::collections::HashMap<String, usize>,
     /// `[executors.NAME]` tables, validated by `expand`.
     pub executors: Vec<ExecutorSpec>,
+    /// `[search]`, validated by `expand` (see `crate::search`).
+    pub search: Option<SearchSpec>,
     pub sources: Sources,
+}
+
+/// The `[search]` table as written, with where each key was written.
+#[derive(Debug, Clone)]
+pub struct SearchSpec {
+    pub loc: Loc,
+    pub table: toml::Table,
+    /// Location of each key by dotted path (`budget.eta`, `over[0]`).
+    pub locs: BTreeMap<String, Loc>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +92,8 @@ pub struct OutputRef {
     pub output: Option<String>,
     /// Every grid instance of `stage` (a collecting input).
     pub all: bool,
+    /// The instance of `stage` that `[search]` picked (`stage[search=best]`).
+    pub winner: bool,
     pub loc: Loc,
 }
 
@@ -92,6 +105,9 @@ impl std::fmt::Display for OutputRef {
         }
         if self.all {
             f.write_str("[*]")?;
+        }
+        if self.winner {
+            f.write_str("[search=best]")?;
         }
         Ok(())
     }
@@ -121,6 +137,7 @@ pub fn load(path: &Path) -> Result<PipelineSpec, Vec<Diagnostic>> {
         stages,
         index,
         executors: file.executors,
+        search: file.search,
         sources,
     })
 }
@@ -166,6 +183,7 @@ struct FileSpec {
     grid: Vec<GridVar>,
     stages: Vec<StageSpec>,
     executors: Vec<ExecutorSpec>,
+    search: Option<SearchSpec>,
 }
 
 fn read_file(
@@ -262,6 +280,7 @@ fn parse_file(
     let mut own_grid = Vec::new();
     let mut own_stages = Vec::new();
     let mut own_executors = Vec::new();
+    let mut own_search = None;
     for (key, value) in root.get_ref() {
         let loc = Loc::new(file, key.span());
         match key.get_ref().as_ref() {
@@ -292,10 +311,31 @@ fn parse_file(
                 Ok(e) => own_executors = e,
                 Err(mut e) => errors.append(&mut e),
             },
+            "search" => match value.get_ref().as_table() {
+                Some(_) => {
+                    let mut locs = BTreeMap::new();
+                    record_locs(file, "", loc, value, &mut locs);
+                    // Paths relative to the table: `budget.eta`, not `.budget.eta`.
+                    let locs = locs
+                        .into_iter()
+                        .map(|(path, loc)| (path.trim_start_matches('.').to_string(), loc))
+                        .collect();
+                    let table = match to_value(value) {
+                        toml::Value::Table(table) => table,
+                        _ => unreachable!("checked to be a table"),
+                    };
+                    own_search = Some(SearchSpec { loc, table, locs });
+                }
+                None => errors.push(sources.error(
+                    Loc::new(file, value.span()),
+                    "search",
+                    "expected a table, e.g. [search] with over, budget and objective",
+                )),
+            },
             other => errors.push(sources.error(
                 loc,
                 other,
-                "unknown top-level table; expected [pipeline], [grid], [stages.NAME] or [executors.NAME]",
+                "unknown top-level table; expected [pipeline], [grid], [search], [stages.NAME] or [executors.NAME]",
             )),
         }
     }
@@ -318,6 +358,7 @@ fn parse_file(
             grid: Vec::new(),
             stages: Vec::new(),
             executors: Vec::new(),
+            search: None,
         },
     };
     // Only stages inherited through `extends` may be overridden below; one
@@ -345,6 +386,9 @@ fn parse_file(
         for executor in included.executors {
             merge_executor(&mut merged.executors, executor);
         }
+        if included.search.is_some() {
+            merged.search = included.search;
+        }
         for mut stage in included.stages {
             stage.library |= library;
             if let Some(&existing) = position.get(&stage.name) {
@@ -360,6 +404,9 @@ fn parse_file(
     }
     for executor in own_executors {
         merge_executor(&mut merged.executors, executor);
+    }
+    if own_search.is_some() {
+        merged.search = own_search;
     }
     for stage in own_stages {
         match position.get(&stage.name) {
@@ -762,16 +809,12 @@ fn parse_inputs(
         for item in items {
             let loc = Loc::new(file, item.span());
             match item.get_ref().as_str().map(parse_ref) {
-                Some(Some((stage, output, all))) => parsed.push(OutputRef {
-                    stage,
-                    output,
-                    all,
-                    loc,
-                }),
+                Some(Some(r)) => parsed.push(OutputRef { loc, ..r }),
                 _ => errors.push(sources.error(
                     loc,
                     &slot_field,
-                    "expected \"stage\", \"stage.output\", \"stage[*]\" or \"stage.output[*]\"",
+                    "expected \"stage\", \"stage.output\", \"stage[*]\", \"stage.output[*]\" \
+                     or \"stage[search=best]\"",
                 )),
             }
         }
@@ -821,17 +864,28 @@ fn longest_dotted_key(text: &str) -> Option<std::ops::Range<usize>> {
     best.map(|(_, span)| span)
 }
 
-fn parse_ref(text: &str) -> Option<(String, Option<String>, bool)> {
-    let (text, all) = match text.strip_suffix("[*]") {
-        Some(rest) => (rest, true),
-        None => (text, false),
+/// `stage`, `stage.output`, with `[*]` (every instance) or `[search=best]`
+/// (the search's winner) after either.
+fn parse_ref(text: &str) -> Option<OutputRef> {
+    let (text, all, winner) = if let Some(rest) = text.strip_suffix("[*]") {
+        (rest, true, false)
+    } else if let Some(rest) = text.strip_suffix("[search=best]") {
+        (rest, false, true)
+    } else {
+        (text, false, false)
     };
     let (stage, output) = match text.split_once('.') {
         Some((stage, output)) if !output.is_empty() => (stage, Some(output.to_string())),
         Some(_) => return None,
         None => (text, None),
     };
-    is_identifier(stage).then(|| (stage.to_string(), output, all))
+    is_identifier(stage).then(|| OutputRef {
+        stage: stage.to_string(),
+        output,
+        all,
+        winner,
+        loc: Loc::new(0, 0..0),
+    })
 }
 
 /// Remember where each (nested) param was written.
@@ -877,12 +931,18 @@ mod tests {
 
     #[test]
     fn parses_output_refs() {
-        assert_eq!(parse_ref("a"), Some(("a".into(), None, false)));
+        let parts = |text| parse_ref(text).map(|r| (r.stage, r.output, r.all, r.winner));
+        assert_eq!(parts("a"), Some(("a".into(), None, false, false)));
         assert_eq!(
-            parse_ref("a.out.txt[*]"),
-            Some(("a".into(), Some("out.txt".into()), true))
+            parts("a.out.txt[*]"),
+            Some(("a".into(), Some("out.txt".into()), true, false))
         );
-        assert_eq!(parse_ref("a."), None);
-        assert_eq!(parse_ref("a b"), None);
+        assert_eq!(
+            parts("train.model[search=best]"),
+            Some(("train".into(), Some("model".into()), false, true))
+        );
+        assert!(parse_ref("a.").is_none());
+        assert!(parse_ref("a b").is_none());
+        assert!(parse_ref("a[search=worst]").is_none());
     }
 }

@@ -18,6 +18,7 @@ pub mod model_card;
 mod on_device;
 pub mod qa_pairs;
 pub mod report;
+pub mod search_rung;
 pub mod train;
 pub mod translate;
 pub mod validation_retrieval;
@@ -57,5 +58,6 @@ pub fn kinds() -> Vec<Arc<dyn Stage>> {
         Arc::new(report::ReportStage),
         Arc::new(export_mteb::ExportMtebStage),
         Arc::new(model_card::ModelCardStage),
+        Arc::new(search_rung::SearchRungStage),
     ]
 }
