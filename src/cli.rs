@@ -530,7 +530,13 @@ pub fn render_plan(pipeline: &Pipeline, statuses: &[Status]) -> String {
         .unwrap_or(0);
     for (instance, status) in pipeline.instances.iter().zip(statuses) {
         let (label, detail) = match status {
-            Status::Cached { key } => ("cached ", format!("key {}", &key[..12])),
+            Status::Cached { key, note } => (
+                "cached ",
+                match note {
+                    Some(note) => format!("key {}; {note}", &key[..12]),
+                    None => format!("key {}", &key[..12]),
+                },
+            ),
             Status::Run { reasons, .. } => ("to-run ", reasons.join("; ")),
             Status::Pending { after } => ("pending", format!("after {after} runs")),
             Status::Stopped { reason } => ("stopped", reason.clone()),

@@ -16,8 +16,10 @@ use crate::task::PrefixSpec;
 
 #[derive(Debug, Clone)]
 pub enum Status {
+    /// `note`: what a cached search rung decided.
     Cached {
         key: String,
+        note: Option<String>,
     },
     Run {
         key: String,
@@ -186,8 +188,12 @@ pub fn plan(pipeline: &Pipeline, cache: &Cache, forced: &[bool]) -> Vec<Status> 
             }
             Ok(Settled::Keyed(key, inputs)) => match cache.record(&key) {
                 Some(record) if !forced[i] => {
+                    let note = (pipeline.stage_of(i).name == search::STAGE)
+                        .then(|| search::decision(cache, &record.outputs).ok())
+                        .flatten()
+                        .map(|d| search::summary(&d));
                     outputs[i] = Some(record.outputs);
-                    Status::Cached { key }
+                    Status::Cached { key, note }
                 }
                 _ => {
                     let reasons = if forced[i] {

@@ -481,6 +481,25 @@ pub fn decision(cache: &Cache, outputs: &BTreeMap<String, String>) -> anyhow::Re
     Decision::read(&cache.object_path(hash))
 }
 
+/// A rung's decision on one line: each configuration's mean objective and
+/// what became of it, best first.
+pub fn summary(decision: &Decision) -> String {
+    let rows: Vec<String> = decision
+        .rows
+        .iter()
+        .map(|r| {
+            let ci = r.ci.map_or(String::new(), |ci| format!(" ± {ci:.4}"));
+            format!(
+                "{} {:.4}{ci} {}",
+                config_text(&r.config),
+                r.mean,
+                decision.fate(r)
+            )
+        })
+        .collect();
+    format!("rung {}: {}", decision.rung, rows.join(", "))
+}
+
 /// The admission of instance `i`, whose gate's decision (if any) is done
 /// with `decision_outputs`.
 pub fn admission(

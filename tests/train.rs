@@ -988,6 +988,14 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
         "{plan}"
     );
     let searched = ["train", "valid_", "search", "winner_"];
+    let rung = plan
+        .lines()
+        .find(|l| l.contains("search[steps=2]"))
+        .unwrap();
+    assert!(
+        rung.contains(&format!("rung 0: alpha={winner:?} ")) && rung.contains(" promoted, "),
+        "{rung}"
+    );
     let instances = plan.lines().skip(1);
     for line in instances.filter(|l| searched.iter().any(|p| l.contains(&format!(" {p}")))) {
         assert!(

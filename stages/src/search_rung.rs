@@ -96,6 +96,15 @@ impl Decision {
         self.rows.iter().any(|r| r.promoted && r.config == *config)
     }
 
+    /// What became of a row: `winner`, `promoted` or `stopped`.
+    pub fn fate(&self, row: &RungRow) -> &'static str {
+        match (&self.winner, row.promoted) {
+            (Some(w), _) if *w == row.config => "winner",
+            (None, true) => "promoted",
+            _ => "stopped",
+        }
+    }
+
     /// This rung's row of `config`, if it ran here.
     pub fn row(&self, config: &BTreeMap<String, serde_json::Value>) -> Option<&RungRow> {
         self.rows.iter().find(|r| r.config == *config)
@@ -282,11 +291,7 @@ fn render(d: &Decision) -> String {
     );
     for row in &d.rows {
         let ci = row.ci.map_or(String::new(), |ci| format!(" ± {ci:.4}"));
-        let fate = match (&d.winner, row.promoted) {
-            (Some(w), _) if *w == row.config => "winner",
-            (None, true) => "promoted",
-            _ => "stopped",
-        };
+        let fate = d.fate(row);
         out += &format!(
             "  {:<24} {:.4}{ci} over {} replicate(s)  {fate}\n",
             config_text(&row.config),
