@@ -63,6 +63,17 @@ pub struct Record {
     pub started: f64,
     pub seconds: f64,
     pub xlpipe_version: String,
+    /// The stored prefix it was handed to continue from (see
+    /// `xlpipe_stage_api::PrefixReuse`): `seconds` covers only the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<ResumedFrom>,
+}
+
+/// Where a run continued from: a step of another instance's stored prefix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumedFrom {
+    pub step: usize,
+    pub instance: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -401,15 +401,25 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { target } => {
-            let folders = if target.is_dir() {
-                vec![(target.display().to_string(), target)]
+            let cache = Cache::open(&cli.cache)?;
+            let pipeline = if target.is_file() {
+                Some(open_pipeline(&target)?)
             } else {
-                let name = if target.is_file() {
-                    open_pipeline(&target)?.name
-                } else {
-                    target.display().to_string()
-                };
-                maintenance::report_folders(&Cache::open(&cli.cache)?, &name)?
+                None
+            };
+            let folders = match &pipeline {
+                _ if target.is_dir() => vec![(target.display().to_string(), target.clone())],
+                // A search's own account (below) may be all there is.
+                Some(pipeline)
+                    if pipeline
+                        .stages
+                        .iter()
+                        .any(|s| s.name == crate::search::STAGE) =>
+                {
+                    maintenance::report_folders(&cache, &pipeline.name).unwrap_or_default()
+                }
+                Some(pipeline) => maintenance::report_folders(&cache, &pipeline.name)?,
+                None => maintenance::report_folders(&cache, &target.display().to_string())?,
             };
             let report = kinds()
                 .into_iter()
@@ -418,6 +428,12 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
             for (instance, folder) in folders {
                 println!("{instance}  ({})", folder.display());
                 print!("{}", report.render_output(&folder)?.unwrap_or_default());
+            }
+            // A search's rungs, winner and cost, from the cache.
+            if let Some(pipeline) = &pipeline {
+                if let Some(search) = crate::search::report(pipeline, &cache)? {
+                    print!("{search}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -59,6 +59,13 @@ pub fn show(cache: &Cache, selector: &str, pipeline: Option<&str>) -> anyhow::Re
             record.xlpipe_version
         );
         let _ = writeln!(out, "  log      {}", cache.log_path(&r.key).display());
+        if let Some(resumed) = &record.resumed_from {
+            let _ = writeln!(
+                out,
+                "  resumed  from the stable phase at step {} of {}",
+                resumed.step, resumed.instance
+            );
+        }
         let params = serde_json::to_string_pretty(&record.params)?;
         let _ = writeln!(out, "  params   {}", params.replace('\n', "\n           "));
         for (slot, artifacts) in &record.inputs {

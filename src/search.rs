@@ -558,3 +558,124 @@ pub fn is_winner(
         .iter()
         .all(|(k, v)| grid.iter().any(|(gk, gv)| gk == k && json_value(gv) == *v))
 }
+
+/// The search's account for `xlpipe report`: every rung's configurations
+/// (objective mean ± 95% interval over replicates, promoted or not), the
+/// winner, and what it cost against the full grid of the same settings.
+/// `None` for a pipeline without `[search]`.
+pub fn report(pipeline: &Pipeline, cache: &Cache) -> anyhow::Result<Option<String>> {
+    use crate::plan::{plan, Status};
+    let Some(rungs) = pipeline.stages.iter().find(|s| s.name == STAGE) else {
+        return Ok(None);
+    };
+    let statuses = plan(pipeline, cache, &vec![false; pipeline.instances.len()]);
+    let record_of = |i: usize| match &statuses[i] {
+        Status::Cached { key, .. } => cache.record(key),
+        _ => None,
+    };
+    let mut decisions = Vec::new();
+    for &i in &rungs.instances {
+        if let Some(record) = record_of(i) {
+            decisions.push(decision(cache, &record.outputs)?);
+        }
+    }
+    let mut out = String::from("search\n\n| rung | budget | configuration | objective | replicates | |\n|---|---|---|---|---|---|\n");
+    for d in &decisions {
+        for row in &d.rows {
+            let ci = row.ci.map_or(String::new(), |ci| format!(" ± {ci:.4}"));
+            out += &format!(
+                "| {} | {} | {} | {:.4}{ci} | {} | {} |\n",
+                d.rung,
+                d.budget,
+                config_text(&row.config),
+                row.mean,
+                row.replicates.len(),
+                d.fate(row)
+            );
+        }
+    }
+    let Some(first) = decisions.first() else {
+        out += "\n(no rung has finished)\n";
+        return Ok(Some(out));
+    };
+    let last = decisions.last().expect("non-empty");
+    match &last.winner {
+        Some(w) => {
+            out += &format!(
+                "\nwinner: {} (objective: mean of {})\n",
+                config_text(w),
+                last.metrics.join(", ")
+            )
+        }
+        None => {
+            out += &format!(
+                "\nno winner yet: {} of the rungs have finished\n",
+                decisions.len()
+            )
+        }
+    }
+
+    // What ran: the budget stage's instances (units of budget trained, less
+    // a resumed prefix) and, per trained instance, what evaluated it.
+    let budget_stage =
+        pipeline
+            .instances
+            .iter()
+            .zip(&statuses)
+            .find_map(|(instance, status)| match (&instance.gate, status) {
+                (Some(Gate::Promoted { .. }), _) => Some(instance.stage),
+                _ => None,
+            });
+    let budget_var = rungs.vars.first().cloned().unwrap_or_default();
+    let (mut units, mut train_seconds, mut trained) = (0u64, 0.0, 0usize);
+    let mut eval_seconds = 0.0;
+    for (i, instance) in pipeline.instances.iter().enumerate() {
+        let Some(record) = record_of(i) else { continue };
+        let budget = instance
+            .grid
+            .iter()
+            .find(|(k, _)| *k == budget_var)
+            .and_then(|(_, v)| v.as_integer());
+        let Some(budget) = budget else { continue };
+        if Some(instance.stage) == budget_stage {
+            let resumed = record.resumed_from.as_ref().map_or(0, |r| r.step as u64);
+            units += budget as u64 - resumed;
+            train_seconds += record.seconds;
+            trained += 1;
+        } else if pipeline.stages[instance.stage].name != STAGE {
+            eval_seconds += record.seconds;
+        }
+    }
+    let points = first.rows.len()
+        * first
+            .rows
+            .iter()
+            .map(|r| r.replicates.len())
+            .max()
+            .unwrap_or(1);
+    let grid_units = points as u64 * last.budget;
+    let per_unit = train_seconds / units.max(1) as f64;
+    let per_eval = eval_seconds / trained.max(1) as f64;
+    let grid_train = grid_units as f64 * per_unit;
+    let grid_eval = points as f64 * per_eval;
+    out += &format!(
+        "\n| compute | search | full grid ({points} points at budget {}) | search / grid |\n|---|---|---|---|\n",
+        last.budget
+    );
+    out += &format!(
+        "| budget units trained | {units} | {grid_units} | {:.2} |\n",
+        units as f64 / grid_units.max(1) as f64
+    );
+    out += &format!(
+        "| training wall time | {train_seconds:.0} s | ~{grid_train:.0} s | {:.2} |\n",
+        train_seconds / grid_train.max(f64::MIN_POSITIVE)
+    );
+    out += &format!(
+        "| training + evaluation wall time | {:.0} s | ~{:.0} s | {:.2} |\n",
+        train_seconds + eval_seconds,
+        grid_train + grid_eval,
+        (train_seconds + eval_seconds) / (grid_train + grid_eval).max(f64::MIN_POSITIVE)
+    );
+    out += "\n(~: the grid's times at this search's own seconds per unit of budget and per evaluated point)\n";
+    Ok(Some(out))
+}

@@ -16,7 +16,7 @@ use indicatif::MultiProgress;
 use serde::{Deserialize, Serialize};
 use xlpipe_stage_api::{FetchSettings, InputArtifact, Prefixes, Stage, StageContext, StoredPrefix};
 
-use crate::cache::{remove_path, Cache, InputRecord, PrefixEntry, Record};
+use crate::cache::{remove_path, Cache, InputRecord, PrefixEntry, Record, ResumedFrom};
 
 #[derive(Debug)]
 pub struct Failure {
@@ -225,6 +225,14 @@ impl Task {
                 store_at: temp.join("prefix"),
             }),
         };
+        let resumed_from = context
+            .prefixes
+            .as_ref()
+            .and_then(|p| p.resume.as_ref())
+            .map(|r| ResumedFrom {
+                step: r.step,
+                instance: r.producer.clone(),
+            });
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -273,6 +281,7 @@ impl Task {
             started,
             seconds,
             xlpipe_version: env!("CARGO_PKG_VERSION").to_string(),
+            resumed_from,
         };
         self.cache.write_record(&record)?;
         if let Some(spec) = &self.spec.prefix {

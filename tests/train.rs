@@ -1018,6 +1018,26 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
     }
     let again = run();
     assert_eq!((again.code, again.counts().0), (0, 0), "{again}");
+
+    // The report: every rung's rows, the winner, the cost against the grid.
+    // Steps trained: rung 0 trains 6 x 2; the 2 promoted runs continue from
+    // step 1 (WSD, one decay step) to 4, then from step 3 to 8.
+    let report = s.ok(&["report", "p.toml"]).stdout;
+    let winner_row = format!("| 0 | 2 | alpha={winner:?} | ");
+    assert!(
+        report.contains(&winner_row) && report.contains("| promoted |"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("winner: alpha={winner:?}")),
+        "{report}"
+    );
+    let units = 6 * 2 + 2 * (4 - 1) + 2 * (8 - 3);
+    let expected = format!(
+        "| budget units trained | {units} | 48 | {:.2} |",
+        units as f64 / 48.0
+    );
+    assert!(report.contains(&expected), "{expected}\n{report}");
 }
 
 /// Bad `[search]` input: each error names the file, line and field; an
