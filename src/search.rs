@@ -425,6 +425,22 @@ pub fn attach(
             search.budget_param.clone(),
             toml::Value::Integer(budget as i64),
         )];
+        let mut inputs = vec![ResolvedInput {
+            slot: "results".into(),
+            sources: sources_at,
+            collecting: true,
+            reads_winner: false,
+        }];
+        // Each rung carries the ones before it (the last holds the whole
+        // search, and draws it).
+        if let Some(&previous) = rung_instance.last() {
+            inputs.push(ResolvedInput {
+                slot: "previous".into(),
+                sources: vec![(previous, "decision".to_string())],
+                collecting: false,
+                reads_winner: false,
+            });
+        }
         rung_instance.push(instances.len());
         def.instances.push(instances.len());
         instances.push(Instance {
@@ -432,12 +448,7 @@ pub fn attach(
             name: crate::pipeline::expand::instance_name(STAGE, &grid),
             grid,
             params,
-            inputs: vec![ResolvedInput {
-                slot: "results".into(),
-                sources: sources_at,
-                collecting: true,
-                reads_winner: false,
-            }],
+            inputs,
             outputs: vec!["decision".into()],
             resources: BTreeMap::new(),
             gate: None,
@@ -677,5 +688,13 @@ pub fn report(pipeline: &Pipeline, cache: &Cache) -> anyhow::Result<Option<Strin
         (train_seconds + eval_seconds) / (grid_train + grid_eval).max(f64::MIN_POSITIVE)
     );
     out += "\n(~: the grid's times at this search's own seconds per unit of budget and per evaluated point)\n";
+    if let Some(record) = rungs.instances.last().and_then(|&i| record_of(i)) {
+        if let Some(hash) = record.outputs.get("decision") {
+            let plot = cache.object_path(hash).join("objective.svg");
+            if plot.is_file() {
+                out += &format!("plot: {}\n", plot.display());
+            }
+        }
+    }
     Ok(Some(out))
 }

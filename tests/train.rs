@@ -1038,6 +1038,16 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
         units as f64 / 48.0
     );
     assert!(report.contains(&expected), "{expected}\n{report}");
+    let plot = report
+        .lines()
+        .find_map(|l| l.strip_prefix("plot: "))
+        .unwrap();
+    let svg = std::fs::read_to_string(plot).unwrap();
+    for alpha in [0.0, 0.5, 1.0] {
+        assert!(svg.contains(&format!("alpha={alpha:?}")), "{svg}");
+    }
+    // The last rung carries the whole search.
+    assert_eq!(last["history"].as_array().unwrap().len(), 2, "{last}");
 }
 
 /// Bad `[search]` input: each error names the file, line and field; an

@@ -78,6 +78,8 @@ pub struct Decision {
     pub rows: Vec<RungRow>,
     /// The configuration that won (last rung only).
     pub winner: Option<BTreeMap<String, serde_json::Value>>,
+    /// The rungs before this one, first first.
+    pub history: Vec<Decision>,
 }
 
 impl Decision {
@@ -149,20 +151,28 @@ impl TypedStage for SearchRungStage {
 
     fn interface_for(&self, _p: &SearchRungParams, _: &[String]) -> Result<Interface, ParamError> {
         Ok(Interface {
-            inputs: vec![InputSlot::many("results")],
+            inputs: vec![InputSlot::many("results"), InputSlot::optional("previous")],
             outputs: vec!["decision".into()],
             ..Interface::default()
         })
     }
 
     fn execute(&self, p: &SearchRungParams, ctx: &StageContext) -> anyhow::Result<()> {
-        let decision = decide(p, ctx)?;
+        let mut decision = decide(p, ctx)?;
+        if let [previous] = ctx.inputs("previous") {
+            let mut previous = Decision::read(&previous.path)?;
+            decision.history = std::mem::take(&mut previous.history);
+            decision.history.push(previous);
+        }
         let out = ctx.output("decision");
         std::fs::create_dir_all(&out)?;
         std::fs::write(
             out.join(Decision::FILE),
             serde_json::to_vec_pretty(&decision)?,
         )?;
+        if p.last {
+            plot_objective(&decision, &out)?;
+        }
         Ok(())
     }
 
@@ -265,7 +275,35 @@ fn decide(p: &SearchRungParams, ctx: &StageContext) -> anyhow::Result<Decision> 
         goal: p.goal,
         winner: p.last.then(|| rows[0].config.clone()),
         rows,
+        history: Vec::new(),
     })
+}
+
+/// `objective.svg` / `.png`: each configuration's mean objective (with its
+/// interval over replicates) at every budget it reached.
+fn plot_objective(last: &Decision, dir: &Path) -> anyhow::Result<()> {
+    let mut lines: Vec<(String, Vec<(f64, f64, Option<f64>)>)> = Vec::new();
+    for rung in last.history.iter().chain([last]) {
+        for row in &rung.rows {
+            let label = config_text(&row.config);
+            let point = (rung.budget as f64, row.mean, row.ci);
+            match lines.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, points)) => points.push(point),
+                None => lines.push((label, vec![point])),
+            }
+        }
+    }
+    let y_label = format!("mean of {}", last.metrics.join(", "));
+    crate::report::write_line_chart(
+        dir,
+        "objective",
+        (
+            "search: objective by budget (95% interval over replicates)",
+            "budget",
+            &y_label,
+        ),
+        &lines,
+    )
 }
 
 /// A configuration as `alpha=0.5,lr=0.001`.

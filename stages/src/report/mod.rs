@@ -51,6 +51,7 @@
 mod load;
 mod markdown;
 mod plot;
+pub use plot::write_line_chart;
 mod tables;
 
 use std::collections::BTreeSet;

@@ -405,6 +405,27 @@ pub(super) fn write_training_curves(curves: &[TrainingCurve], dir: &Path) -> any
     Ok(())
 }
 
+/// One line per label through its (x, mean, 95% CI half-width) points, as
+/// `STEM.svg` and `STEM.png` in `dir`: for charts of other kinds (a search's
+/// objective by budget), drawn as the report's own.
+pub fn write_line_chart(
+    dir: &Path,
+    stem: &str,
+    (title, x_label, y_label): (&str, &str, &str),
+    lines: &[(String, Vec<(f64, f64, Option<f64>)>)],
+) -> anyhow::Result<()> {
+    let series: Vec<Series> = lines
+        .iter()
+        .map(|(label, points)| Series {
+            label: label.clone(),
+            points: points.clone(),
+            level: false,
+            setting: label.clone(),
+        })
+        .collect();
+    Canvas::new().write(dir, stem, &chart(title, x_label, y_label, &series))
+}
+
 /// Each point's y replaced by the mean of it and the `window - 1` before.
 fn running_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
     (0..points.len())
