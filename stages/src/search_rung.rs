@@ -282,7 +282,7 @@ fn decide(p: &SearchRungParams, ctx: &StageContext) -> anyhow::Result<Decision> 
 /// `objective.svg` / `.png`: each configuration's mean objective (with its
 /// interval over replicates) at every budget it reached.
 fn plot_objective(last: &Decision, dir: &Path) -> anyhow::Result<()> {
-    let mut lines: Vec<(String, Vec<(f64, f64, Option<f64>)>)> = Vec::new();
+    let mut lines: Vec<crate::report::ChartLine> = Vec::new();
     for rung in last.history.iter().chain([last]) {
         for row in &rung.rows {
             let label = config_text(&row.config);

@@ -51,7 +51,7 @@
 mod load;
 mod markdown;
 mod plot;
-pub use plot::write_line_chart;
+pub use plot::{write_line_chart, ChartLine};
 mod tables;
 
 use std::collections::BTreeSet;

@@ -405,6 +405,9 @@ pub(super) fn write_training_curves(curves: &[TrainingCurve], dir: &Path) -> any
     Ok(())
 }
 
+/// A labelled line through (x, mean, 95% CI half-width) points.
+pub type ChartLine = (String, Vec<(f64, f64, Option<f64>)>);
+
 /// One line per label through its (x, mean, 95% CI half-width) points, as
 /// `STEM.svg` and `STEM.png` in `dir`: for charts of other kinds (a search's
 /// objective by budget), drawn as the report's own.
@@ -412,7 +415,7 @@ pub fn write_line_chart(
     dir: &Path,
     stem: &str,
     (title, x_label, y_label): (&str, &str, &str),
-    lines: &[(String, Vec<(f64, f64, Option<f64>)>)],
+    lines: &[ChartLine],
 ) -> anyhow::Result<()> {
     let series: Vec<Series> = lines
         .iter()
