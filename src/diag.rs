@@ -76,6 +76,25 @@ fn excerpt(line: &str, column: usize) -> (String, usize) {
     (quoted, at - from + 1 + usize::from(from > 0))
 }
 
+/// Where a dotted path (`budget.eta`, `layers[1]`) was written: the path
+/// itself, else its closest parent, else `fallback` (the table's header).
+pub fn nearest_loc(
+    locs: &std::collections::BTreeMap<String, Loc>,
+    path: &str,
+    fallback: Loc,
+) -> Loc {
+    let mut path = path;
+    loop {
+        if let Some(loc) = locs.get(path) {
+            return *loc;
+        }
+        match path.rfind(['.', '[']) {
+            Some(cut) => path = &path[..cut],
+            None => return fallback,
+        }
+    }
+}
+
 /// A byte span inside one of the [`Sources`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {

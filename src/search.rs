@@ -100,16 +100,7 @@ impl Search {
 }
 
 fn loc_of(spec: &SearchSpec, path: &str) -> Loc {
-    let mut path = path;
-    loop {
-        if let Some(loc) = spec.locs.get(path) {
-            return *loc;
-        }
-        match path.rfind(['.', '[']) {
-            Some(cut) => path = &path[..cut],
-            None => return spec.loc,
-        }
-    }
+    crate::diag::nearest_loc(&spec.locs, path, spec.loc)
 }
 
 /// Check `[search]` against the pipeline's grid and stages, add the budget

@@ -606,19 +606,9 @@ fn a_wsd_stable_phase_does_not_depend_on_the_budget() {
     );
 }
 
-/// The held-out pairs as a retrieval set: a trained model is scored on
-/// them by the same encode + evaluate_lareqa as on XQuAD-R (mono, cross,
-/// multi, bias), and the set holds only `valid` pairs, never training ones.
-#[test]
-fn held_out_pairs_make_a_validation_retrieval_set() {
-    let s = Scratch::shared();
-    tiny_model(&s);
-    let stages = r#"alpha = 0.5
-steps = 4
-batch_size = 8
-eval_every = 0
-seed = 2
-
+/// The held-out pairs as a validation set, encoded by the trained model and
+/// scored as XQuAD-R is.
+const VALIDATION_STAGES: &str = r#"
 [stages.valid_set]
 kind = "validation_retrieval"
 inputs.pairs = "translate"
@@ -648,7 +638,18 @@ inputs.questions = "valid_questions"
 inputs.candidates = "valid_candidates"
 dataset = "validation"
 "#;
-    s.write("p.toml", &pipeline("valid", stages));
+
+/// The held-out pairs as a retrieval set: a trained model is scored on
+/// them by the same encode + evaluate_lareqa as on XQuAD-R (mono, cross,
+/// multi, bias), and the set holds only `valid` pairs, never training ones.
+#[test]
+fn held_out_pairs_make_a_validation_retrieval_set() {
+    let s = Scratch::shared();
+    tiny_model(&s);
+    let stages = format!(
+        "alpha = 0.5\nsteps = 4\nbatch_size = 8\neval_every = 0\nseed = 2\n{VALIDATION_STAGES}"
+    );
+    s.write("p.toml", &pipeline("valid", &stages));
     let ran = s.xlpipe(&[
         "run",
         "p.toml",
@@ -842,42 +843,18 @@ fn a_resumed_stable_phase_trains_the_weights_of_a_run_from_the_start() {
 /// (eta 2), two seeds per configuration, on the validation objective; a
 /// stage reads the winner's models through `train.model[search=best]`.
 fn search_pipeline(search: &str) -> String {
-    let stages = r#"alpha = "${alpha}"
-seed = "${seed}"
-batch_size = 8
-eval_every = 0
-lr_schedule = "wsd"
-decay_steps = 1
+    let stages = format!(
+        "alpha = \"${{alpha}}\"\nseed = \"${{seed}}\"\nbatch_size = 8\neval_every = 0\n\
+         lr_schedule = \"wsd\"\ndecay_steps = 1\n{VALIDATION_STAGES}{WINNER_STAGE}"
+    );
+    format!(
+        "{}\n[grid]\nalpha = [0.0, 0.5, 1.0]\nseed = [1, 2]\n\n[search]\n{search}",
+        pipeline("search", &stages)
+    )
+}
 
-[stages.valid_set]
-kind = "validation_retrieval"
-inputs.pairs = "translate"
-
-[stages.valid_questions]
-kind = "encode"
-inputs.model = "train.model"
-inputs.texts = "valid_set"
-table = "questions"
-text = "question"
-id = "qid"
-max_len = 24
-
-[stages.valid_candidates]
-kind = "encode"
-inputs.model = "train.model"
-inputs.texts = "valid_set"
-table = "candidates"
-text = "sentence"
-id = "cid"
-max_len = 48
-
-[stages.valid_eval]
-kind = "evaluate_lareqa"
-inputs.data = "valid_set"
-inputs.questions = "valid_questions"
-inputs.candidates = "valid_candidates"
-dataset = "validation"
-
+/// A stage that reads the search's winner.
+const WINNER_STAGE: &str = r#"
 [stages.winner_questions]
 kind = "encode"
 inputs.model = "train.model[search=best]"
@@ -887,11 +864,6 @@ text = "question"
 id = "qid"
 max_len = 24
 "#;
-    format!(
-        "{}\n[grid]\nalpha = [0.0, 0.5, 1.0]\nseed = [1, 2]\n\n[search]\n{search}",
-        pipeline("search", stages)
-    )
-}
 
 const SEARCH: &str = r#"over = ["alpha"]
 replicate = "seed"

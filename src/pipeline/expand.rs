@@ -759,16 +759,7 @@ fn param_error(
 /// Where a param path was written: the path itself, else its closest parent,
 /// else the stage header.
 fn param_loc(stage: &StageSpec, path: &str) -> Loc {
-    let mut path = path;
-    loop {
-        if let Some(loc) = stage.param_locs.get(path) {
-            return *loc;
-        }
-        match path.rfind(['.', '[']) {
-            Some(cut) => path = &path[..cut],
-            None => return stage.loc,
-        }
-    }
+    crate::diag::nearest_loc(&stage.param_locs, path, stage.loc)
 }
 
 /// `${var}` uses in params, with the dotted path where each appears.
