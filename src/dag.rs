@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::pipeline::expand::Gate;
 use crate::pipeline::Pipeline;
 
 pub fn render(pipeline: &Pipeline, dot: bool, instances: bool) -> String {
@@ -52,6 +53,13 @@ fn stages_text(p: &Pipeline) -> String {
         if !stage.vars.is_empty() {
             let _ = write!(out, "  (varies over {})", stage.vars.join(", "));
         }
+        let gates = stage.instances.iter().map(|&i| &p.instances[i].gate);
+        if let Some(gate) = gates.flatten().next() {
+            out.push_str(match gate {
+                Gate::Promoted { .. } => "  (above the first rung: runs if [search] promotes it)",
+                Gate::Winner { .. } => "  (reads the [search] winner)",
+            });
+        }
         out.push('\n');
     }
     out
@@ -75,6 +83,15 @@ fn instances_text(p: &Pipeline) -> String {
             .collect();
         if !inputs.is_empty() {
             let _ = write!(out, "  ({})", inputs.join("; "));
+        }
+        match &instance.gate {
+            Some(Gate::Promoted { decision, .. }) => {
+                let _ = write!(out, "  [if {} promotes it]", p.instances[*decision].name);
+            }
+            Some(Gate::Winner { decision }) => {
+                let _ = write!(out, "  [the winner of {}]", p.instances[*decision].name);
+            }
+            None => {}
         }
         out.push('\n');
     }

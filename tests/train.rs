@@ -890,6 +890,13 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
     s.write("p.toml", &search_pipeline(SEARCH));
     let plan = s.ok(&["plan", "p.toml"]).stdout;
     assert!(plan.contains("search[steps=2]"), "{plan}");
+    let dag = s.ok(&["dag", "p.toml", "--instances"]).stdout;
+    assert!(
+        dag.lines()
+            .any(|l| l.starts_with("train[alpha=0.0,seed=1,steps=4]")
+                && l.ends_with("[if search[steps=2] promotes it]")),
+        "{dag}"
+    );
     let run = || {
         s.xlpipe(&[
             "run",
