@@ -360,4 +360,38 @@ bootstrap_samples = 200
         printed.contains("alpha") && printed.contains(" ± "),
         "{printed}"
     );
+
+    // Two protocols over one grid: `series` keeps their evaluations apart
+    // (without it, two evaluations of one dataset at one point collide).
+    let text = std::fs::read_to_string(s.path("p.toml")).unwrap();
+    let (stages, _) = text.split_once("[stages.tr]").unwrap();
+    s.write(
+        "p2.toml",
+        &format!(
+            "{}\ndataset = \"set\"\n[stages.eval_b]\nkind = \"evaluate_lareqa\"\n\
+             inputs.data = \"d\"\ninputs.questions = \"q\"\ninputs.candidates = \"c\"\n\
+             dataset = \"set\"\n[stages.both]\nkind = \"report\"\n\
+             inputs.evaluations = [\"eval[*]\", \"eval_b[*]\"]\nbootstrap_samples = 50\n\
+             series = {{ eval = \"top layer\", eval_b = \"all layers\" }}\n",
+            stages.replace("name = \"report-test\"", "name = \"series-test\"")
+        ),
+    );
+    s.ok(&["run", "p2.toml"]);
+    let shown = s.ok(&["show", "both", "--pipeline", "series-test"]).stdout;
+    let both = s.path(
+        shown
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("output   report  "))
+            .unwrap(),
+    );
+    let main = read_parquet(&both.join("main.parquet")).unwrap();
+    let mut series = strings(&main, "series").unwrap();
+    series.sort();
+    series.dedup();
+    assert_eq!(series, ["all layers", "top layer"]);
+    assert_eq!(main.height(), 6, "3 alphas x 2 series");
+    let tradeoff = std::fs::read_to_string(both.join("plots/set-mono-vs-multi.svg")).unwrap();
+    for label in ["series=top layer", "series=all layers"] {
+        assert!(tradeoff.contains(label), "{label}: {tradeoff}");
+    }
 }

@@ -37,6 +37,10 @@ impl Evaluation {
         })?;
         let mut grid = artifact.grid.clone();
         let replicate = grid.remove(&p.replicate);
+        let stage = artifact.producer.split('[').next().unwrap_or_default();
+        if let Some(label) = p.series.get(stage) {
+            grid.insert(super::SERIES.to_string(), Value::String(label.clone()));
+        }
         let dataset = results.dataset_or_stage(&artifact.producer);
         let mut summary = BTreeMap::new();
         let mut per_language = BTreeMap::new();

@@ -54,7 +54,7 @@ mod plot;
 pub use plot::{write_line_chart, ChartLine};
 mod tables;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,11 @@ pub struct ReportParams {
     baselines: Vec<f64>,
     #[serde(default = "default_bootstrap_samples")]
     bootstrap_samples: usize,
+    /// Producing stage -> a label: evaluations of different stages over the
+    /// same grid (two training protocols, say) become separate lines and
+    /// rows, told apart by a `series` variable, instead of one point.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    series: BTreeMap<String, String>,
 }
 
 fn default_metric() -> String {
@@ -136,6 +141,12 @@ impl TypedStage for ReportStage {
         }
         p.in_domain.sort();
         p.in_domain.dedup();
+        if !p.series.is_empty() && (p.x == SERIES || p.replicate == SERIES) {
+            return Err(ParamError::new(
+                "series",
+                format!("`{SERIES}` names the series variable; x and replicate must be others"),
+            ));
+        }
         Ok(p)
     }
 
@@ -193,6 +204,9 @@ impl TypedStage for ReportStage {
         markdown::render_main_table(output).map(Some)
     }
 }
+
+/// The variable `series` adds to the points of the stages it names.
+const SERIES: &str = "series";
 
 /// A grid point: the grid values of an instance, replicate left out.
 type Point = Vec<(String, Value)>;
