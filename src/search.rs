@@ -336,6 +336,25 @@ pub fn attach(
     let objective = stage_index(&search.objective_stage).expect("checked by prepare");
     let budget_stage = stage_index(&search.budget_stage).expect("checked by prepare");
     let mut errors = Vec::new();
+    // A gate finds its configuration in the budget stage's grid values.
+    let budget_vars = &stages[budget_stage].vars;
+    if let Some(var) = search
+        .over
+        .iter()
+        .chain(&search.replicate)
+        .find(|v| !budget_vars.contains(v))
+    {
+        errors.push(sources.error(
+            search.loc("budget.stage"),
+            "search.budget.stage",
+            format!(
+                "stage `{}` does not vary over `{var}`: the budget stage must be the one that \
+                 trains each configuration and replicate",
+                search.budget_stage
+            ),
+        ));
+        return Err(errors);
+    }
     let needs = [&search.budget_param]
         .into_iter()
         .chain(&search.over)

@@ -1072,6 +1072,23 @@ fn a_bad_search_is_located() {
         );
         assert!(ran.stderr.contains(says), "{ran}");
     }
+    // A budget stage that does not train every configuration.
+    let bad = SEARCH.replace("stage = \"train\"", "stage = \"train2\"");
+    let text = format!(
+        "{}\n[stages.train2]\nkind = \"train\"\ninputs.model = \"tiny\"\n\
+         inputs.pairs = \"translate\"\ninit = \"random\"\nalpha = 0.5\nseed = \"${{seed}}\"\n",
+        search_pipeline(&bad).replacen("lr_schedule", "steps = 8\nlr_schedule", 1)
+    );
+    s.write("bad.toml", &text);
+    let ran = s.xlpipe(&["plan", "bad.toml"]);
+    let line = text.lines().position(|l| l.contains("train2")).unwrap() + 1;
+    assert_eq!(ran.code, 2, "{ran}");
+    assert!(
+        ran.stderr.contains(&format!("bad.toml:{line}:")),
+        "line {line}: {ran}"
+    );
+    assert!(ran.stderr.contains("does not vary over `alpha`"), "{ran}");
+
     let bad = SEARCH.replace("\"multi.map\"", "\"multi.mapp\"");
     s.write("bad.toml", &search_pipeline(&bad));
     let ran = s.xlpipe(&[
