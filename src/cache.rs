@@ -221,13 +221,13 @@ impl Cache {
     }
 
     /// Remove work folders under `tmp/` and `.partial-*` files beside
-    /// records, seals and refs. Only called with the cache held
+    /// records, seals, refs and prefixes. Only called with the cache held
     /// exclusively. Key locks stay, and so does the work folder of a key
     /// whose lock is held: by a command orphaned by a killed run, or by a
     /// Slurm job adopted after a crash.
     fn clear_leftovers(&self) {
         let mut leftovers = self.unowned_work_folders();
-        for dir in ["records", "seals", "refs"] {
+        for dir in ["records", "seals", "refs", "prefixes"] {
             leftovers.extend(sharded_entries(&self.root, dir).into_iter().filter(|path| {
                 path.file_name()
                     .and_then(|n| n.to_str())
@@ -770,6 +770,27 @@ fn same_file(file: &File, path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run that finds the cache unused removes what killed writers left:
+    /// half-written prefix entries too, never a whole one.
+    #[test]
+    fn an_unused_cache_loses_its_partial_prefix_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let entry = PrefixEntry {
+            step: 80,
+            object: "ab".repeat(32),
+            key: "cd".repeat(32),
+            instance: "train[steps=100]".into(),
+        };
+        cache.write_prefix("family", &entry).unwrap();
+        let family = cache.prefix_dir("family");
+        fs::write(family.join(".partial-1-2-3"), b"{\"step\": 1").unwrap();
+        drop(cache.lock_shared().unwrap());
+        let left: Vec<PathBuf> = list_dir(&family);
+        assert_eq!(left, [family.join("0000000080.json")]);
+        assert_eq!(cache.prefix_entries().len(), 1);
+    }
 
     /// Runs storing the same content under different keys (two pipelines
     /// whose outputs happen to be equal) must leave one object whose seal
