@@ -110,7 +110,8 @@ pub struct StatesMeta {
 impl TypedStage for FrozenStatesStage {
     type Params = FrozenStatesParams;
     const KIND: &'static str = "frozen_states";
-    const VERSION: u32 = 1;
+    // 2: softmax and GELU at vector width (as `encode` 2).
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str = "token states of a model's frozen bottom layers over a table's texts, for top-layer training and encoding";
 
     fn validate(

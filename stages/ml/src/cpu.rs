@@ -113,7 +113,7 @@ pub fn describe() -> String {
         }
     };
     format!(
-        "CPU {}: {}, {}, {}, {}, {}; f32 products: gemm {}; bf16 products: {}",
+        "CPU {}: {}, {}, {}, {}, {}; f32 products: gemm {}; element-wise loops: {}; bf16 products: {}",
         model_name().unwrap_or_else(|| "(unknown model)".into()),
         flag(f.avx2, "avx2"),
         flag(f.fma, "fma"),
@@ -121,6 +121,7 @@ pub fn describe() -> String {
         flag(f.avx512_bf16, "avx512_bf16"),
         flag(f.amx_bf16, "amx_bf16"),
         gemm_kernels(&f),
+        crate::vector::Width::detect(),
         "none (f32 only in this build)"
     )
 }

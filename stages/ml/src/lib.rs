@@ -11,3 +11,4 @@ pub mod model;
 pub mod nmt;
 pub mod optim;
 pub mod rng;
+pub mod vector;

@@ -23,6 +23,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
+use crate::vector::widest_fn;
+
 /// First and second moment estimates of one parameter.
 #[derive(Default)]
 struct Moments {
@@ -292,23 +294,36 @@ impl Coefficients {
             .for_each(|((((p, m), v), live), g)| {
                 if !*live && g.iter().all(|&x| x == 0.0) {
                     // m and v stay 0, and 0 / (sqrt(0) + eps) is 0: what
-                    // `apply` computes, bit for bit.
-                    p.iter_mut().for_each(|p| *p *= self.keep);
+                    // `update` computes, bit for bit.
+                    decay(p, self.keep);
                 } else {
                     *live = true;
-                    self.apply(p, m, v, g);
+                    update(self, p, m, v, g);
                 }
             });
     }
+}
 
-    #[inline]
-    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
-        for i in 0..p.len() {
-            let grad = g[i] * self.grad_scale;
-            m[i] = self.beta_1 * m[i] + (1.0 - self.beta_1) * grad;
-            v[i] = self.beta_2 * v[i] + (1.0 - self.beta_2) * grad * grad;
-            let denominator = v[i].sqrt() / self.second_correction + self.epsilon;
-            p[i] = p[i] * self.keep - self.step_size * m[i] / denominator;
+widest_fn! {
+    /// `p *= keep`: the update of parameters whose moments and gradient are 0.
+    fn decay / decay_at(p: &mut [f32], keep: f32) {
+        p.iter_mut().for_each(|p| *p *= keep);
+    }
+}
+
+widest_fn! {
+    /// AdamW's update of the parameters `p` and moments `m`, `v` from the
+    /// gradient `g`, as PyTorch computes it.
+    fn update / update_at(c: &Coefficients, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        // Equal lengths, said once, so that the loop runs without bounds checks.
+        let n = p.len();
+        let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+        for i in 0..n {
+            let grad = g[i] * c.grad_scale;
+            m[i] = c.beta_1 * m[i] + (1.0 - c.beta_1) * grad;
+            v[i] = c.beta_2 * v[i] + (1.0 - c.beta_2) * grad * grad;
+            let denominator = v[i].sqrt() / c.second_correction + c.epsilon;
+            p[i] = p[i] * c.keep - c.step_size * m[i] / denominator;
         }
     }
 }
@@ -355,7 +370,7 @@ mod tests {
         for step in 1..=6 {
             let c = coefficients(step);
             let g = sparse_gradient(len, step as u64);
-            c.apply(&mut p_full, &mut m_full, &mut v_full, &g);
+            update(&c, &mut p_full, &mut m_full, &mut v_full, &g);
             c.apply_blocks(&mut p_fast, &mut moments, &g);
             if step == 3 {
                 // A checkpoint read back in the middle.

@@ -74,7 +74,9 @@ fn default_dtype() -> Dtype {
 impl TypedStage for EncodeStage {
     type Params = EncodeParams;
     const KIND: &'static str = "encode";
-    const VERSION: u32 = 1;
+    // 2: softmax and GELU at vector width (a vectorisable exp, sums in 16
+    // lanes): the same math, other roundings.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "embed a text column with a model (length-bucketed batches, f32 or f16)";
 

@@ -253,7 +253,9 @@ impl TypedStage for TrainStage {
     // 5: the model folder is a sentence-transformers model (modules,
     // prompts, card, the base model's pooler kept); TensorBoard events and
     // wall times in `training`.
-    const VERSION: u32 = 5;
+    // 6: softmax, GELU and layer norm at vector width (a vectorisable
+    // exp, sums in 16 lanes): the same math, other roundings.
+    const VERSION: u32 = 6;
     const SUMMARY: &'static str =
         "fine-tune an encoder with hybrid mono/cross-lingual batches (InfoNCE)";
 

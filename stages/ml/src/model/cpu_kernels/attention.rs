@@ -31,6 +31,7 @@ use rayon::prelude::*;
 use super::pointwise::{dropout, dropout_seed, mask};
 use super::{flex_tensor, flex_values, on_cpu, zeros, OnCpu};
 use crate::matmul::product_output;
+use crate::vector::{dot, exp, max, sum, widest_fn};
 
 /// The shape of one attention call: `batch` sequences of `seq` tokens,
 /// `heads` heads of `head_dim` features each.
@@ -203,22 +204,41 @@ impl Backward<Flex, 1> for FusedAttention {
     }
 }
 
-/// Attention weights in place: `scores` (rows of `seq`) plus the key bias,
-/// then softmax along each row.
-fn softmax_rows(scores: &mut [f32], key_bias: &[f32]) {
-    for row in scores.chunks_exact_mut(key_bias.len()) {
-        let mut max = f32::NEG_INFINITY;
-        for (x, b) in row.iter_mut().zip(key_bias) {
-            *x += b;
-            max = max.max(*x);
+widest_fn! {
+    /// Attention weights in place: `scores` (rows of `seq`) plus the key
+    /// bias, then softmax along each row.
+    fn softmax_rows / softmax_rows_at(scores: &mut [f32], key_bias: &[f32]) {
+        for row in scores.chunks_exact_mut(key_bias.len()) {
+            row.iter_mut().zip(key_bias).for_each(|(x, b)| *x += b);
+            let top = max(row);
+            row.iter_mut().for_each(|x| *x -= top);
         }
-        let mut sum = 0.0;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+        // One pass over all rows: a row is often shorter than a few
+        // vectors, and its remainder would run lane by lane.
+        scores.iter_mut().for_each(|x| *x = exp(*x));
+        for row in scores.chunks_exact_mut(key_bias.len()) {
+            let total = sum(row);
+            row.iter_mut().for_each(|x| *x /= total);
         }
-        for x in row.iter_mut() {
-            *x /= sum;
+    }
+}
+
+widest_fn! {
+    /// The gradient of the scores from that of the weights after dropout
+    /// (`ds`, in place; rows of `seq`): through dropout's factors `keep`,
+    /// then softmax, dS = P (dW - rowsum(dW P)).
+    fn softmax_gradient_rows / softmax_gradient_rows_at(
+        ds: &mut [f32],
+        probs: &[f32],
+        keep: Option<&[f32]>,
+        seq: usize,
+    ) {
+        if let Some(keep) = keep {
+            ds.iter_mut().zip(keep).for_each(|(x, m)| *x *= m);
+        }
+        for (ds, p) in ds.chunks_exact_mut(seq).zip(probs.chunks_exact(seq)) {
+            let dot = dot(ds, p);
+            ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
         }
     }
 }
@@ -302,14 +322,7 @@ fn backward(
             let dv = product_output((s, d, s), (&weights, (1, s)), (g, (hidden, 1)), 1.0, ONE);
             // Weights: dW = dC V^T, through dropout's factors.
             let mut ds = product_output((s, s, d), (g, (hidden, 1)), (v, (1, row)), 1.0, ONE);
-            if let Some(keep) = keep {
-                ds.iter_mut().zip(keep).for_each(|(x, m)| *x *= m);
-            }
-            // Scores, through softmax: dS = P (dW - rowsum(dW P)).
-            for (ds, p) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
-                let dot: f32 = ds.iter().zip(p).map(|(g, p)| g * p).sum();
-                ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
-            }
+            softmax_gradient_rows(&mut ds, p, keep, s);
             // Queries and keys, through the scaled product.
             let scale = shape.scale();
             let dq = product_output((s, d, s), (&ds, (s, 1)), (k, (row, 1)), scale, ONE);

@@ -21,6 +21,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::{column_sums, flex_tensor, flex_values, on_cpu, zeros, OnCpu};
+use crate::vector::{dot, sum, widest_fn};
 
 /// Rows per parallel task.
 const ROWS: usize = 64;
@@ -54,26 +55,7 @@ pub fn layer_norm<B: Backend>(norm: &LayerNorm<B>, epsilon: f64, x: Tensor<B, 2>
         .zip(inverse_deviation.par_chunks_mut(ROWS))
         .zip(values.par_chunks(ROWS * width))
         .for_each(|(((out, normalised), inverse), x)| {
-            let rows = out
-                .chunks_exact_mut(width)
-                .zip(normalised.chunks_exact_mut(width))
-                .zip(inverse.iter_mut())
-                .zip(x.chunks_exact(width));
-            for (((out, normalised), inverse), x) in rows {
-                let mean = x.iter().sum::<f32>() / width as f32;
-                let variance =
-                    x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
-                *inverse = 1.0 / (variance + epsilon as f32).sqrt();
-                for (((o, n), x), (g, b)) in out
-                    .iter_mut()
-                    .zip(normalised.iter_mut())
-                    .zip(x)
-                    .zip(scale.iter().zip(shift.iter()))
-                {
-                    *n = (x - mean) * *inverse;
-                    *o = *n * g + b;
-                }
-            }
+            normalise_rows(out, normalised, inverse, x, &scale, &shift, epsilon as f32)
         });
     let output = flex_tensor(out, shape);
     match Norm
@@ -117,8 +99,6 @@ impl Backward<Flex, 3> for Norm {
         let g = flex_values(&grad);
         let normalised = &saved.normalised;
         if let Some(node) = x_node {
-            // dx = r (g gamma - mean(g gamma) - x^ mean(g gamma x^)), r the
-            // row's inverse deviation and x^ its normalised values.
             let gamma = flex_values(&saved.gamma);
             let mut dx = zeros(g.len());
             dx.par_chunks_mut(ROWS * width)
@@ -126,22 +106,7 @@ impl Backward<Flex, 3> for Norm {
                 .zip(normalised.par_chunks(ROWS * width))
                 .zip(saved.inverse_deviation.par_chunks(ROWS))
                 .for_each(|(((dx, g), normalised), inverse)| {
-                    let rows = dx
-                        .chunks_exact_mut(width)
-                        .zip(g.chunks_exact(width))
-                        .zip(normalised.chunks_exact(width))
-                        .zip(inverse);
-                    for (((dx, g), n), r) in rows {
-                        let (mut sum, mut dot) = (0.0f32, 0.0f32);
-                        for ((g, n), w) in g.iter().zip(n).zip(gamma.iter()) {
-                            sum += g * w;
-                            dot += g * w * n;
-                        }
-                        let (mean, mean_dot) = (sum / width as f32, dot / width as f32);
-                        for (((dx, g), n), w) in dx.iter_mut().zip(g).zip(n).zip(gamma.iter()) {
-                            *dx = r * (g * w - mean - n * mean_dot);
-                        }
-                    }
+                    input_gradient_rows(dx, g, normalised, inverse, &gamma)
                 });
             grads.register::<Flex>(node.id, flex_tensor(dx, shape));
         }
@@ -160,6 +125,73 @@ impl Backward<Flex, 3> for Norm {
         }
         if let Some(node) = beta_node {
             grads.register::<Flex>(node.id, flex_tensor(d_beta, [width]));
+        }
+    }
+}
+
+widest_fn! {
+    /// Layer norm of the rows of `x` (as wide as `scale`) into `out`,
+    /// keeping each row's normalised values and inverse deviation.
+    fn normalise_rows / normalise_rows_at(
+        out: &mut [f32],
+        normalised: &mut [f32],
+        inverse: &mut [f32],
+        x: &[f32],
+        scale: &[f32],
+        shift: &[f32],
+        epsilon: f32,
+    ) {
+        let width = scale.len();
+        let rows = out
+            .chunks_exact_mut(width)
+            .zip(normalised.chunks_exact_mut(width))
+            .zip(inverse.iter_mut())
+            .zip(x.chunks_exact(width));
+        for (((out, normalised), inverse), x) in rows {
+            let mean = sum(x) / width as f32;
+            // The centred values, in `normalised` until it is scaled.
+            normalised.iter_mut().zip(x).for_each(|(n, x)| *n = x - mean);
+            let variance = dot(normalised, normalised) / width as f32;
+            *inverse = 1.0 / (variance + epsilon).sqrt();
+            for ((o, n), (g, b)) in out
+                .iter_mut()
+                .zip(normalised.iter_mut())
+                .zip(scale.iter().zip(shift))
+            {
+                *n *= *inverse;
+                *o = *n * g + b;
+            }
+        }
+    }
+}
+
+widest_fn! {
+    /// dx = r (g gamma - mean(g gamma) - x^ mean(g gamma x^)) for rows as
+    /// wide as `gamma`: r the row's inverse deviation, x^ its normalised
+    /// values.
+    fn input_gradient_rows / input_gradient_rows_at(
+        dx: &mut [f32],
+        g: &[f32],
+        normalised: &[f32],
+        inverse: &[f32],
+        gamma: &[f32],
+    ) {
+        let width = gamma.len();
+        let rows = dx
+            .chunks_exact_mut(width)
+            .zip(g.chunks_exact(width))
+            .zip(normalised.chunks_exact(width))
+            .zip(inverse);
+        for (((dx, g), n), r) in rows {
+            // g gamma, kept in dx until dx is computed from it.
+            dx.iter_mut()
+                .zip(g.iter().zip(gamma))
+                .for_each(|(d, (g, w))| *d = g * w);
+            let mean = sum(dx) / width as f32;
+            let mean_dot = dot(dx, n) / width as f32;
+            for (dx, n) in dx.iter_mut().zip(n) {
+                *dx = r * (*dx - mean - n * mean_dot);
+            }
         }
     }
 }

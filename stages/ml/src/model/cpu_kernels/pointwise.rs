@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::{flex_tensor, flex_values, on_cpu, zeros, OnCpu, TrackedTensor};
 use crate::rng::SplitMix64;
+use crate::vector::{exp, widest_fn};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -43,11 +44,7 @@ pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor
             dropped
                 .par_chunks_mut(CHUNK)
                 .zip(values.par_chunks(CHUNK).zip(factors.par_chunks(CHUNK)))
-                .for_each(|(out, (x, m))| {
-                    out.iter_mut()
-                        .zip(x.iter().zip(m))
-                        .for_each(|(o, (x, m))| *o = x * m);
-                });
+                .for_each(|(out, (x, m))| product(out, x, m));
             back.wrap(scaled(x, dropped, factors))
         }
     }
@@ -96,11 +93,7 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
             let mut out = zeros(values.len());
             out.par_chunks_mut(CHUNK)
                 .zip(values.par_chunks(CHUNK))
-                .for_each(|(out, x)| {
-                    out.iter_mut()
-                        .zip(x)
-                        .for_each(|(o, x)| *o = gelu_and_slope(*x).0);
-                });
+                .for_each(|(out, x)| gelu_values(out, x));
             back.wrap(flex_tensor(out, x.layout().shape().clone()))
         }
         OnCpu::Tracked(x, back) => {
@@ -110,11 +103,7 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
             out.par_chunks_mut(CHUNK)
                 .zip(slope.par_chunks_mut(CHUNK))
                 .zip(values.par_chunks(CHUNK))
-                .for_each(|((out, slope), x)| {
-                    for ((o, s), x) in out.iter_mut().zip(slope.iter_mut()).zip(x) {
-                        (*o, *s) = gelu_and_slope(*x);
-                    }
-                });
+                .for_each(|((out, slope), x)| gelu_values_and_slopes(out, slope, x));
             back.wrap(scaled(x, out, slope))
         }
     }
@@ -149,29 +138,50 @@ impl Backward<Flex, 1> for Scaled {
             let mut out = zeros(g.len());
             out.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(slope.par_chunks(CHUNK)))
-                .for_each(|(out, (g, s))| {
-                    out.iter_mut()
-                        .zip(g.iter().zip(s))
-                        .for_each(|(o, (g, s))| *o = g * s);
-                });
+                .for_each(|(out, (g, s))| product(out, g, s));
             let shape = grad.layout().shape().clone();
             grads.register::<Flex>(parent.id, flex_tensor(out, shape));
         }
     }
 }
 
+widest_fn! {
+    /// `out = a * b`, element by element.
+    fn product / product_at(out: &mut [f32], a: &[f32], b: &[f32]) {
+        out.iter_mut()
+            .zip(a.iter().zip(b))
+            .for_each(|(o, (a, b))| *o = a * b);
+    }
+}
+
+widest_fn! {
+    fn gelu_values / gelu_values_at(out: &mut [f32], x: &[f32]) {
+        out.iter_mut()
+            .zip(x)
+            .for_each(|(o, x)| *o = gelu_and_slope(*x).0);
+    }
+}
+
+widest_fn! {
+    fn gelu_values_and_slopes / gelu_values_and_slopes_at(out: &mut [f32], slope: &mut [f32], x: &[f32]) {
+        for ((o, s), x) in out.iter_mut().zip(slope.iter_mut()).zip(x) {
+            (*o, *s) = gelu_and_slope(*x);
+        }
+    }
+}
+
 /// gelu(x) = x Phi(x) and its derivative Phi(x) + x phi(x).
-#[inline]
+#[inline(always)]
 fn gelu_and_slope(x: f32) -> (f32, f32) {
     let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * x * x).exp() * 0.398_942_3; // 1 / sqrt(2 pi)
+    let pdf = exp(-0.5 * x * x) * 0.398_942_3; // 1 / sqrt(2 pi)
     (x * cdf, cdf + x * pdf)
 }
 
 /// erf in single precision, as Eigen's and XLA's: a rational function of x
 /// on [-4, 4] (erf is +-1 in f32 beyond), within 1e-7 of libm's `erff`,
 /// and free of branches so that the loops above vectorise.
-#[inline]
+#[inline(always)]
 fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
