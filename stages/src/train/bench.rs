@@ -38,8 +38,9 @@ pub struct ModeTiming {
 /// Training steps on one fixed batch of `queries` and `passages`
 /// (unprefixed) with the training stage's own loss, optimizer, clipping
 /// and E5 prefixes, on the CPU backend, four ways: every layer as one
-/// padded batch per side; every layer in length groups; the top
-/// `train_layers` from text; the same from stored states.
+/// padded batch per side (PyTorch's work); every layer as packed tokens
+/// (as `train` runs it); the top `train_layers` from text, in length
+/// groups; the same from stored states.
 pub fn benchmark_cpu_training(
     model_dir: &Path,
     queries: &[String],
@@ -88,21 +89,25 @@ pub fn benchmark_cpu_training(
         &scratch,
         &indicatif::ProgressBar::hidden(),
     )?;
-    let modes: [(&str, bool, f64); 4] = [
-        ("all layers, one padded batch", false, 1.0),
-        ("all layers, length groups", false, 0.1),
-        ("top layers from text", true, 0.1),
-        ("top layers from stored states", true, 0.1),
+    let modes: [(&str, bool); 4] = [
+        ("all layers, one padded batch", false),
+        ("all layers, packed tokens", false),
+        ("top layers from text", true),
+        ("top layers from stored states", true),
     ];
     let q: Vec<&str> = queries.iter().map(String::as_str).collect();
     let d: Vec<&str> = passages.iter().map(String::as_str).collect();
     let mut timings = Vec::new();
-    for (index, (mode, partial, max_padding)) in modes.into_iter().enumerate() {
+    for (index, (mode, partial)) in modes.into_iter().enumerate() {
         let table: toml::Table = format!(
-            "alpha = 1.0\nsteps = {steps}\nquery_max_len = {}\npassage_max_len = {}\nmax_padding = {max_padding}\n{}",
+            "alpha = 1.0\nsteps = {steps}\nquery_max_len = {}\npassage_max_len = {}\n{}",
             lengths.0,
             lengths.1,
-            if partial { format!("train_layers = {train_layers}") } else { String::new() }
+            if partial {
+                format!("train_layers = {train_layers}")
+            } else {
+                String::new()
+            }
         )
         .parse()?;
         let p: TrainParams = parse_params(&table).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -135,12 +140,31 @@ pub fn benchmark_cpu_training(
                 .iter()
                 .map(Vec::len)
                 .collect();
-            for group in length_groups(&lens, max_padding) {
-                let longest = group.iter().map(|&i| lens[i]).max().unwrap_or(0);
-                padded += longest * group.len();
-                real += group.iter().map(|&i| lens[i]).sum::<usize>();
-            }
+            real += lens.iter().sum::<usize>();
+            padded += match index {
+                0 => lens.len() * lens.iter().max().unwrap_or(&0),
+                1 => lens.iter().sum(),
+                _ => length_groups(&lens, p.max_padding)
+                    .iter()
+                    .map(|group| group.len() * group.iter().map(|&i| lens[i]).max().unwrap_or(0))
+                    .sum(),
+            };
         }
+        // One padded batch per side, the way PyTorch runs it; the trainer's
+        // own path otherwise.
+        let embed = |encoder: &Encoder<B>, texts: &[&str], query: bool| {
+            if index > 0 {
+                return batcher.embed_side(encoder, texts, query, &device);
+            }
+            let (prefix, max_len) = if query {
+                ("query: ", lengths.0)
+            } else {
+                ("passage: ", lengths.1)
+            };
+            let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
+            let (ids, mask) = tokenizer.encode(&prefixed, max_len)?.tensors::<B>(&device);
+            Ok(encoder.embed(ids, mask))
+        };
         let mut optimizer = AdamW::new(p.weight_decay, clip_norm(p.max_grad_norm));
         let mut times = Vec::new();
         for step in 0..=steps {
@@ -149,8 +173,8 @@ pub fn benchmark_cpu_training(
             }
             let clock = std::time::Instant::now();
             let loss = info_nce(
-                batcher.embed_side(&encoder, &q, true, &device)?,
-                batcher.embed_side(&encoder, &d, false, &device)?,
+                embed(&encoder, &q, true)?,
+                embed(&encoder, &d, false)?,
                 p.scale,
             );
             let grads = GradientsParams::from_grads(loss.backward(), &encoder);

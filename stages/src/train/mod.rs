@@ -153,9 +153,10 @@ pub struct TrainParams {
     /// layers out).
     #[serde(default)]
     freeze_embeddings: bool,
-    /// Embed each side of a batch in length-sorted groups padded to at most
-    /// this share of their tokens (1: one padded batch). The batch, its
-    /// in-batch negatives and its loss stay the same.
+    /// Through a frozen trunk, embed each side of a batch in length-sorted
+    /// groups padded to at most this share of their tokens (1: one padded
+    /// batch). The batch, its in-batch negatives and its loss stay the
+    /// same. The whole model packs each side's tokens without padding.
     #[serde(default = "default_max_padding")]
     max_padding: f64,
     /// The hub id the input model is a copy of, for the model card's
@@ -255,7 +256,9 @@ impl TypedStage for TrainStage {
     // wall times in `training`.
     // 6: softmax, GELU and layer norm at vector width (a vectorisable
     // exp, sums in 16 lanes): the same math, other roundings.
-    const VERSION: u32 = 6;
+    // 7: the whole model embeds each side as packed tokens (no padding;
+    // other dropout draws, other roundings).
+    const VERSION: u32 = 7;
     const SUMMARY: &'static str =
         "fine-tune an encoder with hybrid mono/cross-lingual batches (InfoNCE)";
 

@@ -1,5 +1,6 @@
 //! The training loop: hybrid batches from the sampler, each side embedded
-//! in length-sorted groups through whatever trunk feeds the trained layers,
+//! as packed tokens (whole model) or in length-sorted groups (through a
+//! frozen trunk that feeds the trained layers),
 //! InfoNCE, AdamW with warmup and decay, validation and early stopping,
 //! checkpoints (`checkpoint`) along the way.
 
@@ -18,7 +19,8 @@ use super::{load_pairs, stable_until, DecayShape, Init, LrSchedule, TrainParams}
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::model::cpu_kernels::seed_dropout;
 use xlpipe_ml::model::{
-    length_groups, load_encoder, save_encoder, Encoder, EncoderConfig, TextTokenizer, TokenBatch,
+    length_groups, load_encoder, save_encoder, Encoder, EncoderConfig, PackedTokens, TextTokenizer,
+    TokenBatch,
 };
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::content::copy_tree;
@@ -51,8 +53,11 @@ pub(super) struct Batcher<'a, B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Batcher<'_, B> {
-    /// Embeddings of one side's texts, in their order: embedded in
-    /// length-sorted groups (little padding), put back in place.
+    /// Embeddings of one side's texts, in their order. The whole model
+    /// embeds them as packed tokens: no padding, and each dense layer one
+    /// product over all of them. Through a frozen trunk (whose states are
+    /// stored padded) they go in length-sorted groups with little padding,
+    /// put back in place.
     pub(super) fn embed_side<M: Backend<Device = B::Device>>(
         &self,
         encoder: &Encoder<M>,
@@ -86,6 +91,9 @@ impl<B: AutodiffBackend> Batcher<'_, B> {
             }
             _ => rows.iter().map(Vec::len).collect(),
         };
+        if let Trunk::Whole = self.trunk {
+            return Ok(encoder.embed_packed(&PackedTokens::from_rows(&rows)));
+        }
         let groups = length_groups(&lengths, self.p.max_padding);
         let mut parts = Vec::with_capacity(groups.len());
         for group in &groups {
@@ -94,10 +102,7 @@ impl<B: AutodiffBackend> Batcher<'_, B> {
                 TokenBatch::from_rows(&group_rows, self.tokenizer.pad_id())
             };
             parts.push(match &self.trunk {
-                Trunk::Whole => {
-                    let (ids, mask) = tokens().tensors::<M>(device);
-                    encoder.embed(ids, mask)
-                }
+                Trunk::Whole => unreachable!("packed above"),
                 Trunk::Live { bottom, cut } => {
                     let tokens = tokens();
                     let (ids, mask) = tokens.tensors::<B::InnerBackend>(device);
@@ -695,7 +700,7 @@ mod tests {
     }
 
     #[test]
-    fn grouped_sides_give_the_loss_and_gradients_of_one_padded_batch() {
+    fn packed_sides_give_the_loss_and_gradients_of_one_padded_batch() {
         let dir = tempfile::tempdir().unwrap();
         let (encoder, tokenizer) = tiny(dir.path());
         let device = Default::default();
@@ -724,7 +729,7 @@ mod tests {
         };
         let q: Vec<&str> = queries.iter().map(String::as_str).collect();
         let d: Vec<&str> = passages.iter().map(String::as_str).collect();
-        // The grouping is real: one padded batch would waste over a third.
+        // The packing is real: one padded batch would waste over a third.
         let lengths: Vec<usize> = tokenizer
             .rows(
                 &d.iter()
@@ -736,20 +741,21 @@ mod tests {
             .iter()
             .map(Vec::len)
             .collect();
-        let groups = length_groups(&lengths, p.max_padding);
-        assert!(groups.len() >= 3, "{groups:?}");
-        let grouped = info_nce(
+        let padded = lengths.len() * lengths.iter().max().unwrap();
+        let real: usize = lengths.iter().sum();
+        assert!(real * 3 < padded * 2, "{lengths:?}");
+        let packed = info_nce(
             batcher.embed_side(&encoder, &q, true, &device).unwrap(),
             batcher.embed_side(&encoder, &d, false, &device).unwrap(),
             p.scale,
         );
         let loss_diff = max_diff(
             reference.clone().into_data().to_vec().unwrap(),
-            grouped.clone().into_data().to_vec().unwrap(),
+            packed.clone().into_data().to_vec().unwrap(),
         );
         assert!(loss_diff <= 1e-6, "losses differ by {loss_diff}");
         let a = reference.backward();
-        let b = grouped.backward();
+        let b = packed.backward();
         let layer = &encoder.layers[1];
         let diffs = [
             max_diff(

@@ -15,4 +15,4 @@ pub use device::{DeviceChoice, OnBackend};
 pub use encoder::Encoder;
 pub use length_groups::length_groups;
 pub use load::{load_encoder, save_encoder};
-pub use tokenize::{TextTokenizer, TokenBatch};
+pub use tokenize::{PackedTokens, TextTokenizer, TokenBatch};

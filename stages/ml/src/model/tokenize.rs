@@ -19,6 +19,30 @@ pub struct TokenBatch {
     pub seq: usize,
 }
 
+/// Token ids of several sequences one after another, without padding.
+pub struct PackedTokens {
+    pub ids: Vec<u32>,
+    /// Each sequence's token count, in order; none is empty.
+    pub lengths: Vec<usize>,
+}
+
+impl PackedTokens {
+    pub fn from_rows<R: AsRef<[u32]>>(rows: &[R]) -> PackedTokens {
+        let lengths: Vec<usize> = rows.iter().map(|r| r.as_ref().len()).collect();
+        assert!(
+            lengths.iter().all(|&len| len > 0),
+            "packed sequences need a token each"
+        );
+        PackedTokens {
+            ids: rows
+                .iter()
+                .flat_map(|r| r.as_ref().iter().copied())
+                .collect(),
+            lengths,
+        }
+    }
+}
+
 impl TextTokenizer {
     pub fn from_file(path: &Path, pad_id: u32) -> anyhow::Result<Self> {
         let inner = Tokenizer::from_file(path)

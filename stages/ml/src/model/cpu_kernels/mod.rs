@@ -12,7 +12,8 @@
 //!
 //! - `linear`: `x W + b`, the product accumulating onto the bias rows;
 //! - `self_attention`: per (sequence, head) task, scores, mask, softmax,
-//!   dropout and context in cache, from the fused QKV projection;
+//!   dropout and context in cache, from the fused QKV projection, for a
+//!   padded batch or for packed sequences (no padding, no mask);
 //! - `layer_norm`: one sweep over the rows each way;
 //! - `dropout`, `gelu`: element-wise, the backward pass a product with the
 //!   saved slope. Dropout's mask is drawn from SplitMix64 streams, one per
@@ -30,7 +31,7 @@ mod layer_norm;
 mod linear;
 mod pointwise;
 
-pub use attention::{self_attention, Heads};
+pub use attention::{packed_self_attention, self_attention, Heads};
 pub use embedding::embedding;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
