@@ -470,21 +470,11 @@ impl FrozenStates {
         let mut values = vec![0f32; texts.len() * seq * hidden];
         let mut mask = vec![0i64; texts.len() * seq];
         for (row, &(offset, len)) in spans.iter().enumerate() {
-            let out = &mut values[row * seq * hidden..(row * seq + len) * hidden];
-            match self.meta.dtype {
-                Dtype::F32 => {
-                    let bytes = &self.data[offset * hidden * 4..(offset + len) * hidden * 4];
-                    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    }
-                }
-                Dtype::F16 => {
-                    let bytes = &self.data[offset * hidden * 2..(offset + len) * hidden * 2];
-                    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                        *o = burn::tensor::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                    }
-                }
-            }
+            self.read(
+                offset,
+                len,
+                &mut values[row * seq * hidden..(row * seq + len) * hidden],
+            );
             mask[row * seq..row * seq + len].fill(1);
         }
         let shape = [texts.len(), seq];
@@ -492,5 +482,51 @@ impl FrozenStates {
             Tensor::from_data(TensorData::new(values, [texts.len(), seq, hidden]), device),
             Tensor::from_data(TensorData::new(mask, shape), device),
         ))
+    }
+
+    /// The states of `texts` in set `set` as packed rows `[tokens, hidden]`,
+    /// one text after another without padding, and each text's length: the
+    /// input of [`Encoder::embed_packed_from`].
+    pub fn packed<B: Backend>(
+        &self,
+        set: usize,
+        texts: &[&str],
+        device: &B::Device,
+    ) -> anyhow::Result<(Tensor<B, 2>, Vec<usize>)> {
+        let spans: Vec<(usize, usize)> = texts
+            .iter()
+            .map(|t| self.locate(set, t))
+            .collect::<anyhow::Result<_>>()?;
+        let hidden = self.meta.hidden;
+        let rows: usize = spans.iter().map(|s| s.1).sum();
+        let mut values = vec![0f32; rows * hidden];
+        let mut at = 0;
+        for &(offset, len) in &spans {
+            self.read(offset, len, &mut values[at * hidden..(at + len) * hidden]);
+            at += len;
+        }
+        Ok((
+            Tensor::from_data(TensorData::new(values, [rows, hidden]), device),
+            spans.iter().map(|s| s.1).collect(),
+        ))
+    }
+
+    /// The `len` stored token states from token `offset`, as f32 into `out`.
+    fn read(&self, offset: usize, len: usize, out: &mut [f32]) {
+        let hidden = self.meta.hidden;
+        match self.meta.dtype {
+            Dtype::F32 => {
+                let bytes = &self.data[offset * hidden * 4..(offset + len) * hidden * 4];
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Dtype::F16 => {
+                let bytes = &self.data[offset * hidden * 2..(offset + len) * hidden * 2];
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = burn::tensor::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use super::trainer::{clip_norm, freeze, info_nce, scalar, Batcher, Trunk};
 use super::TrainParams;
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::matmul::{start_counting, stop_counting, ProductCounts};
-use xlpipe_ml::model::{length_groups, load_encoder, Encoder, Pooling, TextTokenizer};
+use xlpipe_ml::model::{load_encoder, Encoder, Pooling, TextTokenizer};
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::parse_params;
 
@@ -39,8 +39,8 @@ pub struct ModeTiming {
 /// (unprefixed) with the training stage's own loss, optimizer, clipping
 /// and E5 prefixes, on the CPU backend, four ways: every layer as one
 /// padded batch per side (PyTorch's work); every layer as packed tokens
-/// (as `train` runs it); the top `train_layers` from text, in length
-/// groups; the same from stored states.
+/// (as `train` runs it); the top `train_layers` from text, packed too; the
+/// same from stored states.
 pub fn benchmark_cpu_training(
     model_dir: &Path,
     queries: &[String],
@@ -141,13 +141,10 @@ pub fn benchmark_cpu_training(
                 .map(Vec::len)
                 .collect();
             real += lens.iter().sum::<usize>();
-            padded += match index {
-                0 => lens.len() * lens.iter().max().unwrap_or(&0),
-                1 => lens.iter().sum(),
-                _ => length_groups(&lens, p.max_padding)
-                    .iter()
-                    .map(|group| group.len() * group.iter().map(|&i| lens[i]).max().unwrap_or(0))
-                    .sum(),
+            padded += if index == 0 {
+                lens.len() * lens.iter().max().unwrap_or(&0)
+            } else {
+                lens.iter().sum()
             };
         }
         // One padded batch per side, the way PyTorch runs it; the trainer's

@@ -153,12 +153,6 @@ pub struct TrainParams {
     /// layers out).
     #[serde(default)]
     freeze_embeddings: bool,
-    /// Through a frozen trunk, embed each side of a batch in length-sorted
-    /// groups padded to at most this share of their tokens (1: one padded
-    /// batch). The batch, its in-batch negatives and its loss stay the
-    /// same. The whole model packs each side's tokens without padding.
-    #[serde(default = "default_max_padding")]
-    max_padding: f64,
     /// The hub id the input model is a copy of, for the model card's
     /// `base_model` (e.g. "intfloat/multilingual-e5-small").
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -235,9 +229,6 @@ fn default_every() -> usize {
 fn default_val_batches() -> usize {
     8
 }
-fn default_max_padding() -> f64 {
-    0.1
-}
 fn default_init() -> Init {
     Init::Pretrained
 }
@@ -256,8 +247,8 @@ impl TypedStage for TrainStage {
     // wall times in `training`.
     // 6: softmax, GELU and layer norm at vector width (a vectorisable
     // exp, sums in 16 lanes): the same math, other roundings.
-    // 7: the whole model embeds each side as packed tokens (no padding;
-    // other dropout draws, other roundings).
+    // 7: each side embedded as packed tokens (no padding; other dropout
+    // draws, other roundings); max_padding gone with the length groups.
     const VERSION: u32 = 7;
     const SUMMARY: &'static str =
         "fine-tune an encoder with hybrid mono/cross-lingual batches (InfoNCE)";
@@ -293,12 +284,6 @@ impl TypedStage for TrainStage {
             return Err(ParamError::new(
                 "train_layers",
                 "must be at least 1 (a model with nothing to train)",
-            ));
-        }
-        if p.max_padding.is_nan() || p.max_padding <= 0.0 {
-            return Err(ParamError::new(
-                "max_padding",
-                "must be a share of tokens above 0 (1 = one padded batch)",
             ));
         }
         check_schedule(&p)?;

@@ -1,6 +1,5 @@
 //! The training loop: hybrid batches from the sampler, each side embedded
-//! as packed tokens (whole model) or in length-sorted groups (through a
-//! frozen trunk that feeds the trained layers),
+//! as packed tokens through whatever trunk feeds the trained layers,
 //! InfoNCE, AdamW with warmup and decay, validation and early stopping,
 //! checkpoints (`checkpoint`) along the way.
 
@@ -8,7 +7,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use polars::prelude::Column;
 
 use super::checkpoint::{Checkpoints, MetricRow, Progress};
@@ -19,8 +18,7 @@ use super::{load_pairs, stable_until, DecayShape, Init, LrSchedule, TrainParams}
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::model::cpu_kernels::seed_dropout;
 use xlpipe_ml::model::{
-    length_groups, load_encoder, save_encoder, Encoder, EncoderConfig, PackedTokens, TextTokenizer,
-    TokenBatch,
+    load_encoder, save_encoder, Encoder, EncoderConfig, PackedTokens, TextTokenizer,
 };
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::content::copy_tree;
@@ -53,11 +51,9 @@ pub(super) struct Batcher<'a, B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Batcher<'_, B> {
-    /// Embeddings of one side's texts, in their order. The whole model
-    /// embeds them as packed tokens: no padding, and each dense layer one
-    /// product over all of them. Through a frozen trunk (whose states are
-    /// stored padded) they go in length-sorted groups with little padding,
-    /// put back in place.
+    /// Embeddings of one side's texts, in their order, from packed
+    /// tokens: no padding, each dense layer one product over all of the
+    /// side's tokens, attention per text.
     pub(super) fn embed_side<M: Backend<Device = B::Device>>(
         &self,
         encoder: &Encoder<M>,
@@ -70,68 +66,31 @@ impl<B: AutodiffBackend> Batcher<'_, B> {
         } else {
             (&self.p.passage_prefix, self.p.passage_max_len)
         };
-        let rows = match &self.trunk {
-            Trunk::Stored { .. } => Vec::new(),
-            _ => {
-                let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-                self.tokenizer.rows(&prefixed, max_len)?
-            }
+        let tokens = || -> anyhow::Result<PackedTokens> {
+            let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
+            Ok(PackedTokens::from_rows(
+                &self.tokenizer.rows(&prefixed, max_len)?,
+            ))
         };
-        let lengths: Vec<usize> = match &self.trunk {
+        Ok(match &self.trunk {
+            Trunk::Whole => encoder.embed_packed(&tokens()?),
+            Trunk::Live { bottom, cut } => {
+                let tokens = tokens()?;
+                // Through host data: the same code serves the autodiff
+                // backend (training) and the inner one (validation).
+                let states = bottom.packed_states(&tokens, *cut).into_data();
+                encoder.embed_packed_from(Tensor::from_data(states, device), &tokens.lengths, *cut)
+            }
             Trunk::Stored {
                 states,
                 query_set,
                 passage_set,
             } => {
                 let set = if query { *query_set } else { *passage_set };
-                texts
-                    .iter()
-                    .map(|t| states.length(set, t))
-                    .collect::<anyhow::Result<_>>()?
+                let (x, lengths) = states.packed::<M>(set, texts, device)?;
+                encoder.embed_packed_from(x, &lengths, states.meta.cut)
             }
-            _ => rows.iter().map(Vec::len).collect(),
-        };
-        if let Trunk::Whole = self.trunk {
-            return Ok(encoder.embed_packed(&PackedTokens::from_rows(&rows)));
-        }
-        let groups = length_groups(&lengths, self.p.max_padding);
-        let mut parts = Vec::with_capacity(groups.len());
-        for group in &groups {
-            let tokens = || {
-                let group_rows: Vec<&[u32]> = group.iter().map(|&i| rows[i].as_slice()).collect();
-                TokenBatch::from_rows(&group_rows, self.tokenizer.pad_id())
-            };
-            parts.push(match &self.trunk {
-                Trunk::Whole => unreachable!("packed above"),
-                Trunk::Live { bottom, cut } => {
-                    let tokens = tokens();
-                    let (ids, mask) = tokens.tensors::<B::InnerBackend>(device);
-                    // Through host data: the same code serves the autodiff
-                    // backend (training) and the inner one (validation).
-                    let states = bottom.bottom_states(ids, mask, *cut).into_data();
-                    let (_, mask) = tokens.tensors::<M>(device);
-                    encoder.embed_from(Tensor::from_data(states, device), mask, *cut)
-                }
-                Trunk::Stored {
-                    states,
-                    query_set,
-                    passage_set,
-                } => {
-                    let set = if query { *query_set } else { *passage_set };
-                    let group_texts: Vec<&str> = group.iter().map(|&i| texts[i]).collect();
-                    let (x, mask) = states.batch::<M>(set, &group_texts, device)?;
-                    encoder.embed_from(x, mask, states.meta.cut)
-                }
-            });
-        }
-        let embedded = Tensor::cat(parts, 0);
-        // Row r of `embedded` is text order[r]; put each text back in place.
-        let mut place = vec![0i64; texts.len()];
-        for (r, &i) in groups.iter().flatten().enumerate() {
-            place[i] = r as i64;
-        }
-        let place = Tensor::<M, 1, Int>::from_data(TensorData::new(place, [texts.len()]), device);
-        Ok(embedded.select(0, place))
+        })
     }
 
     /// InfoNCE loss of one batch.
@@ -699,90 +658,100 @@ mod tests {
             .unwrap()
     }
 
+    /// Packed sides, through the whole model or a frozen bottom layer,
+    /// give the loss and gradients of each side as one padded batch.
     #[test]
     fn packed_sides_give_the_loss_and_gradients_of_one_padded_batch() {
         let dir = tempfile::tempdir().unwrap();
         let (encoder, tokenizer) = tiny(dir.path());
         let device = Default::default();
-        let p = params("");
         let queries = texts("question");
         let passages = texts("passage");
-
-        // The reference: each side one padded batch, embedded at once.
-        let one_batch = |texts: &[String], prefix: &str, max_len: usize| {
-            let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-            let (ids, mask) = tokenizer
-                .encode(&prefixed, max_len)
-                .unwrap()
-                .tensors::<B>(&device);
-            encoder.embed(ids, mask)
-        };
-        let reference = info_nce(
-            one_batch(&queries, "query: ", 40),
-            one_batch(&passages, "passage: ", 96),
-            p.scale,
-        );
-        let batcher = Batcher::<B> {
-            tokenizer: &tokenizer,
-            p: &p,
-            trunk: Trunk::Whole,
-        };
         let q: Vec<&str> = queries.iter().map(String::as_str).collect();
         let d: Vec<&str> = passages.iter().map(String::as_str).collect();
-        // The packing is real: one padded batch would waste over a third.
-        let lengths: Vec<usize> = tokenizer
-            .rows(
-                &d.iter()
-                    .map(|t| format!("passage: {t}"))
-                    .collect::<Vec<_>>(),
-                96,
-            )
-            .unwrap()
-            .iter()
-            .map(Vec::len)
-            .collect();
-        let padded = lengths.len() * lengths.iter().max().unwrap();
-        let real: usize = lengths.iter().sum();
-        assert!(real * 3 < padded * 2, "{lengths:?}");
-        let packed = info_nce(
-            batcher.embed_side(&encoder, &q, true, &device).unwrap(),
-            batcher.embed_side(&encoder, &d, false, &device).unwrap(),
-            p.scale,
-        );
-        let loss_diff = max_diff(
-            reference.clone().into_data().to_vec().unwrap(),
-            packed.clone().into_data().to_vec().unwrap(),
-        );
-        assert!(loss_diff <= 1e-6, "losses differ by {loss_diff}");
-        let a = reference.backward();
-        let b = packed.backward();
-        let layer = &encoder.layers[1];
-        let diffs = [
-            max_diff(
-                grad(&encoder.embeddings.word.weight, &a),
-                grad(&encoder.embeddings.word.weight, &b),
-            ),
-            max_diff(
-                grad(&encoder.embeddings.norm.gamma, &a),
-                grad(&encoder.embeddings.norm.gamma, &b),
-            ),
-            max_diff(
-                grad(&encoder.layers[0].query.weight, &a),
-                grad(&encoder.layers[0].query.weight, &b),
-            ),
-            max_diff(
-                grad(&layer.output.weight, &a),
-                grad(&layer.output.weight, &b),
-            ),
-            max_diff(
-                grad(&layer.output.bias.clone().unwrap(), &a),
-                grad(&layer.output.bias.clone().unwrap(), &b),
-            ),
-        ];
-        assert!(
-            diffs.iter().all(|d| *d <= 1e-6),
-            "gradients differ by {diffs:?}"
-        );
+        for (extra, whole) in [("", true), ("train_layers = 1", false)] {
+            let p = params(extra);
+            let (encoder, cut) = freeze(encoder.clone(), &p).unwrap();
+            // The reference: each side one padded batch, embedded at once.
+            let one_batch = |texts: &[String], prefix: &str, max_len: usize| {
+                let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
+                let (ids, mask) = tokenizer
+                    .encode(&prefixed, max_len)
+                    .unwrap()
+                    .tensors::<B>(&device);
+                encoder.embed(ids, mask)
+            };
+            let reference = info_nce(
+                one_batch(&queries, "query: ", 40),
+                one_batch(&passages, "passage: ", 96),
+                p.scale,
+            );
+            // The packing is real: one padded batch would waste over a third.
+            let prefixed: Vec<String> = d.iter().map(|t| format!("passage: {t}")).collect();
+            let lengths: Vec<usize> = tokenizer
+                .rows(&prefixed, 96)
+                .unwrap()
+                .iter()
+                .map(Vec::len)
+                .collect();
+            let padded = lengths.len() * lengths.iter().max().unwrap();
+            assert!(
+                lengths.iter().sum::<usize>() * 3 < padded * 2,
+                "{lengths:?}"
+            );
+            let batcher = Batcher::<B> {
+                tokenizer: &tokenizer,
+                p: &p,
+                trunk: match cut {
+                    None => Trunk::Whole,
+                    Some(cut) => Trunk::Live {
+                        bottom: Box::new(encoder.valid()),
+                        cut,
+                    },
+                },
+            };
+            let packed = info_nce(
+                batcher.embed_side(&encoder, &q, true, &device).unwrap(),
+                batcher.embed_side(&encoder, &d, false, &device).unwrap(),
+                p.scale,
+            );
+            let loss_diff = max_diff(
+                reference.clone().into_data().to_vec().unwrap(),
+                packed.clone().into_data().to_vec().unwrap(),
+            );
+            assert!(loss_diff <= 1e-6, "{extra}: losses differ by {loss_diff}");
+            let a = reference.backward();
+            let b = packed.backward();
+            let top = &encoder.layers[1];
+            let mut diffs = vec![
+                max_diff(grad(&top.query.weight, &a), grad(&top.query.weight, &b)),
+                max_diff(grad(&top.output.weight, &a), grad(&top.output.weight, &b)),
+                max_diff(
+                    grad(&top.output.bias.clone().unwrap(), &a),
+                    grad(&top.output.bias.clone().unwrap(), &b),
+                ),
+            ];
+            if whole {
+                diffs.extend([
+                    max_diff(
+                        grad(&encoder.embeddings.word.weight, &a),
+                        grad(&encoder.embeddings.word.weight, &b),
+                    ),
+                    max_diff(
+                        grad(&encoder.embeddings.norm.gamma, &a),
+                        grad(&encoder.embeddings.norm.gamma, &b),
+                    ),
+                    max_diff(
+                        grad(&encoder.layers[0].query.weight, &a),
+                        grad(&encoder.layers[0].query.weight, &b),
+                    ),
+                ]);
+            }
+            assert!(
+                diffs.iter().all(|d| *d <= 1e-6),
+                "{extra}: gradients differ by {diffs:?}"
+            );
+        }
     }
 
     #[test]

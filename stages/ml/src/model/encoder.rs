@@ -134,6 +134,12 @@ impl<B: Backend> Encoder<B> {
     /// real tokens, all sequences' at once, and attention runs per
     /// sequence. The same numbers as [`Encoder::embed`] up to rounding.
     pub fn embed_packed(&self, tokens: &PackedTokens) -> Tensor<B, 2> {
+        self.embed_packed_from(self.packed_states(tokens, 0), &tokens.lengths, 0)
+    }
+
+    /// The packed token rows `[rows, hidden]` after the embeddings and the
+    /// first `cut` layers: [`Encoder::bottom_states`] without padding.
+    pub fn packed_states(&self, tokens: &PackedTokens, cut: usize) -> Tensor<B, 2> {
         let device = self.embeddings.word.weight.device();
         let rows = tokens.ids.len();
         let index = |values: Vec<i64>| {
@@ -154,10 +160,25 @@ impl<B: Backend> Encoder<B> {
                 .collect(),
         );
         let mut x = self.embedded_rows(ids, positions);
-        for layer in &self.layers {
+        for layer in &self.layers[..cut] {
             x = layer.forward(x, &Attend::Packed(&tokens.lengths));
         }
-        normalize(pool_packed(x, &tokens.lengths, self.pooling))
+        x
+    }
+
+    /// [`Encoder::embed_packed`] continued from `states`, packed rows of
+    /// sequences of `lengths` after the first `cut` layers: only the layers
+    /// above it run.
+    pub fn embed_packed_from(
+        &self,
+        mut states: Tensor<B, 2>,
+        lengths: &[usize],
+        cut: usize,
+    ) -> Tensor<B, 2> {
+        for layer in &self.layers[cut..] {
+            states = layer.forward(states, &Attend::Packed(lengths));
+        }
+        normalize(pool_packed(states, lengths, self.pooling))
     }
 
     /// [`Encoder::embed`] continued from `states`, the output of

@@ -6,13 +6,11 @@ pub mod config;
 pub mod cpu_kernels;
 pub mod device;
 pub mod encoder;
-pub mod length_groups;
 pub mod load;
 pub mod tokenize;
 
 pub use config::{EncoderConfig, Pooling};
 pub use device::{DeviceChoice, OnBackend};
 pub use encoder::Encoder;
-pub use length_groups::length_groups;
 pub use load::{load_encoder, save_encoder};
 pub use tokenize::{PackedTokens, TextTokenizer, TokenBatch};
