@@ -13,7 +13,7 @@ use super::trainer::{clip_norm, freeze, info_nce, scalar, Batcher, Trunk};
 use super::TrainParams;
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::matmul::{start_counting, stop_counting, ProductCounts};
-use xlpipe_ml::model::{load_encoder, Encoder, Pooling, TextTokenizer};
+use xlpipe_ml::model::{load_encoder, Encoder, Pooling, TextTokenizer, TokenBatch};
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::parse_params;
 
@@ -130,13 +130,9 @@ pub fn benchmark_cpu_training(
             trunk,
         };
         let (mut real, mut padded) = (0, 0);
-        for (texts, prefix, max_len) in [
-            (queries, "query: ", lengths.0),
-            (passages, "passage: ", lengths.1),
-        ] {
-            let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-            let lens: Vec<usize> = tokenizer
-                .rows(&prefixed, max_len)?
+        for (texts, query) in [(&q, true), (&d, false)] {
+            let lens: Vec<usize> = batcher
+                .token_rows(texts, query)?
                 .iter()
                 .map(Vec::len)
                 .collect();
@@ -153,13 +149,9 @@ pub fn benchmark_cpu_training(
             if index > 0 {
                 return batcher.embed_side(encoder, texts, query, &device);
             }
-            let (prefix, max_len) = if query {
-                ("query: ", lengths.0)
-            } else {
-                ("passage: ", lengths.1)
-            };
-            let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-            let (ids, mask) = tokenizer.encode(&prefixed, max_len)?.tensors::<B>(&device);
+            let rows = batcher.token_rows(texts, query)?;
+            let (ids, mask) =
+                TokenBatch::from_rows(&rows, tokenizer.pad_id()).tensors::<B>(&device);
             Ok(encoder.embed(ids, mask))
         };
         let mut optimizer = AdamW::new(p.weight_decay, clip_norm(p.max_grad_norm));

@@ -51,6 +51,18 @@ pub(super) struct Batcher<'a, B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> Batcher<'_, B> {
+    /// Token ids of one side's texts, as training feeds them: the side's
+    /// prefix added, cut at the side's length.
+    pub(super) fn token_rows(&self, texts: &[&str], query: bool) -> anyhow::Result<Vec<Vec<u32>>> {
+        let (prefix, max_len) = if query {
+            (&self.p.query_prefix, self.p.query_max_len)
+        } else {
+            (&self.p.passage_prefix, self.p.passage_max_len)
+        };
+        let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
+        self.tokenizer.rows(&prefixed, max_len)
+    }
+
     /// Embeddings of one side's texts, in their order, from packed
     /// tokens: no padding, each dense layer one product over all of the
     /// side's tokens, attention per text.
@@ -61,16 +73,8 @@ impl<B: AutodiffBackend> Batcher<'_, B> {
         query: bool,
         device: &B::Device,
     ) -> anyhow::Result<Tensor<M, 2>> {
-        let (prefix, max_len) = if query {
-            (&self.p.query_prefix, self.p.query_max_len)
-        } else {
-            (&self.p.passage_prefix, self.p.passage_max_len)
-        };
         let tokens = || -> anyhow::Result<PackedTokens> {
-            let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-            Ok(PackedTokens::from_rows(
-                &self.tokenizer.rows(&prefixed, max_len)?,
-            ))
+            Ok(PackedTokens::from_rows(&self.token_rows(texts, query)?))
         };
         Ok(match &self.trunk {
             Trunk::Whole => encoder.embed_packed(&tokens()?),

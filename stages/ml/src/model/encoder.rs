@@ -13,7 +13,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::config::{EncoderConfig, Pooling};
 use super::cpu_kernels::{
-    dropout, embedding, gelu, layer_norm, linear, packed_self_attention, self_attention, Heads,
+    dropout, embedding, first_rows, gelu, layer_norm, linear, packed_self_attention,
+    self_attention, Heads,
 };
 use super::tokenize::PackedTokens;
 
@@ -388,23 +389,14 @@ pub fn pool_packed<B: Backend>(
     let total = rows.dims()[0];
     match pooling {
         Pooling::Cls => {
-            let firsts: Vec<i64> = lengths
-                .iter()
-                .scan(0, |next, &len| {
-                    let first = *next;
-                    *next += len;
-                    Some(first as i64)
-                })
-                .collect();
+            let firsts: Vec<i64> = first_rows(lengths).iter().map(|&r| r as i64).collect();
             let n = firsts.len();
             rows.select(0, Tensor::from_data(TensorData::new(firsts, [n]), &device))
         }
         Pooling::Mean => {
             let mut weights = vec![0.0f32; lengths.len() * total];
-            let mut start = 0;
-            for (b, &len) in lengths.iter().enumerate() {
+            for (b, (&len, start)) in lengths.iter().zip(first_rows(lengths)).enumerate() {
                 weights[b * total + start..b * total + start + len].fill(1.0 / len as f32);
-                start += len;
             }
             let weights = TensorData::new(weights, [lengths.len(), total]);
             Tensor::from_data(weights, &device).matmul(rows)

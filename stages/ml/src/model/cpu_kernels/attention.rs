@@ -49,8 +49,25 @@ impl Heads {
     }
 
     fn scale(&self) -> f32 {
-        (1.0 / (self.head_dim as f64).sqrt()) as f32
+        score_scale(self.head_dim)
     }
+}
+
+/// The factor on query-key products: 1 / sqrt(head_dim).
+fn score_scale(head_dim: usize) -> f32 {
+    (1.0 / (head_dim as f64).sqrt()) as f32
+}
+
+/// The first row of each of sequences of `lengths` laid one after another.
+pub fn first_rows(lengths: &[usize]) -> Vec<usize> {
+    lengths
+        .iter()
+        .scan(0, |next, &len| {
+            let first = *next;
+            *next += len;
+            Some(first)
+        })
+        .collect()
 }
 
 /// Where each sequence lies among the token rows, and the heads: what the
@@ -78,14 +95,7 @@ impl Spans {
 
     /// Sequences of `lens` rows each, one after another.
     fn new(lens: Vec<usize>, heads: usize, head_dim: usize) -> Spans {
-        let starts = lens
-            .iter()
-            .scan(0, |next, &len| {
-                let start = *next;
-                *next += len;
-                Some(start)
-            })
-            .collect();
+        let starts = first_rows(&lens);
         let mut keep_at = vec![0];
         for &len in &lens {
             for _ in 0..heads {
@@ -121,7 +131,7 @@ impl Spans {
     }
 
     fn scale(&self) -> f32 {
-        (1.0 / (self.head_dim as f64).sqrt()) as f32
+        score_scale(self.head_dim)
     }
 
     /// Task `t`'s sequence: its first row and length.
@@ -297,8 +307,7 @@ fn packed_by_ops<B: Backend>(
     let [rows, width] = qkv.dims();
     let (batch, seq) = (lengths.len(), lengths.iter().copied().max().unwrap_or(1));
     let (mut to_padded, mut to_packed, mut bias) = (Vec::new(), Vec::new(), Vec::new());
-    let mut start = 0;
-    for (b, &len) in lengths.iter().enumerate() {
+    for (b, (&len, start)) in lengths.iter().zip(first_rows(lengths)).enumerate() {
         for i in 0..seq {
             // Row `rows` is the appended row of zeros.
             to_padded.push(if i < len {
@@ -309,7 +318,6 @@ fn packed_by_ops<B: Backend>(
             bias.push(if i < len { 0.0 } else { f32::MIN });
         }
         to_packed.extend((0..len).map(|i| (b * seq + i) as i64));
-        start += len;
     }
     let index = |values: Vec<i64>| {
         let n = values.len();
@@ -516,23 +524,29 @@ mod tests {
         head_dim: 5,
     };
 
-    fn inputs<B: Backend>(device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
-        let tokens = SHAPE.batch * SHAPE.seq;
-        let qkv = test_tensor([tokens, 3 * SHAPE.hidden()], 1, device);
-        let weights = test_tensor([tokens, SHAPE.hidden()], 2, device);
-        // Sequence lengths 7, 4 and 1.
-        let bias: Vec<f32> = (0..tokens)
+    /// The lengths of `SHAPE`'s sequences: packed, the rows of its padded
+    /// batch that hold tokens.
+    const LENGTHS: [usize; 3] = [7, 4, 1];
+
+    /// The additive key mask of `SHAPE`'s padded batch, row by row.
+    fn padded_bias() -> Vec<f32> {
+        (0..SHAPE.batch * SHAPE.seq)
             .map(|i| {
-                let (b, t) = (i / SHAPE.seq, i % SHAPE.seq);
-                if t < [7, 4, 1][b] {
+                if i % SHAPE.seq < LENGTHS[i / SHAPE.seq] {
                     0.0
                 } else {
                     f32::MIN
                 }
             })
-            .collect();
-        let bias = Tensor::from_data(TensorData::new(bias, [SHAPE.batch, SHAPE.seq]), device);
-        (qkv, bias, weights)
+            .collect()
+    }
+
+    fn inputs<B: Backend>(device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
+        let tokens = SHAPE.batch * SHAPE.seq;
+        let qkv = test_tensor([tokens, 3 * SHAPE.hidden()], 1, device);
+        let weights = test_tensor([tokens, SHAPE.hidden()], 2, device);
+        let bias = TensorData::new(padded_bias(), [SHAPE.batch, SHAPE.seq]);
+        (qkv, Tensor::from_data(bias, device), weights)
     }
 
     fn assert_close(a: &[f32], b: &[f32], what: &str) {
@@ -576,10 +590,6 @@ mod tests {
             assert_close(&fused_grad, &ops_grad, "qkv gradient");
         }
     }
-
-    /// Sequences of 7, 4 and 1 tokens packed: the rows of `SHAPE`'s padded
-    /// batch that hold tokens.
-    const LENGTHS: [usize; 3] = [7, 4, 1];
 
     fn real_rows(padded: &[f32], width: usize) -> Vec<f32> {
         let mut rows = Vec::new();
@@ -654,15 +664,7 @@ mod tests {
                 to[r * SHAPE.seq..r * SHAPE.seq + len].copy_from_slice(row);
             }
         }
-        let bias: Vec<f32> = (0..padded.rows())
-            .map(|r| {
-                if r % SHAPE.seq < LENGTHS[r / SHAPE.seq] {
-                    0.0
-                } else {
-                    f32::MIN
-                }
-            })
-            .collect();
+        let bias = padded_bias();
         let (context, probs) = forward(&qkv, &vec![0.0; packed.rows()], &packed, Some(&keep), true);
         let (padded_context, padded_probs) =
             forward(&padded_qkv, &bias, &padded, Some(&padded_keep), true);

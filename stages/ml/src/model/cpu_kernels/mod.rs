@@ -31,7 +31,7 @@ mod layer_norm;
 mod linear;
 mod pointwise;
 
-pub use attention::{packed_self_attention, self_attention, Heads};
+pub use attention::{first_rows, packed_self_attention, self_attention, Heads};
 pub use embedding::embedding;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
