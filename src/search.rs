@@ -254,13 +254,13 @@ pub fn prepare(spec: &mut PipelineSpec) -> Result<Option<Search>, Vec<Diagnostic
         return Err(errors);
     }
 
-    let mut budgets = vec![budget.min];
-    while let Some(&last) = budgets.last() {
-        if last >= budget.max {
-            break;
-        }
-        budgets.push(last.saturating_mul(budget.eta as u64).min(budget.max));
-    }
+    let configurations: usize = table
+        .over
+        .iter()
+        .filter_map(|var| spec.grid.iter().find(|g| &g.name == var))
+        .map(|g| g.values.len())
+        .product();
+    let budgets = rung_budgets(budget.min, budget.max, budget.eta, configurations);
     spec.grid.push(GridVar {
         name: budget.param.clone(),
         values: budgets
@@ -300,6 +300,29 @@ pub fn prepare(spec: &mut PipelineSpec) -> Result<Option<Search>, Vec<Diagnostic
 }
 
 /// A grid value as JSON, as the stages see their producers' grid values.
+/// The budgets of the rungs: min, min·eta, … up to max, with one
+/// shortcut: once a rung would promote a single configuration, the next
+/// rung is the last, at max. A lone configuration has nothing left to be
+/// compared with, so the rungs between would only pay for evaluations and
+/// decay tails that decide nothing (with 5 alphas and eta 3, rung 0 keeps
+/// one: 60 → 300 steps, not 60 → 180 → 300).
+fn rung_budgets(min: u64, max: u64, eta: usize, configurations: usize) -> Vec<u64> {
+    let mut budgets = vec![min];
+    let mut alive = configurations;
+    while let Some(&last) = budgets.last() {
+        if last >= max {
+            break;
+        }
+        alive = (alive / eta).max(1);
+        budgets.push(if alive == 1 {
+            max
+        } else {
+            last.saturating_mul(eta as u64).min(max)
+        });
+    }
+    budgets
+}
+
 pub fn json_value(value: &toml::Value) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
@@ -707,4 +730,22 @@ pub fn report(pipeline: &Pipeline, cache: &Cache) -> anyhow::Result<Option<Strin
         }
     }
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rung_budgets;
+
+    #[test]
+    fn budgets_grow_by_eta_until_one_configuration_is_left() {
+        // 9 alphas, eta 3: 9 → 3 → 1, three rungs as the ladder has them.
+        assert_eq!(rung_budgets(10, 90, 3, 9), [10, 30, 90]);
+        // 5 alphas, eta 3: rung 0 keeps one, which goes straight to max.
+        assert_eq!(rung_budgets(60, 300, 3, 5), [60, 300]);
+        // 4 alphas, eta 2: 4 → 2 → 1; the last step is capped at max.
+        assert_eq!(rung_budgets(2, 7, 2, 4), [2, 4, 7]);
+        // Enough configurations: the ladder ends at max.
+        assert_eq!(rung_budgets(100, 400, 2, 16), [100, 200, 400]);
+        assert_eq!(rung_budgets(5, 5, 2, 3), [5]);
+    }
 }

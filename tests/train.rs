@@ -839,8 +839,8 @@ fn a_resumed_stable_phase_trains_the_weights_of_a_run_from_the_start() {
     }
 }
 
-/// A pipeline whose `[search]` halves three alphas over budgets 2, 4, 8
-/// (eta 2), two seeds per configuration, on the validation objective; a
+/// A pipeline whose `[search]` halves four alphas over budgets 2, 4, 8
+/// (eta 2: 4, then 2, then 1), two seeds per configuration, on the validation objective; a
 /// stage reads the winner's models through `train.model[search=best]`.
 fn search_pipeline(search: &str) -> String {
     let stages = format!(
@@ -848,7 +848,7 @@ fn search_pipeline(search: &str) -> String {
          lr_schedule = \"wsd\"\ndecay_steps = 1\n{VALIDATION_STAGES}{WINNER_STAGE}"
     );
     format!(
-        "{}\n[grid]\nalpha = [0.0, 0.5, 1.0]\nseed = [1, 2]\n\n[search]\n{search}",
+        "{}\n[grid]\nalpha = [0.0, 0.25, 0.5, 1.0]\nseed = [1, 2]\n\n[search]\n{search}",
         pipeline("search", &stages)
     )
 }
@@ -910,18 +910,18 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
     };
     let ran = run();
     assert_eq!(ran.code, 0, "{ran}");
-    // 2 alphas x 2 seeds stop at each of rungs 1 and 2, each with its two
-    // encodes and its evaluation.
-    assert!(ran.stdout.contains("stopped by the search 32"), "{ran}");
+    // Each stopped run stops its two encodes and its evaluation: 2 alphas x
+    // 2 seeds at each of rungs 1 and 2, and 1 alpha x 2 seeds at rung 2.
+    assert!(ran.stdout.contains("stopped by the search 40"), "{ran}");
 
     let first = decision(&s, 2);
     let rows = first["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3, "{first}");
+    assert_eq!(rows.len(), 4, "{first}");
     let promoted: Vec<bool> = rows
         .iter()
         .map(|r| r["promoted"].as_bool().unwrap())
         .collect();
-    assert_eq!(promoted, [true, false, false], "{first}");
+    assert_eq!(promoted, [true, true, false, false], "{first}");
     let means: Vec<f64> = rows.iter().map(|r| r["mean"].as_f64().unwrap()).collect();
     assert!(
         means.windows(2).all(|w| w[0] >= w[1]),
@@ -952,13 +952,16 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
             "{row}"
         );
     }
-    let winner = rows[0]["config"]["alpha"].as_f64().unwrap();
+    let best_at_rung_0 = rows[0]["config"]["alpha"].as_f64().unwrap();
+    let second = decision(&s, 4);
+    assert_eq!(second["rows"].as_array().unwrap().len(), 2, "{second}");
+    let winner = second["rows"][0]["config"]["alpha"].as_f64().unwrap();
     let last = decision(&s, 8);
     assert_eq!(last["winner"]["alpha"].as_f64(), Some(winner), "{last}");
     assert_eq!(last["rows"].as_array().unwrap().len(), 1, "{last}");
 
     let plan = s.ok(&["plan", "p.toml"]).stdout;
-    let loser = rows[1]["config"]["alpha"].as_f64().unwrap();
+    let loser = rows[2]["config"]["alpha"].as_f64().unwrap();
     let stopped = format!("train[alpha={loser:?},seed=1,steps=4]");
     assert!(
         plan.lines().any(|l| l.contains("stopped")
@@ -972,7 +975,8 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
         .find(|l| l.contains("search[steps=2]"))
         .unwrap();
     assert!(
-        rung.contains(&format!("rung 0: alpha={winner:?} ")) && rung.contains(" promoted, "),
+        rung.contains(&format!("rung 0: alpha={best_at_rung_0:?} "))
+            && rung.contains(" promoted, "),
         "{rung}"
     );
     let instances = plan.lines().skip(1);
@@ -999,8 +1003,8 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
     assert_eq!((again.code, again.counts().0), (0, 0), "{again}");
 
     // The report: every rung's rows, the winner, the cost against the grid.
-    // Steps trained: rung 0 trains 6 x 2; the 2 promoted runs continue from
-    // step 1 (WSD, one decay step) to 4, then from step 3 to 8.
+    // Steps trained: rung 0 trains 8 x 2; the 4 promoted runs continue from
+    // step 1 (WSD, one decay step) to 4, then the winner's 2 from step 3 to 8.
     let report = s.ok(&["report", "p.toml"]).stdout;
     let winner_row = format!("| 0 | 2 | alpha={winner:?} | ");
     assert!(
@@ -1011,10 +1015,10 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
         report.contains(&format!("winner: alpha={winner:?}")),
         "{report}"
     );
-    let units = 6 * 2 + 2 * (4 - 1) + 2 * (8 - 3);
+    let units = 8 * 2 + 4 * (4 - 1) + 2 * (8 - 3);
     let expected = format!(
-        "| budget units trained | {units} | 48 | {:.2} |",
-        units as f64 / 48.0
+        "| budget units trained | {units} | 64 | {:.2} |",
+        units as f64 / 64.0
     );
     assert!(report.contains(&expected), "{expected}\n{report}");
     let plot = report
@@ -1022,7 +1026,7 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
         .find_map(|l| l.strip_prefix("plot: "))
         .unwrap();
     let svg = std::fs::read_to_string(plot).unwrap();
-    for alpha in [0.0, 0.5, 1.0] {
+    for alpha in [0.0, 0.25, 0.5, 1.0] {
         assert!(svg.contains(&format!("alpha={alpha:?}")), "{svg}");
     }
     // The last rung carries the whole search.
