@@ -9,9 +9,8 @@ use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
-use xlpipe_ml::model::Encoder;
+use xlpipe_ml::model::{load_encoder, save_encoder, Encoder};
 use xlpipe_ml::optim::AdamW;
-use xlpipe_stage_api::content::copy_tree;
 use xlpipe_stage_api::StageContext;
 
 #[derive(Serialize, Deserialize, Default)]
@@ -38,14 +37,26 @@ pub(super) struct MetricRow {
 /// The checkpoint folder of one stage instance (named by its key).
 pub(super) struct Checkpoints {
     dir: PathBuf,
+    /// The model the run started from: the config, tokenizer and pooler
+    /// that a saved best model carries along.
+    model_dir: PathBuf,
     /// Full precision: a resumed run must continue from the exact weights.
     recorder: NamedMpkFileRecorder<FullPrecisionSettings>,
 }
 
+/// Where a run continues from.
+pub(super) struct Resumed<B: AutodiffBackend> {
+    pub encoder: Encoder<B>,
+    pub progress: Progress,
+    /// The best weights so far by validation loss, if it validated.
+    pub best: Option<Encoder<B>>,
+}
+
 impl Checkpoints {
-    pub(super) fn of(ctx: &StageContext) -> Checkpoints {
+    pub(super) fn of(ctx: &StageContext, model_dir: &Path) -> Checkpoints {
         Checkpoints {
             dir: ctx.state_dir.join(&ctx.key),
+            model_dir: model_dir.to_path_buf(),
             recorder: NamedMpkFileRecorder::new(),
         }
     }
@@ -54,44 +65,32 @@ impl Checkpoints {
         &self.dir
     }
 
-    /// Where the best weights so far (by validation loss) are kept.
-    pub(super) fn best_dir(&self) -> PathBuf {
-        self.dir.join("best")
-    }
-
-    /// The last checkpoint's progress, its weights loaded into `encoder`
-    /// and its optimizer state into `optimizer`; `None` with no checkpoint.
+    /// The last checkpoint of this instance, its weights loaded into
+    /// `encoder` and its optimizer state into `optimizer`; `Err(encoder)`
+    /// untouched with no checkpoint.
     pub(super) fn resume<B: AutodiffBackend>(
         &self,
         encoder: Encoder<B>,
         optimizer: &mut AdamW,
         device: &B::Device,
-    ) -> anyhow::Result<(Encoder<B>, Option<Progress>)> {
+    ) -> anyhow::Result<Result<Resumed<B>, Encoder<B>>> {
         self.recover_swap()?;
         if !self.dir.join("progress.json").is_file() {
-            return Ok((encoder, None));
+            return Ok(Err(encoder));
         }
-        let (encoder, progress) = self.load_state(&self.dir, encoder, optimizer, device)?;
-        Ok((encoder, Some(progress)))
+        Ok(Ok(self.load_state(&self.dir, encoder, optimizer, device)?))
     }
 
     /// Continue from a stored stable-phase prefix (a folder `write_state`
-    /// wrote, in the cache): its state, and its best weights so far copied
-    /// to where this run keeps its own.
+    /// wrote, in the cache).
     pub(super) fn adopt_prefix<B: AutodiffBackend>(
         &self,
         prefix: &Path,
         encoder: Encoder<B>,
         optimizer: &mut AdamW,
         device: &B::Device,
-    ) -> anyhow::Result<(Encoder<B>, Progress)> {
-        let loaded = self.load_state(prefix, encoder, optimizer, device)?;
-        let _ = std::fs::remove_dir_all(self.best_dir());
-        if prefix.join("best").is_dir() {
-            std::fs::create_dir_all(&self.dir)?;
-            copy_tree(&prefix.join("best"), &self.best_dir())?;
-        }
-        Ok(loaded)
+    ) -> anyhow::Result<Resumed<B>> {
+        self.load_state(prefix, encoder, optimizer, device)
     }
 
     fn load_state<B: AutodiffBackend>(
@@ -100,13 +99,22 @@ impl Checkpoints {
         encoder: Encoder<B>,
         optimizer: &mut AdamW,
         device: &B::Device,
-    ) -> anyhow::Result<(Encoder<B>, Progress)> {
+    ) -> anyhow::Result<Resumed<B>> {
         let progress: Progress =
             serde_json::from_str(&std::fs::read_to_string(dir.join("progress.json"))?)?;
+        let best = dir
+            .join("best")
+            .is_dir()
+            .then(|| load_encoder(&dir.join("best"), encoder.pooling, device))
+            .transpose()?;
         // Loading keeps each parameter's frozen or trainable flag.
         let encoder = encoder.load_record(self.recorder.load(dir.join("model"), device)?);
         optimizer.load(&dir.join("optimizer.bin"))?;
-        Ok((encoder, progress))
+        Ok(Resumed {
+            encoder,
+            progress,
+            best,
+        })
     }
 
     /// `save` swaps checkpoints with two renames (current to `.old`, then
@@ -123,6 +131,7 @@ impl Checkpoints {
     pub(super) fn save<B: AutodiffBackend>(
         &self,
         encoder: &Encoder<B>,
+        best: Option<&Encoder<B>>,
         optimizer: &AdamW,
         progress: &Progress,
     ) -> anyhow::Result<()> {
@@ -130,7 +139,7 @@ impl Checkpoints {
         // a half-written checkpoint behind.
         let partial = self.dir.with_extension("partial");
         let _ = std::fs::remove_dir_all(&partial);
-        self.write_state(&partial, encoder, optimizer, progress)?;
+        self.write_state(&partial, encoder, best, optimizer, progress)?;
         let old = self.dir.with_extension("old");
         let _ = std::fs::remove_dir_all(&old);
         if self.dir.exists() {
@@ -148,6 +157,7 @@ impl Checkpoints {
         &self,
         dir: &Path,
         encoder: &Encoder<B>,
+        best: Option<&Encoder<B>>,
         optimizer: &AdamW,
         progress: &Progress,
     ) -> anyhow::Result<()> {
@@ -156,8 +166,8 @@ impl Checkpoints {
             .record(encoder.clone().into_record(), dir.join("model"))?;
         optimizer.save(&dir.join("optimizer.bin"))?;
         std::fs::write(dir.join("progress.json"), serde_json::to_vec(progress)?)?;
-        if self.best_dir().is_dir() {
-            copy_tree(&self.best_dir(), &dir.join("best"))?;
+        if let Some(best) = best {
+            save_encoder(best, &self.model_dir, &dir.join("best"))?;
         }
         Ok(())
     }
@@ -171,12 +181,109 @@ impl Checkpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xlpipe_ml::model::{EncoderConfig, Pooling};
+
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+
+    fn weights(encoder: &Encoder<B>) -> Vec<f32> {
+        let mut all = encoder
+            .embeddings
+            .word
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        for layer in &encoder.layers {
+            all.extend(
+                layer
+                    .query
+                    .weight
+                    .val()
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+            );
+            all.extend(
+                layer
+                    .output
+                    .weight
+                    .val()
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+            );
+        }
+        all
+    }
+
+    /// A checkpoint holds the run's weights and, apart, its best weights so
+    /// far; both come back exactly.
+    #[test]
+    fn a_checkpoint_keeps_the_weights_and_the_best_weights() {
+        let root = tempfile::tempdir().unwrap();
+        let model_dir = root.path().join("model");
+        std::fs::create_dir_all(&model_dir).unwrap();
+        std::fs::write(
+            model_dir.join("config.json"),
+            r#"{"model_type": "bert", "vocab_size": 40, "hidden_size": 8,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
+                "max_position_embeddings": 16, "type_vocab_size": 1, "pad_token_id": 0,
+                "layer_norm_eps": 1e-12}"#,
+        )
+        .unwrap();
+        let config =
+            EncoderConfig::from_file(&model_dir.join("config.json"), Pooling::Mean).unwrap();
+        let device = Default::default();
+        let current: Encoder<B> = config.init(&device);
+        let best: Encoder<B> = config.init(&device);
+        assert_ne!(weights(&current), weights(&best));
+        let checkpoints = Checkpoints {
+            dir: root.path().join("key"),
+            model_dir,
+            recorder: NamedMpkFileRecorder::new(),
+        };
+        let progress = Progress {
+            step: 7,
+            best_val: Some(0.5),
+            ..Progress::default()
+        };
+        let optimizer = AdamW::new(0.01, None);
+        checkpoints
+            .save(&current, Some(&best), &optimizer, &progress)
+            .unwrap();
+        let mut optimizer = AdamW::new(0.01, None);
+        let Ok(resumed) = checkpoints
+            .resume(config.init::<B>(&device), &mut optimizer, &device)
+            .unwrap()
+        else {
+            panic!("no checkpoint");
+        };
+        assert_eq!(resumed.progress.step, 7);
+        assert_eq!(weights(&resumed.encoder), weights(&current));
+        assert_eq!(
+            weights(&resumed.best.expect("best weights")),
+            weights(&best)
+        );
+        // Without best weights (no validation yet) none come back.
+        checkpoints
+            .save(&current, None, &optimizer, &progress)
+            .unwrap();
+        let Ok(resumed) = checkpoints
+            .resume(config.init::<B>(&device), &mut optimizer, &device)
+            .unwrap()
+        else {
+            panic!("no checkpoint");
+        };
+        assert!(resumed.best.is_none());
+    }
 
     #[test]
     fn a_kill_between_the_two_renames_keeps_the_checkpoint() {
         let root = tempfile::tempdir().unwrap();
         let checkpoints = Checkpoints {
             dir: root.path().join("key"),
+            model_dir: root.path().join("model"),
             recorder: NamedMpkFileRecorder::new(),
         };
         // What `save` leaves when killed after its first rename.

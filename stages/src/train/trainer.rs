@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use polars::prelude::Column;
 
-use super::checkpoint::{Checkpoints, MetricRow, Progress};
+use super::checkpoint::{Checkpoints, MetricRow, Progress, Resumed};
 use super::sampler::{AlphaSchedule, Batch, HybridSampler, ParallelPairs, NO_HORIZON};
 use super::sentence_transformers::{self, RunFacts};
 use super::tensorboard::{write_events, Scalar};
@@ -21,7 +21,6 @@ use xlpipe_ml::model::{
     load_encoder, save_encoder, Encoder, EncoderConfig, PackedTokens, TextTokenizer,
 };
 use xlpipe_ml::optim::AdamW;
-use xlpipe_stage_api::content::copy_tree;
 use xlpipe_stage_api::table::write_parquet;
 use xlpipe_stage_api::StageContext;
 
@@ -268,37 +267,44 @@ pub(super) fn train<B: AutodiffBackend>(
 
     // Resume from the last checkpoint of this very stage instance, else
     // from the stable phase another run with these settings stored.
-    let checkpoints = Checkpoints::of(ctx);
-    let (resumed, progress) = checkpoints.resume(encoder, &mut optimizer, &device)?;
+    let checkpoints = Checkpoints::of(ctx, model_dir);
     let prefix = ctx.prefixes.as_ref().and_then(|p| p.resume.as_ref());
-    let (resumed, progress) = match (progress, prefix) {
-        (Some(progress), _) => {
+    let resumed = match (
+        checkpoints.resume(encoder, &mut optimizer, &device)?,
+        prefix,
+    ) {
+        (Ok(resumed), _) => {
             tracing::warn!(
                 "resumed at step {} from {}",
-                progress.step,
+                resumed.progress.step,
                 checkpoints.dir().display()
             );
-            (resumed, Some(progress))
+            resumed
         }
-        (None, Some(prefix)) => {
-            let (resumed, progress) =
-                checkpoints.adopt_prefix(&prefix.path, resumed, &mut optimizer, &device)?;
+        (Err(fresh), Some(prefix)) => {
+            let resumed = checkpoints.adopt_prefix(&prefix.path, fresh, &mut optimizer, &device)?;
             tracing::info!(
                 "resumed from the stable phase at step {} of {}",
-                progress.step,
+                resumed.progress.step,
                 prefix.producer
             );
-            (resumed, Some(progress))
+            resumed
         }
-        (None, None) => (resumed, None),
+        (Err(fresh), None) => Resumed {
+            encoder: fresh,
+            progress: Progress::default(),
+            best: None,
+        },
     };
-    encoder = resumed;
-    let mut progress = progress.unwrap_or_default();
+    encoder = resumed.encoder;
+    let mut progress = resumed.progress;
+    // The best weights by validation loss so far, kept in memory (a clone
+    // shares the tensors) and written once, at the end or into a checkpoint.
+    let mut best = resumed.best;
     // The sampler is a pure function of the seed: replay it.
     for micro in 0..progress.step * p.grad_accumulation {
         sampler.next_batch(micro, micro_steps);
     }
-    let best_dir = checkpoints.best_dir();
     // Where this run leaves its stable phase for others (not when it
     // started from that very prefix).
     let store_prefix = ctx.prefixes.as_ref().and_then(|prefixes| {
@@ -367,7 +373,7 @@ pub(super) fn train<B: AutodiffBackend>(
             if progress.best_val.is_none_or(|b| val < b) {
                 progress.best_val = Some(val);
                 progress.bad_evals = 0;
-                save_encoder(&encoder, model_dir, &best_dir)?;
+                best = Some(encoder.clone());
             } else {
                 progress.bad_evals += 1;
                 stop = p
@@ -387,22 +393,24 @@ pub(super) fn train<B: AutodiffBackend>(
         }
         if let Some((until, store_at)) = store_prefix {
             if step == until {
-                checkpoints.write_state(store_at, &encoder, &optimizer, &progress)?;
+                checkpoints.write_state(
+                    store_at,
+                    &encoder,
+                    best.as_ref(),
+                    &optimizer,
+                    &progress,
+                )?;
             }
         }
         if p.checkpoint_every > 0 && step % p.checkpoint_every == 0 && step < p.steps {
-            checkpoints.save(&encoder, &optimizer, &progress)?;
+            checkpoints.save(&encoder, best.as_ref(), &optimizer, &progress)?;
         }
     }
     bar.finish_and_clear();
 
     // The best weights by validation loss, or the last without validation.
     let out = ctx.output("model");
-    if best_dir.join("model.safetensors").is_file() {
-        copy_tree(&best_dir, &out)?;
-    } else {
-        save_encoder(&encoder, model_dir, &out)?;
-    }
+    save_encoder(best.as_ref().unwrap_or(&encoder), model_dir, &out)?;
     sentence_transformers::write_folder(
         &out,
         p,

@@ -211,28 +211,40 @@ pub fn save_encoder<B: Backend>(
                 .with_context(|| format!("copying {}", from.display()))?;
         }
     }
-    let weights = dir.join("model.safetensors");
-    let mut store = SafetensorsStore::from_file(&weights)
+    // Collected in memory and written once: a model is hundreds of
+    // megabytes, and `train` saves one per better validation loss.
+    let mut store = SafetensorsStore::from_bytes(None)
         .remap(KeyRemapper::from_patterns(BURN_TO_HF.to_vec())?)
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .overwrite(true);
+        .with_to_adapter(BurnToPyTorchAdapter);
     encoder
         .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e:?}", dir.display()))?;
-    finish_weights(&source.join("model.safetensors"), &weights)
+        .map_err(|e| anyhow::anyhow!("collecting the weights for {}: {e:?}", dir.display()))?;
+    let collected = store
+        .get_bytes()
+        .map_err(|e| anyhow::anyhow!("collecting the weights for {}: {e:?}", dir.display()))?;
+    write_weights(
+        &source.join("model.safetensors"),
+        &collected,
+        &dir.join("model.safetensors"),
+    )
 }
 
-/// Write the saved weights again, with the source's pooler (which the
-/// encoder neither uses nor trains; transformers' `BertModel`, and so
+/// Write the collected weights with the source's pooler (which the encoder
+/// neither uses nor trains; transformers' `BertModel`, and so
 /// sentence-transformers, expects one and warns about "newly initialized"
 /// weights when it is missing) and one metadata entry, PyTorch's
 /// `format = "pt"`. burn writes its metadata from a hash map, in a random
 /// order: equal weights saved twice would differ in bytes, and so in
 /// content hash, and everything downstream would rerun.
-fn finish_weights(source: &Path, saved: &Path) -> anyhow::Result<()> {
+fn write_weights(source: &Path, collected: &[u8], to: &Path) -> anyhow::Result<()> {
     use safetensors::SafeTensors;
-    let source_bytes = std::fs::read(source).unwrap_or_default();
-    let source_tensors = SafeTensors::deserialize(&source_bytes).ok();
+    // Mapped, not read: only the pooler's few tensors are wanted.
+    let source_map = std::fs::File::open(source)
+        .ok()
+        .and_then(|file| unsafe { memmap2::Mmap::map(&file) }.ok());
+    let source_tensors = source_map
+        .as_deref()
+        .and_then(|bytes| SafeTensors::deserialize(bytes).ok());
     let pooler: Vec<_> = source_tensors
         .iter()
         .flat_map(|tensors| tensors.tensors())
@@ -245,14 +257,13 @@ fn finish_weights(source: &Path, saved: &Path) -> anyhow::Result<()> {
                 .then(|| (bare.to_string(), view))
         })
         .collect();
-    let saved_bytes = std::fs::read(saved)?;
-    let saved_tensors = SafeTensors::deserialize(&saved_bytes)
-        .with_context(|| format!("reading {}", saved.display()))?;
+    let saved_tensors = SafeTensors::deserialize(collected)
+        .with_context(|| format!("reading the weights collected for {}", to.display()))?;
     let all = saved_tensors.tensors().into_iter().chain(pooler);
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let partial = saved.with_extension("safetensors.partial");
+    let partial = to.with_extension("safetensors.partial");
     safetensors::serialize_to_file(all, Some(metadata), &partial)
         .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, saved)?;
+    std::fs::rename(&partial, to)?;
     Ok(())
 }
