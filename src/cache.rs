@@ -505,6 +505,28 @@ impl Cache {
             .collect()
     }
 
+    /// Delete every stored prefix of `family` (the entries first, so no run
+    /// picks one up, then their objects); returns the bytes freed.
+    pub fn drop_prefixes(&self, family: &str) -> anyhow::Result<u64> {
+        let dir = self.prefix_dir(family);
+        let mut freed = 0;
+        for path in list_dir(&dir) {
+            let entry: Option<PrefixEntry> = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            remove_path(&path).with_context(|| format!("removing {}", path.display()))?;
+            if let Some(entry) = entry {
+                let object = self.object_path(&entry.object);
+                freed += disk_usage(&object);
+                self.remove_whole(&object)
+                    .with_context(|| format!("removing {}", object.display()))?;
+                let _ = remove_path(&self.seal_path(&entry.object));
+            }
+        }
+        let _ = fs::remove_dir(&dir);
+        Ok(freed)
+    }
+
     /// `family`'s longest stored prefix of at most `until` steps whose
     /// object is intact (as far as its seal tells).
     pub fn best_prefix(&self, family: &str, until: usize) -> Option<PrefixEntry> {

@@ -425,6 +425,7 @@ impl<'a> Scheduler<'a> {
             let (key, inputs) = match settled {
                 Ok(Settled::Keyed(key, inputs)) => (key, inputs),
                 Ok(Settled::Stopped(reason)) => {
+                    self.drop_stopped_prefixes(i, &stopped);
                     self.stop(i, reason);
                     continue;
                 }
@@ -713,6 +714,43 @@ impl<'a> Scheduler<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A training run the search stopped will never continue from the
+    /// stable phases its configuration stored at lower rungs (its family:
+    /// the same settings and inputs, any budget), so they go. Under full
+    /// fine-tuning each is three times the model (weights and AdamW
+    /// moments), and every configuration of the first rung stores one.
+    fn drop_stopped_prefixes(&mut self, i: usize, stopped: &[bool]) {
+        let pipeline = self.pipeline;
+        if self.cache.is_read_only()
+            || !matches!(
+                pipeline.instances[i].gate,
+                Some(crate::pipeline::expand::Gate::Promoted { .. })
+            )
+        {
+            return;
+        }
+        let Some((_, inputs)) =
+            crate::plan::instance_key(pipeline, i, &self.outputs, stopped, None)
+        else {
+            return;
+        };
+        let Some(spec) = prefix_spec(pipeline, i, &inputs) else {
+            return;
+        };
+        match self.cache.drop_prefixes(&spec.family) {
+            Ok(0) => {}
+            Ok(freed) => tracing::info!(
+                "{}: stopped, so the stable phases of its configuration are deleted ({})",
+                pipeline.instances[i].name,
+                crate::maintenance::human_bytes(freed)
+            ),
+            Err(err) => tracing::warn!(
+                "{}: could not delete the stable phases of its configuration: {err:#}",
+                pipeline.instances[i].name
+            ),
+        }
     }
 
     /// Instance `i` will not run: the search stopped it. What waits on it

@@ -913,6 +913,19 @@ fn a_search_halves_the_alphas_and_hands_on_its_winner() {
     // Each stopped run stops its two encodes and its evaluation: 2 alphas x
     // 2 seeds at each of rungs 1 and 2, and 1 alpha x 2 seeds at rung 2.
     assert!(ran.stdout.contains("stopped by the search 40"), "{ran}");
+    // Only the winner's runs keep their stable phases (steps 1, 3 and 7 of
+    // each seed's 2-, 4- and 8-step runs); a stopped configuration's go.
+    let prefixes = std::fs::read_dir(s.cache().join("prefixes"))
+        .unwrap()
+        .flatten()
+        .map(|family| common::count_files(&family.path()))
+        .collect::<Vec<_>>();
+    assert_eq!(prefixes, [3, 3], "{ran}");
+    assert!(
+        ran.stderr
+            .contains("stable phases of its configuration are deleted"),
+        "{ran}"
+    );
 
     let first = decision(&s, 2);
     let rows = first["rows"].as_array().unwrap();
