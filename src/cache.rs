@@ -499,7 +499,7 @@ impl Cache {
         sharded_entries(&self.root, "prefixes")
             .into_iter()
             .filter_map(|path| {
-                let entry = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
+                let entry = read_prefix_entry(&path)?;
                 Some((path, entry))
             })
             .collect()
@@ -511,9 +511,7 @@ impl Cache {
         let dir = self.prefix_dir(family);
         let mut freed = 0;
         for path in list_dir(&dir) {
-            let entry: Option<PrefixEntry> = fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+            let entry = read_prefix_entry(&path);
             remove_path(&path).with_context(|| format!("removing {}", path.display()))?;
             if let Some(entry) = entry {
                 let object = self.object_path(&entry.object);
@@ -532,8 +530,8 @@ impl Cache {
     pub fn best_prefix(&self, family: &str, until: usize) -> Option<PrefixEntry> {
         let mut entries: Vec<PrefixEntry> = list_dir(&self.prefix_dir(family))
             .iter()
-            .filter_map(|path| serde_json::from_slice(&fs::read(path).ok()?).ok())
-            .filter(|e: &PrefixEntry| e.step <= until)
+            .filter_map(|path| read_prefix_entry(path))
+            .filter(|e| e.step <= until)
             .collect();
         entries.sort_by_key(|e| std::cmp::Reverse(e.step));
         entries.into_iter().find(|e| self.intact(&e.object))
@@ -728,6 +726,11 @@ pub fn sharded_entries(root: &Path, dir: &str) -> Vec<PathBuf> {
         .iter()
         .flat_map(|shard| list_dir(shard))
         .collect()
+}
+
+/// A prefix entry file, or `None` where it is unreadable (a partial write).
+fn read_prefix_entry(path: &Path) -> Option<PrefixEntry> {
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
 }
 
 pub fn remove_path(path: &Path) -> io::Result<()> {

@@ -299,7 +299,6 @@ pub fn prepare(spec: &mut PipelineSpec) -> Result<Option<Search>, Vec<Diagnostic
     }))
 }
 
-/// A grid value as JSON, as the stages see their producers' grid values.
 /// The budgets of the rungs: min, min·eta, … up to max, with one
 /// shortcut: once a rung would promote a single configuration, the next
 /// rung is the last, at max. A lone configuration has nothing left to be
@@ -323,6 +322,7 @@ fn rung_budgets(min: u64, max: u64, eta: usize, configurations: usize) -> Vec<u6
     budgets
 }
 
+/// A grid value as JSON, as the stages see their producers' grid values.
 pub fn json_value(value: &toml::Value) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or_default()
 }
