@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
-use xlpipe_ml::model::{load_encoder, save_encoder, Encoder};
+use xlpipe_ml::model::{load_encoder, Encoder};
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::StageContext;
 
@@ -35,20 +35,18 @@ pub(super) struct MetricRow {
     pub wall_time: f64,
 }
 
-/// The file stem of a state's weights when only the layers above a frozen
-/// bottom train (`model` when every weight trains).
-const TRAINED_LAYERS: &str = "trained_layers";
+/// Appended to a weights file's stem when it holds only the layers above a
+/// frozen bottom (`model_trained_layers.mpk`; `model.mpk` holds them all).
+const TRAINED_LAYERS: &str = "_trained_layers";
 
 /// The checkpoint folder of one stage instance (named by its key).
 pub(super) struct Checkpoints {
     dir: PathBuf,
-    /// The model the run started from: the config, tokenizer and pooler
-    /// that a saved best model carries along.
-    model_dir: PathBuf,
     /// With a frozen bottom (embeddings and the layers below this one), a
     /// state holds only the layers above: the rest is the input model, which
     /// a resumed run loads anyway. For multilingual-e5-small trained in its
-    /// top layer that is 7 MB instead of 470.
+    /// top layer that is 7 MB instead of 470, for the weights and for the
+    /// best weights alike.
     trained_from: Option<usize>,
     /// Full precision: a resumed run must continue from the exact weights.
     recorder: NamedMpkFileRecorder<FullPrecisionSettings>,
@@ -63,10 +61,9 @@ pub(super) struct Resumed<B: AutodiffBackend> {
 }
 
 impl Checkpoints {
-    pub(super) fn of(ctx: &StageContext, model_dir: &Path, cut: Option<usize>) -> Checkpoints {
+    pub(super) fn of(ctx: &StageContext, cut: Option<usize>) -> Checkpoints {
         Checkpoints {
             dir: ctx.state_dir.join(&ctx.key),
-            model_dir: model_dir.to_path_buf(),
             trained_from: cut,
             recorder: NamedMpkFileRecorder::new(),
         }
@@ -113,30 +110,72 @@ impl Checkpoints {
     ) -> anyhow::Result<Resumed<B>> {
         let progress: Progress =
             serde_json::from_str(&std::fs::read_to_string(dir.join("progress.json"))?)?;
-        let best = dir
-            .join("best")
-            .is_dir()
-            .then(|| load_encoder(&dir.join("best"), encoder.pooling, device))
-            .transpose()?;
-        // Loading keeps each parameter's frozen or trainable flag.
-        let encoder = if dir.join(format!("{TRAINED_LAYERS}.mpk")).is_file() {
-            let cut = self
-                .trained_from
-                .context("a state of trained layers only, but this run trains every weight")?;
-            let mut encoder = encoder;
-            let top: Vec<_> = encoder.layers.split_off(cut);
-            let top = top.load_record(self.recorder.load(dir.join(TRAINED_LAYERS), device)?);
-            encoder.layers.extend(top);
-            encoder
-        } else {
-            encoder.load_record(self.recorder.load(dir.join("model"), device)?)
+        let best = match self.load_weights(dir, "best", encoder.clone(), device)? {
+            Some(best) => Some(best),
+            // Older states hold the best weights as a model folder.
+            None => dir
+                .join("best")
+                .is_dir()
+                .then(|| load_encoder(&dir.join("best"), encoder.pooling, device))
+                .transpose()?,
         };
+        let encoder = self
+            .load_weights(dir, "model", encoder, device)?
+            .with_context(|| format!("{}: a state without weights", dir.display()))?;
         optimizer.load(&dir.join("optimizer.bin"))?;
         Ok(Resumed {
             encoder,
             progress,
             best,
         })
+    }
+
+    /// Record `encoder`'s weights in `dir` under `stem`: all of them, or
+    /// with a frozen bottom only the layers above it.
+    fn record_weights<B: AutodiffBackend>(
+        &self,
+        encoder: &Encoder<B>,
+        dir: &Path,
+        stem: &str,
+    ) -> anyhow::Result<()> {
+        match self.trained_from {
+            Some(cut) => self.recorder.record(
+                encoder.layers[cut..].to_vec().into_record(),
+                dir.join(format!("{stem}{TRAINED_LAYERS}")),
+            )?,
+            None => self
+                .recorder
+                .record(encoder.clone().into_record(), dir.join(stem))?,
+        }
+        Ok(())
+    }
+
+    /// The weights `record_weights` left under `stem`, loaded into `base`
+    /// (which keeps each parameter's frozen or trainable flag, and with a
+    /// frozen bottom gives that bottom); `None` where there are none.
+    fn load_weights<B: AutodiffBackend>(
+        &self,
+        dir: &Path,
+        stem: &str,
+        mut base: Encoder<B>,
+        device: &B::Device,
+    ) -> anyhow::Result<Option<Encoder<B>>> {
+        let trained_layers = dir.join(format!("{stem}{TRAINED_LAYERS}"));
+        if trained_layers.with_extension("mpk").is_file() {
+            let cut = self
+                .trained_from
+                .context("a state of trained layers only, but this run trains every weight")?;
+            let top = base.layers.split_off(cut);
+            base.layers
+                .extend(top.load_record(self.recorder.load(trained_layers, device)?));
+            Ok(Some(base))
+        } else if dir.join(stem).with_extension("mpk").is_file() {
+            Ok(Some(
+                base.load_record(self.recorder.load(dir.join(stem), device)?),
+            ))
+        } else {
+            Ok(None)
+        }
     }
 
     /// `save` swaps checkpoints with two renames (current to `.old`, then
@@ -184,20 +223,12 @@ impl Checkpoints {
         progress: &Progress,
     ) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
-        match self.trained_from {
-            Some(cut) => self.recorder.record(
-                encoder.layers[cut..].to_vec().into_record(),
-                dir.join(TRAINED_LAYERS),
-            )?,
-            None => self
-                .recorder
-                .record(encoder.clone().into_record(), dir.join("model"))?,
+        self.record_weights(encoder, dir, "model")?;
+        if let Some(best) = best {
+            self.record_weights(best, dir, "best")?;
         }
         optimizer.save(&dir.join("optimizer.bin"))?;
         std::fs::write(dir.join("progress.json"), serde_json::to_vec(progress)?)?;
-        if let Some(best) = best {
-            save_encoder(best, &self.model_dir, &dir.join("best"))?;
-        }
         Ok(())
     }
 
@@ -210,113 +241,90 @@ impl Checkpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::module::Param;
+    use burn::tensor::Tensor;
     use xlpipe_ml::model::{EncoderConfig, Pooling};
 
     type B = burn::backend::Autodiff<burn::backend::Flex>;
 
+    fn values<const D: usize>(param: &Param<Tensor<B, D>>) -> Vec<f32> {
+        param.val().into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// The word embeddings and each layer's query and output weights.
     fn weights(encoder: &Encoder<B>) -> Vec<f32> {
-        let mut all = encoder
-            .embeddings
-            .word
-            .weight
-            .val()
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
+        let mut all = values(&encoder.embeddings.word.weight);
         for layer in &encoder.layers {
-            all.extend(
-                layer
-                    .query
-                    .weight
-                    .val()
-                    .into_data()
-                    .to_vec::<f32>()
-                    .unwrap(),
-            );
-            all.extend(
-                layer
-                    .output
-                    .weight
-                    .val()
-                    .into_data()
-                    .to_vec::<f32>()
-                    .unwrap(),
-            );
+            all.extend(values(&layer.query.weight));
+            all.extend(values(&layer.output.weight));
         }
         all
     }
 
-    /// A 2-layer BERT config in `root/model`.
-    fn tiny_config(root: &Path) -> (PathBuf, EncoderConfig) {
-        let model_dir = root.join("model");
-        std::fs::create_dir_all(&model_dir).unwrap();
-        std::fs::write(
-            model_dir.join("config.json"),
-            r#"{"model_type": "bert", "vocab_size": 40, "hidden_size": 8,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
-                "max_position_embeddings": 16, "type_vocab_size": 1, "pad_token_id": 0,
-                "layer_norm_eps": 1e-12}"#,
-        )
-        .unwrap();
-        let config =
-            EncoderConfig::from_file(&model_dir.join("config.json"), Pooling::Mean).unwrap();
-        (model_dir, config)
+    /// Two layers of BERT, randomly initialised. Parameters are initialised
+    /// lazily, on first read: each is read once here, so that clones share
+    /// the values (as weights loaded from a file do).
+    fn tiny_encoder(root: &Path) -> Encoder<B> {
+        let path = root.join("config.json");
+        if !path.is_file() {
+            std::fs::write(
+                &path,
+                r#"{"model_type": "bert", "vocab_size": 40, "hidden_size": 8,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
+                    "max_position_embeddings": 16, "type_vocab_size": 1, "pad_token_id": 0,
+                    "layer_norm_eps": 1e-12}"#,
+            )
+            .unwrap();
+        }
+        let config = EncoderConfig::from_file(&path, Pooling::Mean).unwrap();
+        let encoder: Encoder<B> = config.init(&Default::default());
+        weights(&encoder);
+        encoder
     }
 
-    /// With a frozen bottom a state holds the layers above it only; a resumed
-    /// run takes the bottom from the model it starts from.
+    fn checkpoints(root: &Path, trained_from: Option<usize>) -> Checkpoints {
+        Checkpoints {
+            dir: root.join("key"),
+            trained_from,
+            recorder: NamedMpkFileRecorder::new(),
+        }
+    }
+
+    /// With a frozen bottom a state holds the layers above it only, for the
+    /// weights and the best weights; a resumed run takes the bottom from the
+    /// model it starts from.
     #[test]
     fn a_state_above_a_frozen_bottom_holds_only_the_trained_layers() {
         let root = tempfile::tempdir().unwrap();
-        let (model_dir, config) = tiny_config(root.path());
-        let device = Default::default();
-        let trained: Encoder<B> = config.init(&device);
-        let base: Encoder<B> = config.init(&device);
-        // Parameters are initialised lazily, on first read: read them once,
-        // so that clones share the values (as weights loaded from a file do).
-        weights(&base);
-        weights(&trained);
-        let checkpoints = Checkpoints {
-            dir: root.path().join("key"),
-            model_dir,
-            trained_from: Some(1),
-            recorder: NamedMpkFileRecorder::new(),
-        };
+        let trained = tiny_encoder(root.path());
+        let best = tiny_encoder(root.path());
+        let base = tiny_encoder(root.path());
+        let checkpoints = checkpoints(root.path(), Some(1));
         let optimizer = AdamW::new(0.01, None);
         checkpoints
-            .save(&trained, None, &optimizer, &Progress::default())
+            .save(&trained, Some(&best), &optimizer, &Progress::default())
             .unwrap();
-        assert!(checkpoints.dir.join("trained_layers.mpk").is_file());
-        assert!(!checkpoints.dir.join("model.mpk").exists());
+        for stem in ["model", "best"] {
+            let dir = &checkpoints.dir;
+            assert!(dir.join(format!("{stem}_trained_layers.mpk")).is_file());
+            assert!(!dir.join(format!("{stem}.mpk")).exists());
+        }
         let mut optimizer = AdamW::new(0.01, None);
         let Ok(resumed) = checkpoints
-            .resume(base.clone(), &mut optimizer, &device)
+            .resume(base.clone(), &mut optimizer, &Default::default())
             .unwrap()
         else {
             panic!("no checkpoint");
         };
-        let layer = |e: &Encoder<B>, i: usize| {
-            e.layers[i]
-                .query
-                .weight
-                .val()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap()
-        };
-        let word = |e: &Encoder<B>| {
-            e.embeddings
-                .word
-                .weight
-                .val()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap()
-        };
-        assert_eq!(word(&resumed.encoder), word(&base));
-        assert_eq!(layer(&resumed.encoder, 0), layer(&base, 0));
-        assert_eq!(layer(&resumed.encoder, 1), layer(&trained, 1));
-        assert_ne!(layer(&trained, 1), layer(&base, 1));
+        let layer = |e: &Encoder<B>, i: usize| values(&e.layers[i].query.weight);
+        let word = |e: &Encoder<B>| values(&e.embeddings.word.weight);
+        let resumed_best = resumed.best.expect("best weights");
+        for (resumed, top) in [(&resumed.encoder, &trained), (&resumed_best, &best)] {
+            assert_eq!(word(resumed), word(&base));
+            assert_eq!(layer(resumed, 0), layer(&base, 0));
+            assert_eq!(layer(resumed, 1), layer(top, 1));
+            assert_ne!(layer(top, 1), layer(&base, 1));
+        }
     }
 
     /// A checkpoint holds the run's weights and, apart, its best weights so
@@ -324,17 +332,10 @@ mod tests {
     #[test]
     fn a_checkpoint_keeps_the_weights_and_the_best_weights() {
         let root = tempfile::tempdir().unwrap();
-        let (model_dir, config) = tiny_config(root.path());
-        let device = Default::default();
-        let current: Encoder<B> = config.init(&device);
-        let best: Encoder<B> = config.init(&device);
+        let current = tiny_encoder(root.path());
+        let best = tiny_encoder(root.path());
         assert_ne!(weights(&current), weights(&best));
-        let checkpoints = Checkpoints {
-            dir: root.path().join("key"),
-            model_dir,
-            trained_from: None,
-            recorder: NamedMpkFileRecorder::new(),
-        };
+        let checkpoints = checkpoints(root.path(), None);
         let progress = Progress {
             step: 7,
             best_val: Some(0.5),
@@ -345,8 +346,9 @@ mod tests {
             .save(&current, Some(&best), &optimizer, &progress)
             .unwrap();
         let mut optimizer = AdamW::new(0.01, None);
+        let device = Default::default();
         let Ok(resumed) = checkpoints
-            .resume(config.init::<B>(&device), &mut optimizer, &device)
+            .resume(tiny_encoder(root.path()), &mut optimizer, &device)
             .unwrap()
         else {
             panic!("no checkpoint");
@@ -362,7 +364,7 @@ mod tests {
             .save(&current, None, &optimizer, &progress)
             .unwrap();
         let Ok(resumed) = checkpoints
-            .resume(config.init::<B>(&device), &mut optimizer, &device)
+            .resume(tiny_encoder(root.path()), &mut optimizer, &device)
             .unwrap()
         else {
             panic!("no checkpoint");
@@ -370,15 +372,40 @@ mod tests {
         assert!(resumed.best.is_none());
     }
 
+    /// States written before the best weights were recorded as the weights
+    /// hold them as a model folder `best/`; they still load.
+    #[test]
+    fn best_weights_in_a_model_folder_still_load() {
+        let root = tempfile::tempdir().unwrap();
+        let current = tiny_encoder(root.path());
+        let best = tiny_encoder(root.path());
+        let checkpoints = checkpoints(root.path(), None);
+        let optimizer = AdamW::new(0.01, None);
+        checkpoints
+            .save(&current, None, &optimizer, &Progress::default())
+            .unwrap();
+        xlpipe_ml::model::save_encoder(&best, root.path(), &checkpoints.dir.join("best")).unwrap();
+        let mut optimizer = AdamW::new(0.01, None);
+        let Ok(resumed) = checkpoints
+            .resume(
+                tiny_encoder(root.path()),
+                &mut optimizer,
+                &Default::default(),
+            )
+            .unwrap()
+        else {
+            panic!("no checkpoint");
+        };
+        assert_eq!(
+            weights(&resumed.best.expect("best weights")),
+            weights(&best)
+        );
+    }
+
     #[test]
     fn a_kill_between_the_two_renames_keeps_the_checkpoint() {
         let root = tempfile::tempdir().unwrap();
-        let checkpoints = Checkpoints {
-            dir: root.path().join("key"),
-            model_dir: root.path().join("model"),
-            trained_from: None,
-            recorder: NamedMpkFileRecorder::new(),
-        };
+        let checkpoints = checkpoints(root.path(), None);
         // What `save` leaves when killed after its first rename.
         let old = checkpoints.dir.with_extension("old");
         std::fs::create_dir_all(&old).unwrap();

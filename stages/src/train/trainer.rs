@@ -267,7 +267,7 @@ pub(super) fn train<B: AutodiffBackend>(
 
     // Resume from the last checkpoint of this very stage instance, else
     // from the stable phase another run with these settings stored.
-    let checkpoints = Checkpoints::of(ctx, model_dir, cut);
+    let checkpoints = Checkpoints::of(ctx, cut);
     let prefix = ctx.prefixes.as_ref().and_then(|p| p.resume.as_ref());
     let resumed = match (
         checkpoints.resume(encoder, &mut optimizer, &device)?,
