@@ -181,6 +181,18 @@ fn saved_model_has_hugging_face_names_and_the_same_outputs() {
         pooler(&dir.join("model.safetensors"))
     );
     assert!(out.path().join("config.json").is_file());
+    // Equal weights saved twice are equal bytes (one metadata entry, not
+    // burn's from a hash map), so equal models keep one content hash.
+    let again = tempfile::tempdir().unwrap();
+    save_encoder(&encoder, &dir, again.path()).unwrap();
+    let saved = std::fs::read(out.path().join("model.safetensors")).unwrap();
+    assert!(saved == std::fs::read(again.path().join("model.safetensors")).unwrap());
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&saved).unwrap();
+    assert_eq!(
+        metadata.metadata().as_ref().map(|m| m.len()),
+        Some(1),
+        "{metadata:?}"
+    );
     let golden = json(&dir.join("golden.json"));
     let reloaded = load_encoder::<Flex>(out.path(), Pooling::Mean, &device).unwrap();
     let embedded: Vec<f32> = reloaded

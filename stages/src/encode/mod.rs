@@ -121,6 +121,13 @@ impl BackendWork for EncodeParams {
     }
 }
 
+/// What the model's layers start from: the texts (all layers run), or
+/// stored states of its frozen bottom in set `usize` (only the layers above).
+enum Source {
+    Text(Box<TextTokenizer>),
+    States(Box<FrozenStates>, usize),
+}
+
 fn encode<B: burn::tensor::backend::Backend>(
     p: &EncodeParams,
     ctx: &StageContext,
@@ -138,42 +145,42 @@ fn encode<B: burn::tensor::backend::Backend>(
         .then(|| strings(&frame, "lang"))
         .transpose()?;
 
-    let tokenizer = TextTokenizer::for_model(model_dir)?;
     let encoder = load_encoder::<B>(model_dir, p.pooling, &device)?;
     let dim = encoder.embeddings.word.weight.dims()[1];
     // With stored states of the model's frozen bottom, only the layers
-    // above it run.
-    let states = match ctx.inputs("states") {
-        [] => None,
+    // above it run, and nothing is tokenised: the tokenizer is not even
+    // loaded (parsing XLM-R's is most of a second, per model and table).
+    let source = match ctx.inputs("states") {
+        [] => Source::Text(Box::new(TextTokenizer::for_model(model_dir)?)),
         [one] => {
             let states = FrozenStates::open(&one.path, &one.producer)?;
             let set = states.set(&p.prefix, p.max_len)?;
             states.check_bottom(&encoder, &ctx.inputs("model")[0].producer)?;
-            Some((states, set))
+            Source::States(Box::new(states), set)
         }
         many => anyhow::bail!("input `states` has {} artifacts, expected one", many.len()),
     };
 
     // Length-sorted batches waste little on padding; rows go back in table order.
-    let lengths = match &states {
-        Some((states, set)) => raw
+    let lengths = match &source {
+        Source::States(states, set) => raw
             .iter()
             .map(|t| states.length(*set, t))
             .collect::<anyhow::Result<Vec<_>>>()?,
-        None => tokenizer.lengths(&texts)?,
+        Source::Text(tokenizer) => tokenizer.lengths(&texts)?,
     };
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| (lengths[i], i));
     let mut vectors = vec![0f32; texts.len() * dim];
     let bar = ctx.progress_bar(texts.len() as u64, &format!("encoding {}", p.table));
     for chunk in order.chunks(p.batch_size) {
-        let embedded = match &states {
-            Some((states, set)) => {
+        let embedded = match &source {
+            Source::States(states, set) => {
                 let batch: Vec<&str> = chunk.iter().map(|&i| raw[i].as_str()).collect();
                 let (x, mask) = states.batch::<B>(*set, &batch, &device)?;
                 encoder.embed_from(x, mask, states.meta.cut)
             }
-            None => {
+            Source::Text(tokenizer) => {
                 let batch: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
                 let (input_ids, mask) = tokenizer.encode(&batch, p.max_len)?.tensors::<B>(&device);
                 encoder.embed(input_ids, mask)

@@ -125,7 +125,7 @@ pub fn benchmark_cpu_training(
             (_, None) => Trunk::Whole,
         };
         let batcher = Batcher::<B> {
-            tokenizer: &tokenizer,
+            tokenizer: Some(&tokenizer),
             p: &p,
             trunk,
         };

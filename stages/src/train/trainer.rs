@@ -16,6 +16,7 @@ use super::sentence_transformers::{self, RunFacts};
 use super::tensorboard::{write_events, Scalar};
 use super::{load_pairs, stable_until, DecayShape, Init, LrSchedule, TrainParams};
 use crate::frozen_states::FrozenStates;
+use anyhow::Context;
 use xlpipe_ml::model::cpu_kernels::seed_dropout;
 use xlpipe_ml::model::{
     load_encoder, save_encoder, Encoder, EncoderConfig, PackedTokens, TextTokenizer,
@@ -44,7 +45,8 @@ pub(super) enum Trunk<B: AutodiffBackend> {
 
 /// Turns a batch's texts into embeddings and its InfoNCE loss.
 pub(super) struct Batcher<'a, B: AutodiffBackend> {
-    pub tokenizer: &'a TextTokenizer,
+    /// None when the trunk is stored states: nothing is tokenised then.
+    pub tokenizer: Option<&'a TextTokenizer>,
     pub p: &'a TrainParams,
     pub trunk: Trunk<B>,
 }
@@ -58,8 +60,11 @@ impl<B: AutodiffBackend> Batcher<'_, B> {
         } else {
             (&self.p.passage_prefix, self.p.passage_max_len)
         };
+        let tokenizer = self
+            .tokenizer
+            .context("texts are tokenised only when the trunk is not stored states")?;
         let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
-        self.tokenizer.rows(&prefixed, max_len)
+        tokenizer.rows(&prefixed, max_len)
     }
 
     /// Embeddings of one side's texts, in their order, from packed
@@ -204,7 +209,12 @@ pub(super) fn train<B: AutodiffBackend>(
     device: B::Device,
 ) -> anyhow::Result<()> {
     let model_dir = ctx.input("model")?;
-    let tokenizer = TextTokenizer::for_model(model_dir)?;
+    // From stored states nothing is tokenised, and parsing XLM-R's
+    // tokenizer is most of a second a run.
+    let tokenizer = match ctx.inputs("states") {
+        [] => Some(TextTokenizer::for_model(model_dir)?),
+        _ => None,
+    };
     let (train_data, valid_data, negatives) = load_pairs(ctx.input("pairs")?, p.langs.as_deref())?;
     tracing::info!(
         "{} training and {} validation pairs in {:?}",
@@ -224,7 +234,7 @@ pub(super) fn train<B: AutodiffBackend>(
     let (mut encoder, cut) = freeze(encoder, p)?;
     let trunk = open_trunk(ctx, p, &encoder, cut)?;
     let batcher = Batcher {
-        tokenizer: &tokenizer,
+        tokenizer: tokenizer.as_ref(),
         p,
         trunk,
     };
@@ -712,7 +722,7 @@ mod tests {
                 "{lengths:?}"
             );
             let batcher = Batcher::<B> {
-                tokenizer: &tokenizer,
+                tokenizer: Some(&tokenizer),
                 p: &p,
                 trunk: match cut {
                     None => Trunk::Whole,
@@ -775,7 +785,7 @@ mod tests {
         let (encoder, cut) = freeze(encoder, &p).unwrap();
         assert_eq!(cut, Some(1));
         let batcher = Batcher::<B> {
-            tokenizer: &tokenizer,
+            tokenizer: Some(&tokenizer),
             p: &p,
             trunk: Trunk::Live {
                 bottom: Box::new(encoder.valid()),

@@ -205,6 +205,7 @@ impl<B: Backend> Encoder<B> {
         hasher.update(&(self.pad_token_id as u64).to_le_bytes());
         let mut visitor = HashParams {
             hasher: &mut hasher,
+            block_values: HASH_BLOCK_VALUES,
         };
         self.embeddings.visit(&mut visitor);
         for layer in &self.layers[..cut.min(self.layers.len())] {
@@ -329,8 +330,12 @@ impl<B: Backend> Layer<B> {
 }
 
 /// Feeds every float parameter's shape and f32 values to a hasher.
+/// Values per block hashed by [`HashParams`] (4 MB of f32).
+const HASH_BLOCK_VALUES: usize = 1 << 20;
+
 struct HashParams<'a> {
     hasher: &'a mut blake3::Hasher,
+    block_values: usize,
 }
 
 impl<B: Backend> ModuleVisitor<B> for HashParams<'_> {
@@ -339,8 +344,20 @@ impl<B: Backend> ModuleVisitor<B> for HashParams<'_> {
         for d in tensor.dims() {
             self.hasher.update(&(d as u64).to_le_bytes());
         }
-        let data = tensor.into_data().convert::<f32>();
-        self.hasher.update(data.as_bytes());
+        // Row blocks of a few megabytes, not the whole tensor: a copy of a
+        // 384 MB word embedding into fresh memory cost more than the hash
+        // (page faults), and the bytes hashed are the same, in order.
+        let dims = tensor.dims();
+        let row: usize = dims[1..].iter().product();
+        let rows_per_block = (self.block_values / row.max(1)).max(1);
+        let mut start = 0;
+        while start < dims[0] {
+            let rows = rows_per_block.min(dims[0] - start);
+            let block = tensor.clone().narrow(0, start, rows);
+            self.hasher
+                .update(block.into_data().convert::<f32>().as_bytes());
+            start += rows;
+        }
     }
 }
 
@@ -424,6 +441,28 @@ mod tests {
         }))
         .unwrap();
         EncoderConfig { pooling, ..config }.init(&Default::default())
+    }
+
+    /// Hashing in row blocks hashes the same bytes as hashing each tensor
+    /// whole (what fingerprints stored with frozen states were made by).
+    #[test]
+    fn fingerprint_blocks_hash_the_whole_tensors() {
+        let encoder = tiny("xlm-roberta", Pooling::Mean);
+        let hash = |block_values: usize| {
+            let mut hasher = blake3::Hasher::new();
+            let mut visitor = HashParams {
+                hasher: &mut hasher,
+                block_values,
+            };
+            encoder.embeddings.visit(&mut visitor);
+            encoder.layers[0].visit(&mut visitor);
+            hasher.finalize()
+        };
+        // A 50 x 16 word embedding in blocks of 3 rows (48 values), the
+        // last one short; a row at a time; and each tensor whole.
+        let whole = hash(usize::MAX);
+        assert_eq!(hash(48), whole);
+        assert_eq!(hash(1), whole);
     }
 
     /// Packed rows give a padded batch's embeddings, for both position

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use burn::store::{
     ApplyResult, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore,
+    SafetensorsStore, TensorSnapshot,
 };
 use burn::tensor::backend::Backend;
+use burn::tensor::DType;
 
 use super::config::{EncoderConfig, Pooling};
 use super::encoder::Encoder;
@@ -211,32 +212,89 @@ pub fn save_encoder<B: Backend>(
                 .with_context(|| format!("copying {}", from.display()))?;
         }
     }
-    // Collected in memory and written once: a model is hundreds of
-    // megabytes, and `train` saves one per better validation loss.
-    let mut store = SafetensorsStore::from_bytes(None)
-        .remap(KeyRemapper::from_patterns(BURN_TO_HF.to_vec())?)
-        .with_to_adapter(BurnToPyTorchAdapter);
-    encoder
-        .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("collecting the weights for {}: {e:?}", dir.display()))?;
-    let collected = store
-        .get_bytes()
-        .map_err(|e| anyhow::anyhow!("collecting the weights for {}: {e:?}", dir.display()))?;
+    // Each tensor is read out of the encoder only when the writer reaches
+    // it, and written straight to the file: a model is hundreds of
+    // megabytes, and collecting it in memory first (burn-store's in-memory
+    // store) copied it three times into fresh memory before writing.
+    let snapshots = encoder.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
+    let (snapshots, _) = KeyRemapper::from_patterns(BURN_TO_HF.to_vec())?.remap(snapshots);
+    let mut weights = Vec::with_capacity(snapshots.len());
+    for snapshot in snapshots {
+        anyhow::ensure!(
+            snapshot.dtype == DType::F32,
+            "{}: tensor {} is {:?}; models are saved in f32",
+            dir.display(),
+            snapshot.full_path(),
+            snapshot.dtype
+        );
+        weights.push((snapshot.full_path(), Weight::Encoder(snapshot)));
+    }
     write_weights(
         &source.join("model.safetensors"),
-        &collected,
+        weights,
         &dir.join("model.safetensors"),
     )
 }
 
-/// Write the collected weights with the source's pooler (which the encoder
+/// A tensor of a saved model: the encoder's own (materialised when
+/// written) or one passed through from the source file.
+enum Weight<'a> {
+    Encoder(TensorSnapshot),
+    Source(safetensors::tensor::TensorView<'a>),
+}
+
+impl safetensors::View for Weight<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            // Checked by save_encoder.
+            Weight::Encoder(_) => safetensors::Dtype::F32,
+            Weight::Source(view) => view.dtype(),
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Weight::Encoder(snapshot) => &snapshot.shape,
+            Weight::Source(view) => view.shape(),
+        }
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            // The trait has no error path; a tensor held in memory reads
+            // out (burn-store's own writer panics the same way).
+            Weight::Encoder(snapshot) => std::borrow::Cow::Owned(
+                snapshot
+                    .to_data()
+                    .unwrap_or_else(|e| panic!("reading tensor {}: {e:?}", snapshot.full_path()))
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            Weight::Source(view) => std::borrow::Cow::Borrowed(view.data()),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            Weight::Encoder(snapshot) => snapshot.data_len(),
+            Weight::Source(view) => view.data_len(),
+        }
+    }
+}
+
+/// Write `weights` with the source's pooler (which the encoder
 /// neither uses nor trains; transformers' `BertModel`, and so
 /// sentence-transformers, expects one and warns about "newly initialized"
 /// weights when it is missing) and one metadata entry, PyTorch's
-/// `format = "pt"`. burn writes its metadata from a hash map, in a random
-/// order: equal weights saved twice would differ in bytes, and so in
-/// content hash, and everything downstream would rerun.
-fn write_weights(source: &Path, collected: &[u8], to: &Path) -> anyhow::Result<()> {
+/// `format = "pt"` (burn's writer adds its own entries from a hash map, in
+/// a random order: equal weights saved twice would differ in bytes, and so
+/// in content hash, and everything downstream would rerun). The file
+/// format orders tensors by dtype and name, whatever order they come in.
+fn write_weights(
+    source: &Path,
+    weights: Vec<(String, Weight<'_>)>,
+    to: &Path,
+) -> anyhow::Result<()> {
     use safetensors::SafeTensors;
     // Mapped, not read: only the pooler's few tensors are wanted.
     let source_map = std::fs::File::open(source)
@@ -254,12 +312,10 @@ fn write_weights(source: &Path, collected: &[u8], to: &Path) -> anyhow::Result<(
                 .or_else(|| name.strip_prefix("roberta."))
                 .unwrap_or(&name);
             bare.starts_with("pooler.")
-                .then(|| (bare.to_string(), view))
+                .then(|| (bare.to_string(), Weight::Source(view)))
         })
         .collect();
-    let saved_tensors = SafeTensors::deserialize(collected)
-        .with_context(|| format!("reading the weights collected for {}", to.display()))?;
-    let all = saved_tensors.tensors().into_iter().chain(pooler);
+    let all = weights.into_iter().chain(pooler);
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let partial = to.with_extension("safetensors.partial");
     safetensors::serialize_to_file(all, Some(metadata), &partial)
