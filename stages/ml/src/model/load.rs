@@ -6,6 +6,7 @@
 //! weights and renames LayerNorm `weight`/`bias` to `gamma`/`beta`. Loading
 //! insists that every encoder tensor was found.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -14,7 +15,7 @@ use burn::store::{
     SafetensorsStore, TensorSnapshot,
 };
 use burn::tensor::backend::Backend;
-use burn::tensor::DType;
+use burn::tensor::{DType, Tensor};
 
 use super::config::{EncoderConfig, Pooling};
 use super::encoder::Encoder;
@@ -227,7 +228,16 @@ pub fn save_encoder<B: Backend>(
             snapshot.full_path(),
             snapshot.dtype
         );
-        weights.push((snapshot.full_path(), Weight::Encoder(snapshot)));
+        let name = snapshot.full_path();
+        // The word embedding is most of a model's bytes (384 MB of 470 in
+        // mE5-small), and the adapter passes it through as it is: written
+        // in row blocks, it never sits in memory whole a second time.
+        let weight = if name == WORD_EMBEDDING {
+            Weight::Rows(encoder.embeddings.word.weight.val())
+        } else {
+            Weight::Snapshot(snapshot)
+        };
+        weights.push((name, weight));
     }
     write_weights(
         &source.join("model.safetensors"),
@@ -236,49 +246,69 @@ pub fn save_encoder<B: Backend>(
     )
 }
 
-/// A tensor of a saved model: the encoder's own (materialised when
-/// written) or one passed through from the source file.
-enum Weight<'a> {
-    Encoder(TensorSnapshot),
+/// The HF name of the word embedding (after `BURN_TO_HF`).
+const WORD_EMBEDDING: &str = "embeddings.word_embeddings.weight";
+
+/// Values per block when a tensor is written in row blocks (4 MB of f32).
+const WRITE_BLOCK_VALUES: usize = 1 << 20;
+
+/// A tensor of a saved model, all f32 but the source's pooler.
+enum Weight<'a, B: Backend> {
+    /// Read out of the encoder through burn-store's adapter (which
+    /// transposes linear weights) when the writer reaches it.
+    Snapshot(TensorSnapshot),
+    /// An encoder tensor stored as it is, written a block of rows at a time.
+    Rows(Tensor<B, 2>),
+    /// Passed through from the source file.
     Source(safetensors::tensor::TensorView<'a>),
 }
 
-impl safetensors::View for Weight<'_> {
+impl<B: Backend> Weight<'_, B> {
     fn dtype(&self) -> safetensors::Dtype {
         match self {
-            // Checked by save_encoder.
-            Weight::Encoder(_) => safetensors::Dtype::F32,
+            Weight::Snapshot(_) | Weight::Rows(_) => safetensors::Dtype::F32,
             Weight::Source(view) => view.dtype(),
         }
     }
 
-    fn shape(&self) -> &[usize] {
+    fn shape(&self) -> Vec<usize> {
         match self {
-            Weight::Encoder(snapshot) => &snapshot.shape,
-            Weight::Source(view) => view.shape(),
-        }
-    }
-
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        match self {
-            // The trait has no error path; a tensor held in memory reads
-            // out (burn-store's own writer panics the same way).
-            Weight::Encoder(snapshot) => std::borrow::Cow::Owned(
-                snapshot
-                    .to_data()
-                    .unwrap_or_else(|e| panic!("reading tensor {}: {e:?}", snapshot.full_path()))
-                    .as_bytes()
-                    .to_vec(),
-            ),
-            Weight::Source(view) => std::borrow::Cow::Borrowed(view.data()),
+            Weight::Snapshot(snapshot) => snapshot.shape.to_vec(),
+            Weight::Rows(tensor) => tensor.dims().to_vec(),
+            Weight::Source(view) => view.shape().to_vec(),
         }
     }
 
     fn data_len(&self) -> usize {
         match self {
-            Weight::Encoder(snapshot) => snapshot.data_len(),
-            Weight::Source(view) => view.data_len(),
+            Weight::Snapshot(snapshot) => snapshot.data_len(),
+            Weight::Rows(tensor) => tensor.shape().num_elements() * 4,
+            Weight::Source(view) => view.data().len(),
         }
+    }
+
+    fn write_to(&self, out: &mut impl Write, block_values: usize) -> anyhow::Result<()> {
+        match self {
+            Weight::Snapshot(snapshot) => {
+                let data = snapshot.to_data().map_err(|e| {
+                    anyhow::anyhow!("reading tensor {}: {e:?}", snapshot.full_path())
+                })?;
+                out.write_all(data.as_bytes())?;
+            }
+            Weight::Rows(tensor) => {
+                let [rows, width] = tensor.dims();
+                let block = (block_values / width.max(1)).max(1);
+                let mut start = 0;
+                while start < rows {
+                    let n = block.min(rows - start);
+                    let data = tensor.clone().narrow(0, start, n).into_data();
+                    out.write_all(data.convert::<f32>().as_bytes())?;
+                    start += n;
+                }
+            }
+            Weight::Source(view) => out.write_all(view.data())?,
+        }
+        Ok(())
     }
 }
 
@@ -288,11 +318,10 @@ impl safetensors::View for Weight<'_> {
 /// weights when it is missing) and one metadata entry, PyTorch's
 /// `format = "pt"` (burn's writer adds its own entries from a hash map, in
 /// a random order: equal weights saved twice would differ in bytes, and so
-/// in content hash, and everything downstream would rerun). The file
-/// format orders tensors by dtype and name, whatever order they come in.
-fn write_weights(
+/// in content hash, and everything downstream would rerun).
+fn write_weights<B: Backend>(
     source: &Path,
-    weights: Vec<(String, Weight<'_>)>,
+    weights: Vec<(String, Weight<'_, B>)>,
     to: &Path,
 ) -> anyhow::Result<()> {
     use safetensors::SafeTensors;
@@ -315,11 +344,121 @@ fn write_weights(
                 .then(|| (bare.to_string(), Weight::Source(view)))
         })
         .collect();
-    let all = weights.into_iter().chain(pooler);
+    let mut all: Vec<_> = weights.into_iter().chain(pooler).collect();
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let partial = to.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(all, Some(metadata), &partial)
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?,
+    );
+    write_safetensors(&mut all, metadata, WRITE_BLOCK_VALUES, &mut out)
+        .and_then(|()| Ok(out.flush()?))
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, to)?;
     Ok(())
+}
+
+/// The safetensors format as the `safetensors` crate writes it (tensors
+/// ordered by descending dtype, then name; the JSON header padded with
+/// spaces to 8 bytes), so a model's bytes do not depend on which writer
+/// made them; but each tensor is written as the writer reaches it, some in
+/// blocks, where the crate's writer wants each tensor whole in memory.
+fn write_safetensors<B: Backend>(
+    weights: &mut [(String, Weight<'_, B>)],
+    metadata: std::collections::HashMap<String, String>,
+    block_values: usize,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    use safetensors::tensor::{Metadata, TensorInfo};
+    weights.sort_by(|(left_name, left), (right_name, right)| {
+        right
+            .dtype()
+            .cmp(&left.dtype())
+            .then(left_name.cmp(right_name))
+    });
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(weights.len());
+    for (name, weight) in weights.iter() {
+        let len = weight.data_len();
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype: weight.dtype(),
+                shape: weight.shape(),
+                data_offsets: (offset, offset + len),
+            },
+        ));
+        offset += len;
+    }
+    let header = Metadata::new(Some(metadata), infos)?;
+    let mut header = serde_json::to_string(&header)?.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    for (_, weight) in weights.iter() {
+        weight.write_to(out, block_values)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    /// The writer's bytes are the `safetensors` crate's own serialisation
+    /// of the same tensors, for a tensor written in row blocks (the last
+    /// one short) as for one written whole.
+    #[test]
+    fn the_writer_writes_what_the_safetensors_crate_writes() {
+        let device = Default::default();
+        let values = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * scale).sin()).collect()
+        };
+        let rows =
+            Tensor::<Flex, 2>::from_data(TensorData::new(values(37 * 5, 0.7), [37, 5]), &device);
+        let small = Tensor::<Flex, 1>::from_data(TensorData::new(values(6, 1.3), [6]), &device);
+        let snapshot = TensorSnapshot::from_float(
+            &small,
+            vec!["b".to_string()],
+            vec![],
+            burn::module::ParamId::new(),
+        );
+        let metadata =
+            || std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        for block_values in [10, usize::MAX] {
+            let mut weights = vec![
+                ("z.rows".to_string(), Weight::Rows(rows.clone())),
+                ("a.small".to_string(), Weight::Snapshot(snapshot.clone())),
+            ];
+            let mut written = Vec::new();
+            write_safetensors(&mut weights, metadata(), block_values, &mut written).unwrap();
+            let bytes =
+                |t: Vec<f32>| -> Vec<u8> { t.iter().flat_map(|v| v.to_le_bytes()).collect() };
+            let (rows_bytes, small_bytes) = (bytes(values(37 * 5, 0.7)), bytes(values(6, 1.3)));
+            let views = [
+                (
+                    "z.rows",
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        vec![37, 5],
+                        &rows_bytes,
+                    )
+                    .unwrap(),
+                ),
+                (
+                    "a.small",
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        vec![6],
+                        &small_bytes,
+                    )
+                    .unwrap(),
+                ),
+            ];
+            let expected = safetensors::serialize(views, Some(metadata())).unwrap();
+            assert!(written == expected, "block_values {block_values}");
+        }
+    }
 }
