@@ -121,7 +121,8 @@ impl TypedStage for ReportStage {
     // 6: a grid's TensorBoard runs gathered under `tensorboard/`.
     // 7: Holm-adjusted p-values; every point against each measure's best.
     // 8: trade-off charts (mono against multi and against bias).
-    const VERSION: u32 = 8;
+    // 9: a chart's canvas widens to show long legend labels whole.
+    const VERSION: u32 = 9;
     const SUMMARY: &'static str = "result tables (mean ± 95% CI over seeds, paired bootstrap) and plots of a grid's evaluations";
 
     fn validate(&self, mut p: ReportParams, _env: &ParamsEnv) -> Result<ReportParams, ParamError> {

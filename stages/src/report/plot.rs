@@ -287,6 +287,7 @@ fn tradeoff_chart(title: &str, x_label: &str, y_label: &str, lines: &[TradeoffLi
     let frame = Frame {
         x: (x_min, x_max),
         y: (y_min, y_max),
+        width: canvas_width(lines.iter().map(|l| l.label.as_str())),
     };
     let (sx, sy) = (|x| frame.sx(x), |y| frame.sy(y));
     let mut svg = frame.open_svg(title, x_label, y_label);
@@ -560,10 +561,24 @@ fn colours(series: &[Series]) -> Vec<&'static str> {
         .collect()
 }
 
-/// A chart's plot area: the data ranges it shows and where they land.
+/// A chart's plot area: the data ranges it shows and where they land, and
+/// the width of the whole canvas (the plot's, plus a legend column wide
+/// enough for its labels).
 struct Frame {
     x: (f64, f64),
     y: (f64, f64),
+    width: f64,
+}
+
+/// The canvas width that shows every legend label whole: the plot keeps
+/// its size and the legend column widens (at the fixed width, labels such
+/// as "multi (series=all layers)" were cut off).
+fn canvas_width<'a>(labels: impl Iterator<Item = &'a str>) -> f64 {
+    let (_, right, _, _) = MARGIN;
+    let longest = labels.map(|l| l.chars().count()).max().unwrap_or(0) as f64;
+    // The text starts 24 px into the column, past 12 px of gap; about 7 px
+    // a character at 12 px sans-serif; 8 px to spare.
+    WIDTH.max(WIDTH - right + 12.0 + 24.0 + 7.0 * longest + 8.0)
 }
 
 impl Frame {
@@ -582,8 +597,9 @@ impl Frame {
     fn open_svg(&self, title: &str, x_label: &str, y_label: &str) -> String {
         let (left, right, top, bottom) = MARGIN;
         let (plot_w, plot_h) = (WIDTH - left - right, HEIGHT - top - bottom);
+        let width = self.width;
         let mut svg = format!(
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{HEIGHT}" viewBox="0 0 {width} {HEIGHT}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
 <text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>
 "#,
@@ -648,6 +664,7 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
     let frame = Frame {
         x: (x_min, x_max),
         y: (y_min, y_max),
+        width: canvas_width(series.iter().map(|s| s.label.as_str())),
     };
     let (sx, sy) = (|x| frame.sx(x), |y| frame.sy(y));
     let mut svg = frame.open_svg(title, x_label, y_label);
@@ -734,6 +751,30 @@ fn trim_number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Short labels keep the standard canvas; a long one widens it to fit,
+    /// the plot area unchanged.
+    #[test]
+    fn the_canvas_widens_for_long_legend_labels() {
+        assert_eq!(canvas_width(["mono", "alpha_h"].into_iter()), WIDTH);
+        let long = "multi (series=all layers)";
+        let width = canvas_width(["mono", long].into_iter());
+        let (left, right, _, _) = MARGIN;
+        let text_starts = left + (WIDTH - left - right) + 12.0 + 24.0;
+        assert!(width >= text_starts + 6.5 * long.len() as f64, "{width}");
+        let svg = chart(
+            "t",
+            "x",
+            "y",
+            &[Series {
+                label: long.into(),
+                points: vec![(0.0, 1.0, None), (1.0, 2.0, None)],
+                level: false,
+                setting: "multi".into(),
+            }],
+        );
+        assert!(svg.contains(&format!(r#"width="{width}""#)), "{svg}");
+    }
 
     #[test]
     fn training_curves_are_drawn_one_line_per_run() {
