@@ -205,7 +205,7 @@ impl<B: Backend> Encoder<B> {
         hasher.update(&(self.pad_token_id as u64).to_le_bytes());
         let mut visitor = HashParams {
             hasher: &mut hasher,
-            block_values: HASH_BLOCK_VALUES,
+            block_values: ROW_BLOCK_VALUES,
         };
         self.embeddings.visit(&mut visitor);
         for layer in &self.layers[..cut.min(self.layers.len())] {
@@ -329,10 +329,32 @@ impl<B: Backend> Layer<B> {
     }
 }
 
-/// Feeds every float parameter's shape and f32 values to a hasher.
-/// Values per block hashed by [`HashParams`] (4 MB of f32).
-const HASH_BLOCK_VALUES: usize = 1 << 20;
+/// Values per block of [`for_each_row_block`] (4 MB of f32).
+pub(super) const ROW_BLOCK_VALUES: usize = 1 << 20;
 
+/// Hand `tensor`'s f32 bytes, in order, to `each` in blocks of whole rows
+/// (of dimension 0) of about `block_values` values, at least one row: a copy
+/// of a 384 MB word embedding into fresh memory costs more in page faults
+/// than hashing or writing it, a few megabytes at a time do not.
+pub(super) fn for_each_row_block<B: Backend, const D: usize, E>(
+    tensor: &Tensor<B, D>,
+    block_values: usize,
+    mut each: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let dims = tensor.dims();
+    let row: usize = dims[1..].iter().product();
+    let rows_per_block = (block_values / row.max(1)).max(1);
+    let mut start = 0;
+    while start < dims[0] {
+        let rows = rows_per_block.min(dims[0] - start);
+        let block = tensor.clone().narrow(0, start, rows).into_data();
+        each(block.convert::<f32>().as_bytes())?;
+        start += rows;
+    }
+    Ok(())
+}
+
+/// Feeds every float parameter's shape and f32 values to a hasher.
 struct HashParams<'a> {
     hasher: &'a mut blake3::Hasher,
     block_values: usize,
@@ -344,20 +366,15 @@ impl<B: Backend> ModuleVisitor<B> for HashParams<'_> {
         for d in tensor.dims() {
             self.hasher.update(&(d as u64).to_le_bytes());
         }
-        // Row blocks of a few megabytes, not the whole tensor: a copy of a
-        // 384 MB word embedding into fresh memory cost more than the hash
-        // (page faults), and the bytes hashed are the same, in order.
-        let dims = tensor.dims();
-        let row: usize = dims[1..].iter().product();
-        let rows_per_block = (self.block_values / row.max(1)).max(1);
-        let mut start = 0;
-        while start < dims[0] {
-            let rows = rows_per_block.min(dims[0] - start);
-            let block = tensor.clone().narrow(0, start, rows);
-            self.hasher
-                .update(block.into_data().convert::<f32>().as_bytes());
-            start += rows;
-        }
+        // The same bytes, in order, as the whole tensor's.
+        let Ok(()) = for_each_row_block::<_, D, std::convert::Infallible>(
+            &tensor,
+            self.block_values,
+            |bytes| {
+                self.hasher.update(bytes);
+                Ok(())
+            },
+        );
     }
 }
 

@@ -18,7 +18,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
 use super::config::{EncoderConfig, Pooling};
-use super::encoder::Encoder;
+use super::encoder::{for_each_row_block, Encoder, ROW_BLOCK_VALUES};
 
 /// (HF name pattern, encoder path) pairs.
 const HF_TO_BURN: &[(&str, &str)] = &[
@@ -249,9 +249,6 @@ pub fn save_encoder<B: Backend>(
 /// The HF name of the word embedding (after `BURN_TO_HF`).
 const WORD_EMBEDDING: &str = "embeddings.word_embeddings.weight";
 
-/// Values per block when a tensor is written in row blocks (4 MB of f32).
-const WRITE_BLOCK_VALUES: usize = 1 << 20;
-
 /// A tensor of a saved model, all f32 but the source's pooler.
 enum Weight<'a, B: Backend> {
     /// Read out of the encoder through burn-store's adapter (which
@@ -296,15 +293,7 @@ impl<B: Backend> Weight<'_, B> {
                 out.write_all(data.as_bytes())?;
             }
             Weight::Rows(tensor) => {
-                let [rows, width] = tensor.dims();
-                let block = (block_values / width.max(1)).max(1);
-                let mut start = 0;
-                while start < rows {
-                    let n = block.min(rows - start);
-                    let data = tensor.clone().narrow(0, start, n).into_data();
-                    out.write_all(data.convert::<f32>().as_bytes())?;
-                    start += n;
-                }
+                for_each_row_block(tensor, block_values, |bytes| out.write_all(bytes))?
             }
             Weight::Source(view) => out.write_all(view.data())?,
         }
@@ -351,7 +340,7 @@ fn write_weights<B: Backend>(
         std::fs::File::create(&partial)
             .with_context(|| format!("creating {}", partial.display()))?,
     );
-    write_safetensors(&mut all, metadata, WRITE_BLOCK_VALUES, &mut out)
+    write_safetensors(&mut all, metadata, ROW_BLOCK_VALUES, &mut out)
         .and_then(|()| Ok(out.flush()?))
         .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, to)?;
