@@ -15,6 +15,7 @@ use crate::plan::{plan, Status};
 use crate::registry::{kinds, open_pipeline};
 use crate::run::{run, select, RunOptions};
 use crate::{bench, dag, maintenance};
+use xlpipe_stages::gpu_bench::GpuBench;
 use xlpipe_stages::translate::bench::TranslateBench;
 
 #[derive(Parser)]
@@ -197,6 +198,28 @@ enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         batch: usize,
         /// Python with torch and transformers for the baseline.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// The CUDA path (a build with `--features cuda`) checked against the
+    /// CPU backend and timed next to PyTorch on the same GPU in the same run.
+    Gpu {
+        /// A Hugging Face encoder folder whose config and tokenizer give the
+        /// random models their vocabulary (e.g. multilingual-e5-small).
+        model: PathBuf,
+        /// An M2M100 / NLLB folder with golden outputs.
+        #[arg(long, default_value = "tests/fixtures/tiny-m2m100")]
+        nmt: PathBuf,
+        /// Training batch size (pairs).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Timed training steps (after warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Texts per timed encoding pass.
+        #[arg(long, default_value_t = 8192)]
+        texts: usize,
+        /// Python with torch (CUDA) and sentence-transformers for the baseline.
         #[arg(long, default_value = "python3")]
         python: String,
     },
@@ -517,6 +540,30 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     max_length,
                     batch,
                     python: &python,
+                })?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            which:
+                BenchCommand::Gpu {
+                    model,
+                    nmt,
+                    batch,
+                    steps,
+                    texts,
+                    python,
+                },
+        } => {
+            print!(
+                "{}",
+                xlpipe_stages::gpu_bench::report(&GpuBench {
+                    model: &model,
+                    nmt: &nmt,
+                    python: &python,
+                    steps,
+                    batch,
+                    texts,
                 })?
             );
             Ok(ExitCode::SUCCESS)

@@ -12,6 +12,7 @@ pub mod encode;
 pub mod evaluate;
 pub mod export_mteb;
 pub mod frozen_states;
+pub mod gpu_bench;
 pub mod hf_model;
 pub mod import;
 pub mod model_card;

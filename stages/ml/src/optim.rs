@@ -11,22 +11,28 @@
 //! multilingual-e5-small's 118M), that cost seconds per step on a CPU. Here
 //! each parameter is updated in one fused, parallel pass over its host
 //! data, which the CPU backend hands over without copying.
+//!
+//! On any other backend (a GPU) the same update runs as tensor operations
+//! on the device, the moments kept there: moving a multilingual encoder's
+//! weights and gradients to the host and back every step would cost more
+//! than the step (1.4 GB a step for multilingual-e5-small).
 
+use std::any::{Any, TypeId};
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::marker::PhantomData;
 use std::path::Path;
 
 use anyhow::Context;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
+use burn_flex::Flex;
 use rayon::prelude::*;
 
 use crate::vector::widest_fn;
 
 /// First and second moment estimates of one parameter.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Moments {
     first: Vec<f32>,
     second: Vec<f32>,
@@ -69,6 +75,56 @@ impl Moments {
     }
 }
 
+/// The moments of one parameter where the update runs: host vectors on
+/// the CPU backend, device tensors elsewhere.
+enum State {
+    Host(Moments),
+    Device(Box<dyn DeviceMoments>),
+}
+
+impl Default for State {
+    fn default() -> State {
+        State::Host(Moments::default())
+    }
+}
+
+impl State {
+    /// The moments as host vectors (for a checkpoint).
+    fn host(&self) -> std::borrow::Cow<'_, Moments> {
+        match self {
+            State::Host(m) => std::borrow::Cow::Borrowed(m),
+            State::Device(d) => std::borrow::Cow::Owned(d.to_host()),
+        }
+    }
+}
+
+/// Moments held as tensors of some backend, type-erased so that `AdamW`
+/// needs no backend parameter (checkpoints save and load it as one).
+trait DeviceMoments: Send {
+    fn to_host(&self) -> Moments;
+    fn as_any(&mut self) -> &mut dyn Any;
+}
+
+/// First and second moments of one parameter, flattened.
+struct TensorMoments<B: Backend> {
+    first: Tensor<B, 1>,
+    second: Tensor<B, 1>,
+}
+
+impl<B: Backend> DeviceMoments for TensorMoments<B> {
+    fn to_host(&self) -> Moments {
+        let host = |t: &Tensor<B, 1>| -> Vec<f32> {
+            f32_data(t.clone().into_data())
+                .into_vec()
+                .expect("f32 moments")
+        };
+        Moments::from_values(host(&self.first), host(&self.second))
+    }
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 pub struct AdamW {
     pub beta_1: f64,
     pub beta_2: f64,
@@ -79,7 +135,10 @@ pub struct AdamW {
     /// Updates done so far (the bias-correction exponent).
     time: u64,
     /// Per float parameter, in the module's visiting order.
-    moments: Vec<Moments>,
+    moments: Vec<State>,
+    /// Update through tensor operations even on the CPU backend (tests
+    /// compare the two paths there).
+    tensor_ops: bool,
 }
 
 /// What one update did.
@@ -99,7 +158,14 @@ impl AdamW {
             max_grad_norm,
             time: 0,
             moments: Vec::new(),
+            tensor_ops: false,
         }
+    }
+
+    /// Whether `B` updates through tensor operations rather than host
+    /// loops: every backend but the CPU's.
+    fn on_device<B: Backend>(&self) -> bool {
+        self.tensor_ops || TypeId::of::<B>() != TypeId::of::<Flex>()
     }
 
     /// One update of every parameter of `module` that has a gradient.
@@ -109,25 +175,15 @@ impl AdamW {
         module: M,
         mut grads: GradientsParams,
     ) -> (M, StepReport) {
+        let on_device = self.on_device::<B::InnerBackend>();
         let mut taken = TakeGrads::<B> {
             grads: &mut grads,
+            on_device,
             taken: Vec::new(),
-            _backend: PhantomData,
         };
         module.visit(&mut taken);
         let taken = taken.taken;
-        let squares: f64 = taken
-            .iter()
-            .flatten()
-            .map(|g| {
-                g.as_slice::<f32>()
-                    .expect("f32 gradient")
-                    .par_iter()
-                    .map(|&x| (x as f64) * (x as f64))
-                    .sum::<f64>()
-            })
-            .sum();
-        let grad_norm = squares.sqrt();
+        let grad_norm = global_norm(&taken);
         // As clip_grad_norm_: scale by max / (norm + 1e-6) when that is below 1.
         let grad_scale = match self.max_grad_norm {
             Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
@@ -135,7 +191,7 @@ impl AdamW {
         };
         self.time += 1;
         if self.moments.len() < taken.len() {
-            self.moments.resize_with(taken.len(), Moments::default);
+            self.moments.resize_with(taken.len(), State::default);
         }
         let mut update = Update::<B> {
             lr,
@@ -143,7 +199,6 @@ impl AdamW {
             optimizer: self,
             grads: taken.into_iter(),
             index: 0,
-            _backend: PhantomData,
         };
         let module = module.map(&mut update);
         (module, StepReport { grad_norm })
@@ -154,7 +209,8 @@ impl AdamW {
         let mut out = BufWriter::new(std::fs::File::create(path)?);
         out.write_all(&self.time.to_le_bytes())?;
         out.write_all(&(self.moments.len() as u64).to_le_bytes())?;
-        for m in &self.moments {
+        for state in &self.moments {
+            let m = state.host();
             out.write_all(&(m.first.len() as u64).to_le_bytes())?;
             for values in [&m.first, &m.second] {
                 for v in values.iter() {
@@ -191,23 +247,63 @@ impl AdamW {
             };
             let first = read(&mut input)?;
             let second = read(&mut input)?;
-            self.moments.push(Moments::from_values(first, second));
+            self.moments
+                .push(State::Host(Moments::from_values(first, second)));
         }
         Ok(())
     }
 }
 
+/// One parameter's gradient: host values for the CPU loops, or the
+/// flattened device tensor.
+enum Grad<B: Backend> {
+    Host(TensorData),
+    Device(Tensor<B, 1>),
+}
+
+/// The L2 norm of all gradients together: one number read back per step.
+fn global_norm<B: Backend>(grads: &[Option<Grad<B>>]) -> f64 {
+    let mut squares = 0.0f64;
+    let mut on_device = Vec::new();
+    for grad in grads.iter().flatten() {
+        match grad {
+            Grad::Host(g) => {
+                squares += g
+                    .as_slice::<f32>()
+                    .expect("f32 gradient")
+                    .par_iter()
+                    .map(|&x| (x as f64) * (x as f64))
+                    .sum::<f64>()
+            }
+            Grad::Device(g) => on_device.push(g.clone().powi_scalar(2).sum()),
+        }
+    }
+    if !on_device.is_empty() {
+        squares += f32_data(Tensor::cat(on_device, 0).sum().into_data())
+            .as_slice::<f32>()
+            .expect("f32 norm")[0] as f64;
+    }
+    squares.sqrt()
+}
+
 /// Takes every float parameter's gradient out of `grads`, in visiting order.
 struct TakeGrads<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
-    taken: Vec<Option<TensorData>>,
-    _backend: PhantomData<B>,
+    on_device: bool,
+    taken: Vec<Option<Grad<B::InnerBackend>>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for TakeGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let grad = self.grads.remove::<B::InnerBackend, D>(param.id);
-        self.taken.push(grad.map(|g| f32_data(g.into_data())));
+        self.taken.push(grad.map(|g| {
+            if self.on_device {
+                let n = g.shape().num_elements();
+                Grad::Device(g.reshape([n]))
+            } else {
+                Grad::Host(f32_data(g.into_data()))
+            }
+        }));
     }
 }
 
@@ -224,9 +320,8 @@ struct Update<'a, B: AutodiffBackend> {
     lr: f64,
     grad_scale: f64,
     optimizer: &'a mut AdamW,
-    grads: std::vec::IntoIter<Option<TensorData>>,
+    grads: std::vec::IntoIter<Option<Grad<B::InnerBackend>>>,
     index: usize,
-    _backend: PhantomData<B>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
@@ -239,14 +334,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
         let (id, tensor, mapper) = param.consume();
         let device = tensor.device();
         let require_grad = tensor.is_require_grad();
-        let mut data = f32_data(tensor.inner().into_data());
-        let values = data.as_mut_slice::<f32>().expect("f32 parameter");
-        let grad = grad.as_slice::<f32>().expect("f32 gradient");
         let o = &mut *self.optimizer;
-        let moments = &mut o.moments[index];
-        if moments.first.len() != values.len() {
-            *moments = Moments::zeros(values.len());
-        }
         let decay = if D > 1 { o.weight_decay } else { 0.0 };
         let t = o.time as i32;
         let coefficients = Coefficients {
@@ -258,13 +346,72 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Update<'_, B> {
             second_correction: (1.0 - o.beta_2.powi(t)).sqrt() as f32,
             epsilon: o.epsilon as f32,
         };
-        coefficients.apply_blocks(values, moments, grad);
-        let inner = Tensor::<B::InnerBackend, D>::from_data(data, &device);
+        let inner = match grad {
+            Grad::Host(grad) => {
+                let mut data = f32_data(tensor.inner().into_data());
+                let values = data.as_mut_slice::<f32>().expect("f32 parameter");
+                let grad = grad.as_slice::<f32>().expect("f32 gradient");
+                let state = &mut o.moments[index];
+                if !matches!(state, State::Host(m) if m.first.len() == values.len()) {
+                    *state = State::Host(Moments::zeros(values.len()));
+                }
+                let State::Host(moments) = state else {
+                    unreachable!("set just above")
+                };
+                coefficients.apply_blocks(values, moments, grad);
+                Tensor::<B::InnerBackend, D>::from_data(data, &device)
+            }
+            Grad::Device(grad) => {
+                let shape = tensor.shape();
+                let n = shape.num_elements();
+                let moments = device_moments::<B::InnerBackend>(&mut o.moments[index], n, &device);
+                let values = tensor.inner().reshape([n]);
+                coefficients
+                    .apply_tensors(values, moments, grad)
+                    .reshape(shape)
+            }
+        };
         let mut tensor = Tensor::from_inner(inner);
         if require_grad {
             tensor = tensor.require_grad();
         }
         Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// `state`'s moments as tensors of `B` with `n` values: those already there,
+/// host ones (read from a checkpoint) uploaded, else zeros.
+fn device_moments<'a, B: Backend>(
+    state: &'a mut State,
+    n: usize,
+    device: &B::Device,
+) -> &'a mut TensorMoments<B> {
+    let ready = match state {
+        State::Device(d) => d
+            .as_any()
+            .downcast_mut::<TensorMoments<B>>()
+            .is_some_and(|m| m.first.shape().num_elements() == n),
+        State::Host(_) => false,
+    };
+    if !ready {
+        let upload = |values: &[f32]| {
+            Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [n]), device)
+        };
+        let moments = match state {
+            State::Host(m) if m.first.len() == n => TensorMoments {
+                first: upload(&m.first),
+                second: upload(&m.second),
+            },
+            _ => TensorMoments {
+                first: Tensor::zeros([n], device),
+                second: Tensor::zeros([n], device),
+            },
+        };
+        *state = State::Device(Box::new(moments));
+    }
+    match state {
+        State::Device(d) => d.as_any().downcast_mut().expect("set just above"),
+        State::Host(_) => unreachable!("set just above"),
     }
 }
 
@@ -301,6 +448,32 @@ impl Coefficients {
                     update(self, p, m, v, g);
                 }
             });
+    }
+}
+
+impl Coefficients {
+    /// [`update`] in tensor operations, on whatever device `p` is: the
+    /// moments updated in place, the new parameter values returned.
+    fn apply_tensors<B: Backend>(
+        &self,
+        p: Tensor<B, 1>,
+        moments: &mut TensorMoments<B>,
+        g: Tensor<B, 1>,
+    ) -> Tensor<B, 1> {
+        let grad = g.mul_scalar(self.grad_scale);
+        let m = moments.first.clone().mul_scalar(self.beta_1)
+            + grad.clone().mul_scalar(1.0 - self.beta_1);
+        let v = moments.second.clone().mul_scalar(self.beta_2)
+            + (grad.clone() * grad).mul_scalar(1.0 - self.beta_2);
+        let denominator = v
+            .clone()
+            .sqrt()
+            .div_scalar(self.second_correction)
+            .add_scalar(self.epsilon);
+        let p = p.mul_scalar(self.keep) - m.clone().mul_scalar(self.step_size) / denominator;
+        moments.first = m;
+        moments.second = v;
+        p
     }
 }
 
@@ -400,5 +573,99 @@ mod tests {
         coefficients(1).apply_blocks(&mut p, &mut moments, &g);
         assert!(p[BLOCK + 7].is_nan());
         assert_eq!(moments.live, vec![false, true, false]);
+    }
+
+    /// A small module's training under both update paths: the tensor
+    /// operations a GPU runs against the host loops, step by step, with a
+    /// checkpoint saved by one path and read back by the other.
+    #[test]
+    fn tensor_operations_update_as_the_host_loops() {
+        use burn::backend::Autodiff;
+        use burn::nn::{Linear, LinearConfig};
+        type B = Autodiff<Flex>;
+        let device = Default::default();
+        // Two models of equal values that share no tensors (under autodiff,
+        // clones that share parameters also share their graph nodes).
+        let fresh = || {
+            let values = |n: usize, k: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (((i * k) % 17) as f32 - 8.0) * 0.05)
+                    .collect()
+            };
+            let mut model = LinearConfig::new(24, 16).init::<B>(&device);
+            model.weight = burn::module::Param::from_tensor(Tensor::from_data(
+                TensorData::new(values(24 * 16, 5), [24, 16]),
+                &device,
+            ));
+            model.bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
+                TensorData::new(values(16, 3), [16]),
+                &device,
+            )));
+            model
+        };
+        B::seed(&device, 7);
+        let x = Tensor::<B, 2>::random([8, 24], burn::tensor::Distribution::Default, &device);
+        let grads = |model: &Linear<B>| {
+            let loss = (model.forward(x.clone()) - 0.3).powi_scalar(2).sum();
+            GradientsParams::from_grads(loss.backward(), model)
+        };
+        let values = |model: &Linear<B>| -> Vec<f32> {
+            let mut v = model.weight.val().into_data().into_vec::<f32>().unwrap();
+            v.extend(
+                model
+                    .bias
+                    .as_ref()
+                    .unwrap()
+                    .val()
+                    .into_data()
+                    .into_vec::<f32>()
+                    .unwrap(),
+            );
+            v
+        };
+        let dir = std::env::temp_dir().join(format!("xlpipe-adamw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut host, mut tensors) = (fresh(), fresh());
+        let mut host_optimizer = AdamW::new(0.01, Some(0.5));
+        let mut tensor_optimizer = AdamW::new(0.01, Some(0.5));
+        tensor_optimizer.tensor_ops = true;
+        for step in 0..6 {
+            if step == 3 {
+                // The tensor path's state read back into a host optimizer,
+                // the host one's into a tensor optimizer: the paths swap.
+                tensor_optimizer.save(&dir.join("t.bin")).unwrap();
+                host_optimizer.save(&dir.join("h.bin")).unwrap();
+                tensor_optimizer = AdamW::new(0.01, Some(0.5));
+                tensor_optimizer.load(&dir.join("h.bin")).unwrap();
+                tensor_optimizer.tensor_ops = true;
+                host_optimizer = AdamW::new(0.01, Some(0.5));
+                host_optimizer.load(&dir.join("t.bin")).unwrap();
+                std::mem::swap(&mut host, &mut tensors);
+            }
+            let (g_host, g_tensors) = (grads(&host), grads(&tensors));
+            let (h, host_report) = host_optimizer.step(1e-2, host, g_host);
+            let (t, tensor_report) = tensor_optimizer.step(1e-2, tensors, g_tensors);
+            (host, tensors) = (h, t);
+            let norms = (host_report.grad_norm, tensor_report.grad_norm);
+            assert!(
+                (norms.0 - norms.1).abs() <= 1e-5 * norms.0 && norms.0 > 0.5,
+                "step {step}: gradient norms {norms:?} (clipped to 0.5 from above)"
+            );
+            let (a, b) = (values(&host), values(&tensors));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| {
+                    if x.is_nan() || y.is_nan() {
+                        f32::INFINITY
+                    } else {
+                        (x - y).abs()
+                    }
+                })
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-6, "step {step}: parameters differ by {worst}");
+            assert!(matches!(tensor_optimizer.moments[0], State::Device(_)));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -41,6 +41,8 @@ mod sentence_transformers;
 mod tensorboard;
 mod trainer;
 
+pub(crate) use trainer::{info_nce, scalar};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -155,7 +155,7 @@ pub fn info_nce<B: Backend>(
     log_softmax(logits, 1).gather(1, targets).mean().neg()
 }
 
-pub(super) fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+pub(crate) fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
 }
 
