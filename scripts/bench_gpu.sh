@@ -22,7 +22,7 @@ done
   ls ${LD_LIBRARY_PATH//:/ } 2>/dev/null | grep -E 'nvrtc|cublas' | sort -u | head
 } > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
-time timeout "${BENCH_TIMEOUT:-600}" "$xlpipe" bench gpu "$model" --nmt tests/fixtures/tiny-m2m100 --python python3 \
+time timeout "${BENCH_TIMEOUT:-600}" "$xlpipe" bench gpu "$model" --nmt tests/fixtures/tiny-m2m100 --python python3 ${BENCH_ARGS:-} \
   > "$out/bench-gpu.txt" 2> "$out/bench-gpu.err"
 rc=$?
 cat "$out/bench-gpu.txt"

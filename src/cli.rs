@@ -222,6 +222,13 @@ enum BenchCommand {
         /// Python with torch (CUDA) and sentence-transformers for the baseline.
         #[arg(long, default_value = "python3")]
         python: String,
+        /// Only these model shapes (e5-small, xlmr-base); default both.
+        #[arg(long = "shape")]
+        shapes: Vec<String>,
+        /// Only xlpipe's timings: no parity checks, no PyTorch (to profile:
+        /// CUBECL_DEBUG_OPTION=profile CUBECL_DEBUG_LOG=FILE).
+        #[arg(long)]
+        speed_only: bool,
     },
 }
 
@@ -553,6 +560,8 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     steps,
                     texts,
                     python,
+                    shapes,
+                    speed_only,
                 },
         } => {
             print!(
@@ -564,6 +573,8 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     steps,
                     batch,
                     texts,
+                    shapes,
+                    speed_only,
                 })?
             );
             Ok(ExitCode::SUCCESS)

@@ -38,7 +38,7 @@ def model_of(path, train):
 
 def features(model, texts, max_len):
     model.max_seq_length = max_len
-    return {k: v.to(dev) for k, v in model.tokenize(texts).items()}
+    return {k: v.to(dev) if hasattr(v, "to") else v for k, v in model.tokenize(texts).items()}
 
 
 def train(path, batches, steps, lr, bf16=False):

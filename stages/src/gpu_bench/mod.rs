@@ -51,6 +51,12 @@ pub struct GpuBench<'a> {
     pub batch: usize,
     /// Texts per timed encoding pass.
     pub texts: usize,
+    /// Only these model shapes (`e5-small`, `xlmr-base`); empty: both.
+    pub shapes: Vec<String>,
+    /// Only xlpipe's timings: no parity checks and no PyTorch (for a
+    /// profile: `CUBECL_DEBUG_OPTION=profile CUBECL_DEBUG_LOG=FILE` logs
+    /// every kernel's time).
+    pub speed_only: bool,
 }
 
 /// Write a randomly initialised encoder of `model`'s config with the given
