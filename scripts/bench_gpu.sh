@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `xlpipe bench gpu` on a machine with an NVIDIA GPU, its output kept in
 # OUT_DIR (bench-gpu.txt, and what the machine is: gpu.txt).
-# Usage: scripts/bench_gpu.sh XLPIPE MODEL_DIR OUT_DIR
+# Usage: [BENCH_ARGS="--bf16"] [BENCH_TIMEOUT=600] scripts/bench_gpu.sh XLPIPE MODEL_DIR OUT_DIR
 #   XLPIPE     an xlpipe built with `cargo build --release --features cuda`
 #              (CUDARC_CUDA_VERSION=13000 for CUDA 13 drivers)
 #   MODEL_DIR  a Hugging Face encoder folder: its config and tokenizer give

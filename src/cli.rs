@@ -225,6 +225,9 @@ enum BenchCommand {
         /// Only these model shapes (e5-small, xlmr-base); default both.
         #[arg(long = "shape")]
         shapes: Vec<String>,
+        /// Compute in bf16 on the GPU (parity then gives the bf16 figure).
+        #[arg(long)]
+        bf16: bool,
         /// Only xlpipe's timings: no parity checks, no PyTorch (to profile:
         /// CUBECL_DEBUG_OPTION=profile CUBECL_DEBUG_LOG=FILE).
         #[arg(long)]
@@ -561,6 +564,7 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     texts,
                     python,
                     shapes,
+                    bf16,
                     speed_only,
                 },
         } => {
@@ -574,6 +578,7 @@ fn dispatch(cli: Cli, progress: &MultiProgress) -> anyhow::Result<ExitCode> {
                     batch,
                     texts,
                     shapes,
+                    bf16,
                     speed_only,
                 })?
             );

@@ -8,17 +8,16 @@ use std::time::Instant;
 use burn::backend::cuda::CudaDevice;
 use burn::backend::{Autodiff, Cuda, Flex};
 use burn::tensor::backend::Backend;
-use burn::tensor::{bf16, Tensor};
+use burn::tensor::Tensor;
 use xlpipe_ml::model::{load_encoder, Encoder, PackedTokens, Pooling, TextTokenizer};
 
 use super::{
-    cosines, embed_texts, greedy_nmt, median, pair_batches, random_model, train_flops, train_steps,
-    GpuBench, Layout,
+    cosines, embed_texts, greedy_nmt, load_in_device_type, median, pair_batches, random_model,
+    train_flops, train_steps, use_bf16, GpuBench, Layout,
 };
 use crate::bench::{answer_sentences, python_baseline, PythonBaseline};
 
 type Gpu = Cuda<f32, i32>;
-type GpuBf16 = Cuda<bf16, i32>;
 
 /// The two model shapes: name, hidden size, heads, intermediate size.
 const SHAPES: [(&str, usize, usize, usize); 2] =
@@ -157,6 +156,10 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
     let idle = memory.now();
     let gpu = CudaDevice::new(0);
     let cpu = Default::default();
+    if b.bf16 {
+        use_bf16::<Gpu>(&gpu)?;
+    }
+    let precision = if b.bf16 { "bf16" } else { "f32" };
     guarded("the first CUDA operation", || {
         Ok(Tensor::<Gpu, 1>::zeros([1], &gpu).into_data())
     })?;
@@ -257,7 +260,7 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
         writeln!(out, "\nparity (same weights, same inputs)")?;
         for (name, model, _) in &models {
             let on_cpu: Encoder<Flex> = load_encoder(model, Pooling::Mean, &cpu)?;
-            let on_gpu: Encoder<Gpu> = load_encoder(model, Pooling::Mean, &gpu)?;
+            let on_gpu: Encoder<Gpu> = load_in_device_type(model, &gpu)?;
             let dim = on_cpu.embeddings.word.weight.dims()[1];
             let reference = embed_texts(&on_cpu, &tokenizer, &parity_texts, 128, 64, &cpu)?;
             let padded = embed_texts(&on_gpu, &tokenizer, &parity_texts, 128, 64, &gpu)?;
@@ -277,15 +280,15 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
                 format!("  {name:<10} {what:<44} cosine min {min:.6}, mean {mean:.6}\n")
             };
             out += &line(
-                "CUDA f32 padded vs CPU f32",
+                &format!("CUDA {precision} padded vs CPU f32"),
                 cosines(&padded, &reference, dim),
             );
             out += &line(
-                "CUDA f32 packed (train) vs CPU f32",
+                &format!("CUDA {precision} packed (train) vs CPU f32"),
                 cosines(&packed, &reference, dim),
             );
             out += &line(
-                "CUDA f32 vs PyTorch fp32 (GPU)",
+                &format!("CUDA {precision} vs PyTorch fp32 (GPU)"),
                 cosines(&padded, &torch_fp32, dim),
             );
             show_new(&out, &mut shown);
@@ -385,8 +388,14 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
         };
         let mut ours = Vec::new();
         for (what, layout) in [
-            ("xlpipe f32, packed (as train)", Layout::Packed),
-            ("xlpipe f32, one padded batch", Layout::Padded),
+            (
+                format!("xlpipe {precision}, packed (as train)"),
+                Layout::Packed,
+            ),
+            (
+                format!("xlpipe {precision}, one padded batch"),
+                Layout::Padded,
+            ),
         ] {
             Gpu::memory_cleanup(&gpu);
             let since = Instant::now();
@@ -401,7 +410,7 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
                 &gpu,
             )?;
             let seconds = median(&run.step_seconds[WARMUP..]);
-            out += &row(what, seconds, memory.peak_since(since) - context);
+            out += &row(&what, seconds, memory.peak_since(since) - context);
             ours.push(seconds);
         }
         let mut theirs = Vec::new();
@@ -415,7 +424,7 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
         let best_ours = ours.iter().copied().fold(f64::INFINITY, f64::min);
         writeln!(
             out,
-            "    speed ratio xlpipe f32 / PyTorch fp32: {:.2}x, / TF32: {:.2}x, / bf16 autocast: {:.2}x",
+            "    speed ratio xlpipe {precision} / PyTorch fp32: {:.2}x, / TF32: {:.2}x, / bf16 autocast: {:.2}x",
             theirs[0] / best_ours,
             theirs[1] / best_ours,
             theirs[2] / best_ours
@@ -436,9 +445,9 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
             )
         };
         let mut encode_ours = Vec::new();
-        let f32_pass = timed_encode::<Gpu>(model, &tokenizer, &encode_texts, &gpu, &memory)?;
-        out += &encode_row("xlpipe f32", f32_pass.0, f32_pass.1 - context);
-        encode_ours.push(f32_pass.0);
+        let pass = timed_encode::<Gpu>(model, &tokenizer, &encode_texts, &gpu, &memory)?;
+        out += &encode_row(&format!("xlpipe {precision}"), pass.0, pass.1 - context);
+        encode_ours.push(pass.0);
         let mut encode_theirs = Vec::new();
         for precision in ["fp32", "bf16"] {
             let t = &torch["models"][name]["encode"][precision];
@@ -452,52 +461,13 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
         }
         writeln!(
             out,
-            "    speed ratio xlpipe f32 / ST fp32: {:.2}x, / ST bf16 autocast: {:.2}x",
+            "    speed ratio xlpipe {precision} / ST fp32: {:.2}x, / ST bf16 autocast: {:.2}x",
             encode_theirs[0] / encode_ours[0],
             encode_theirs[1] / encode_ours[0]
         )?;
         show_new(&out, &mut shown);
     }
 
-    if !b.speed_only {
-        // bf16 last: a kernel that fails to build can take the device's
-        // server thread down with it, and the f32 results are in by now.
-        writeln!(
-            out,
-            "
-bf16 weights (burn-cuda computes in bf16 throughout; no autocast)"
-        )?;
-        for (name, model, _) in &models {
-            let on_cpu: Encoder<Flex> = load_encoder(model, Pooling::Mean, &cpu)?;
-            let dim = on_cpu.embeddings.word.weight.dims()[1];
-            let reference = embed_texts(&on_cpu, &tokenizer, &parity_texts, 128, 64, &cpu)?;
-            let result = guarded("bf16 encoding", || {
-                let half: Encoder<GpuBf16> = load_encoder(model, Pooling::Mean, &gpu)?;
-                let embedded = embed_texts(&half, &tokenizer, &parity_texts, 128, 64, &gpu)?;
-                drop(half);
-                let timing =
-                    timed_encode::<GpuBf16>(model, &tokenizer, &encode_texts, &gpu, &memory)?;
-                Ok((embedded, timing))
-            });
-            match result {
-                Ok((embedded, (seconds, mib))) => {
-                    let (min, mean) = cosines(&embedded, &reference, dim);
-                    let st = torch["models"][name]["encode"]["bf16"]["median_seconds"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN);
-                    writeln!(
-                    out,
-                    "  {name:<10} vs CPU f32: cosine min {min:.6}, mean {mean:.6}; encoding {seconds:.3} s, {:.0} texts/s, {:.0} MiB; / ST bf16 autocast: {:.2}x",
-                    encode_texts.len() as f64 / seconds,
-                    mib - context,
-                    st / seconds
-                )?;
-                }
-                Err(e) => writeln!(out, "  {name:<10} not run: {e:#}")?,
-            }
-            show_new(&out, &mut shown);
-        }
-    }
     Ok(out)
 }
 
@@ -512,7 +482,7 @@ fn timed_encode<B: Backend>(
 ) -> anyhow::Result<(f64, f64)> {
     B::memory_cleanup(device);
     let since = Instant::now();
-    let encoder: Encoder<B> = load_encoder(model, Pooling::Mean, device)?;
+    let encoder: Encoder<B> = load_in_device_type(model, device)?;
     let mut times = Vec::new();
     for pass in 0..4 {
         let clock = Instant::now();

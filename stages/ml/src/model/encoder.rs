@@ -257,8 +257,11 @@ impl<B: Backend> Encoder<B> {
         range: std::ops::Range<usize>,
     ) -> Tensor<B, 3> {
         // Additive key mask: 0 on tokens, the most negative f32 on padding.
+        // Filled, not multiplied: in bf16 that value is -inf, and 0 * -inf
+        // would put NaN on every token.
         let [batch, seq, hidden] = x.dims();
-        let key_bias = (mask.float().neg() + 1.0).mul_scalar(f32::MIN);
+        let key_bias = Tensor::<B, 2>::zeros(mask.dims(), &mask.device())
+            .mask_fill(mask.equal_elem(0), f32::MIN);
         let attend = Attend::Padded {
             key_bias,
             batch,

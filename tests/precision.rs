@@ -1,0 +1,58 @@
+//! bf16 through the device's default float type, as `xlpipe bench gpu
+//! --bf16` sets it on a GPU, here on the CPU backend against transformers'
+//! f32 outputs of the tiny XLM-R fixture. Its own test binary: the setting
+//! holds for the whole process, and must come before the device's first
+//! tensor.
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use common::floats;
+use serde_json::Value;
+use xlpipe_stages::gpu_bench::{cosines, load_in_device_type, use_bf16};
+
+fn ids(v: &Value) -> Tensor<Flex, 2, Int> {
+    let rows = v.as_array().unwrap();
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
+        .collect();
+    let shape = [rows.len(), flat.len() / rows.len()];
+    Tensor::from_data(TensorData::new(flat, shape), &Default::default())
+}
+
+#[test]
+fn an_encoder_computes_in_bf16_once_its_device_defaults_to_it() {
+    let device = Default::default();
+    use_bf16::<Flex>(&device).unwrap();
+    // Once a device has its types, they stay: the setting cannot be undone
+    // halfway through a run.
+    assert!(use_bf16::<Flex>(&device).is_err());
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-xlmr");
+    let golden: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+    let encoder = load_in_device_type::<Flex>(&dir, &device).unwrap();
+    assert_eq!(encoder.embeddings.word.weight.dtype(), DType::BF16);
+    let embedded = encoder.embed(ids(&golden["input_ids"]), ids(&golden["attention_mask"]));
+    assert_eq!(embedded.dtype(), DType::BF16);
+    let ours: Vec<f32> = embedded.into_data().convert::<f32>().to_vec().unwrap();
+    let theirs = floats(&golden["mean"]);
+    let dim = ours.len() / 3;
+    let (min, _) = cosines(&ours, &theirs, dim);
+    eprintln!("bf16 against transformers' f32: min cosine {min:.6}");
+    // Close to f32 (bf16 keeps 8 bits of mantissa), and not f32 itself.
+    assert!(min > 0.999, "bf16 against transformers' f32: cosine {min}");
+    let worst = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst > 1e-5,
+        "bit-for-bit f32 results ({worst}): bf16 did not take effect"
+    );
+}
