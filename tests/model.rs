@@ -7,8 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
-use burn::tensor::{Int, Tensor, TensorData};
-use common::{floats, max_abs_diff};
+
+use common::{floats, int_tensor, ints, max_abs_diff};
 use serde_json::Value;
 use xlpipe_ml::model::{load_encoder, save_encoder, Pooling, TextTokenizer};
 
@@ -20,21 +20,6 @@ fn fixtures(name: &str) -> PathBuf {
 
 fn json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn ints(v: &Value) -> (Vec<i64>, [usize; 2]) {
-    let rows = v.as_array().unwrap();
-    let flat: Vec<i64> = rows
-        .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
-        .collect();
-    let shape = [rows.len(), flat.len() / rows.len()];
-    (flat, shape)
-}
-
-fn int_tensor(v: &Value) -> Tensor<Flex, 2, Int> {
-    let (flat, shape) = ints(v);
-    Tensor::from_data(TensorData::new(flat, shape), &Default::default())
 }
 
 /// Worst |difference| from transformers' outputs of the tiny model in

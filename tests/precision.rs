@@ -9,20 +9,10 @@ mod common;
 use std::path::Path;
 
 use burn::backend::Flex;
-use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::floats;
+use burn::tensor::DType;
+use common::{floats, int_tensor};
 use serde_json::Value;
 use xlpipe_stages::gpu_bench::{cosines, load_in_device_type, use_bf16};
-
-fn ids(v: &Value) -> Tensor<Flex, 2, Int> {
-    let rows = v.as_array().unwrap();
-    let flat: Vec<i64> = rows
-        .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
-        .collect();
-    let shape = [rows.len(), flat.len() / rows.len()];
-    Tensor::from_data(TensorData::new(flat, shape), &Default::default())
-}
 
 #[test]
 fn an_encoder_computes_in_bf16_once_its_device_defaults_to_it() {
@@ -37,7 +27,10 @@ fn an_encoder_computes_in_bf16_once_its_device_defaults_to_it() {
         serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
     let encoder = load_in_device_type::<Flex>(&dir, &device).unwrap();
     assert_eq!(encoder.embeddings.word.weight.dtype(), DType::BF16);
-    let embedded = encoder.embed(ids(&golden["input_ids"]), ids(&golden["attention_mask"]));
+    let embedded = encoder.embed(
+        int_tensor(&golden["input_ids"]),
+        int_tensor(&golden["attention_mask"]),
+    );
     assert_eq!(embedded.dtype(), DType::BF16);
     let ours: Vec<f32> = embedded.into_data().convert::<f32>().to_vec().unwrap();
     let theirs = floats(&golden["mean"]);

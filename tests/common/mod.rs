@@ -331,6 +331,29 @@ pub fn qrels(s: &Scratch, rows: &[(String, String, String)]) {
     .unwrap();
 }
 
+/// A JSON array of equal-length integer rows: its numbers, row after row,
+/// and its shape.
+pub fn ints(v: &serde_json::Value) -> (Vec<i64>, [usize; 2]) {
+    let rows = v.as_array().unwrap();
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()))
+        .collect();
+    let shape = [rows.len(), flat.len() / rows.len()];
+    (flat, shape)
+}
+
+/// [`ints`] as a tensor of the CPU backend.
+pub fn int_tensor(
+    v: &serde_json::Value,
+) -> burn::tensor::Tensor<burn::backend::Flex, 2, burn::tensor::Int> {
+    let (flat, shape) = ints(v);
+    burn::tensor::Tensor::from_data(
+        burn::tensor::TensorData::new(flat, shape),
+        &Default::default(),
+    )
+}
+
 /// Every number of a (nested) JSON array, flattened, as f32.
 pub fn floats(v: &serde_json::Value) -> Vec<f32> {
     match v {
