@@ -1135,3 +1135,25 @@ fn a_bad_search_is_located() {
         assert!(ran.stderr.contains(&expected), "{expected}: {ran}");
     }
 }
+
+/// Fewer validation pairs than a batch: `train` validates nothing, and says
+/// so in its log rather than ignoring `eval_every` quietly.
+#[test]
+fn too_few_validation_pairs_for_a_batch_are_said_loudly() {
+    let s = Scratch::shared();
+    tiny_model(&s);
+    s.write(
+        "p.toml",
+        &pipeline(
+            "few_validation_pairs",
+            "alpha = 0.5\nsteps = 1\nbatch_size = 300\neval_every = 1\nseed = 3\n",
+        ),
+    );
+    let ran = run_until_train(&s);
+    assert_eq!(ran.code, 0, "{ran}");
+    let log = stage_log(&s, "few_validation_pairs", "train");
+    assert!(
+        log.contains("fewer than batch_size = 300: no validation, no early stopping"),
+        "{log}"
+    );
+}

@@ -269,6 +269,18 @@ pub(super) fn train<B: AutodiffBackend>(
         p.mix,
         p.seed,
     )?;
+    if p.eval_every > 0 && valid_data.len() < p.batch_size {
+        // Said loudly: `eval_every` and `patience` then do nothing, and the
+        // last step's weights are what the stage writes.
+        tracing::warn!(
+            "eval_every = {} but only {} validation pairs, fewer than batch_size = {}: \
+             no validation, no early stopping, the last step's weights are kept \
+             (raise the pairs' validation_fraction)",
+            p.eval_every,
+            valid_data.len(),
+            p.batch_size
+        );
+    }
     // Fixed validation batches, so losses at different steps compare.
     let val_batches: Vec<Batch> = if valid_data.len() >= p.batch_size && p.eval_every > 0 {
         let mut v = HybridSampler::new(
