@@ -166,8 +166,13 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
     let context = memory.now();
     writeln!(
         out,
-        "GPU: {}; device memory used: {idle:.0} MiB idle, {context:.0} MiB with xlpipe's CUDA context",
-        gpu_name()
+        "GPU: {}; device memory used: {idle:.0} MiB idle, {context:.0} MiB with xlpipe's CUDA context; burn-cuda {} kernel fusion; computing in {precision}",
+        gpu_name(),
+        if cfg!(feature = "cuda-fusion") {
+            "with"
+        } else {
+            "without"
+        }
     )?;
 
     let models: Vec<(&str, std::path::PathBuf, (usize, usize))> = SHAPES
