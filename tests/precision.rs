@@ -12,7 +12,8 @@ use burn::backend::Flex;
 use burn::tensor::DType;
 use common::{floats, int_tensor};
 use serde_json::Value;
-use xlpipe_stages::gpu_bench::{cosines, load_in_device_type, use_bf16};
+use xlpipe_ml::model::{load_encoder, Pooling};
+use xlpipe_stages::gpu_bench::{cosines, use_bf16};
 
 #[test]
 fn an_encoder_computes_in_bf16_once_its_device_defaults_to_it() {
@@ -25,7 +26,7 @@ fn an_encoder_computes_in_bf16_once_its_device_defaults_to_it() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-xlmr");
     let golden: Value =
         serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    let encoder = load_in_device_type::<Flex>(&dir, &device).unwrap();
+    let encoder = load_encoder::<Flex>(&dir, Pooling::Mean, &device).unwrap();
     assert_eq!(encoder.embeddings.word.weight.dtype(), DType::BF16);
     let embedded = encoder.embed(
         int_tensor(&golden["input_ids"]),

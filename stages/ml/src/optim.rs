@@ -17,16 +17,16 @@
 //! weights and gradients to the host and back every step would cost more
 //! than the step (1.4 GB a step for multilingual-e5-small).
 
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
+use crate::model::cpu_kernels::is_cpu_backend;
 use anyhow::Context;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
-use burn_flex::Flex;
 use rayon::prelude::*;
 
 use crate::vector::widest_fn;
@@ -165,7 +165,7 @@ impl AdamW {
     /// Whether `B` updates through tensor operations rather than host
     /// loops: every backend but the CPU's.
     fn on_device<B: Backend>(&self) -> bool {
-        self.tensor_ops || TypeId::of::<B>() != TypeId::of::<Flex>()
+        self.tensor_ops || !is_cpu_backend::<B>()
     }
 
     /// One update of every parameter of `module` that has a gradient.
@@ -580,7 +580,7 @@ mod tests {
     /// checkpoint saved by one path and read back by the other.
     #[test]
     fn tensor_operations_update_as_the_host_loops() {
-        use burn::backend::Autodiff;
+        use burn::backend::{Autodiff, Flex};
         use burn::nn::{Linear, LinearConfig};
         type B = Autodiff<Flex>;
         let device = Default::default();

@@ -12,8 +12,8 @@ use burn::tensor::Tensor;
 use xlpipe_ml::model::{load_encoder, Encoder, PackedTokens, Pooling, TextTokenizer};
 
 use super::{
-    cosines, embed_texts, greedy_nmt, load_in_device_type, median, pair_batches, random_model,
-    train_flops, train_steps, use_bf16, GpuBench, Layout,
+    cosines, embed_texts, greedy_nmt, median, pair_batches, random_model, train_flops, train_steps,
+    use_bf16, GpuBench, Layout,
 };
 use crate::bench::{answer_sentences, python_baseline, PythonBaseline};
 
@@ -265,7 +265,7 @@ fn measure(b: &GpuBench, root: &std::path::Path) -> anyhow::Result<String> {
         writeln!(out, "\nparity (same weights, same inputs)")?;
         for (name, model, _) in &models {
             let on_cpu: Encoder<Flex> = load_encoder(model, Pooling::Mean, &cpu)?;
-            let on_gpu: Encoder<Gpu> = load_in_device_type(model, &gpu)?;
+            let on_gpu: Encoder<Gpu> = load_encoder(model, Pooling::Mean, &gpu)?;
             let dim = on_cpu.embeddings.word.weight.dims()[1];
             let reference = embed_texts(&on_cpu, &tokenizer, &parity_texts, 128, 64, &cpu)?;
             let padded = embed_texts(&on_gpu, &tokenizer, &parity_texts, 128, 64, &gpu)?;
@@ -487,7 +487,7 @@ fn timed_encode<B: Backend>(
 ) -> anyhow::Result<(f64, f64)> {
     B::memory_cleanup(device);
     let since = Instant::now();
-    let encoder: Encoder<B> = load_in_device_type(model, device)?;
+    let encoder: Encoder<B> = load_encoder(model, Pooling::Mean, device)?;
     let mut times = Vec::new();
     for pass in 0..4 {
         let clock = Instant::now();

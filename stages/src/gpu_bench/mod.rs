@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
 use xlpipe_ml::model::{
     load_encoder, save_encoder, Encoder, EncoderConfig, PackedTokens, Pooling, TextTokenizer,
 };
@@ -200,7 +199,7 @@ pub fn train_steps<B: AutodiffBackend>(
     lr: f64,
     device: &B::Device,
 ) -> anyhow::Result<TrainRun> {
-    let mut encoder: Encoder<B> = load_in_device_type(model, device)?;
+    let mut encoder: Encoder<B> = load_encoder(model, Pooling::Mean, device)?;
     let mut optimizer = AdamW::new(0.01, Some(1.0));
     let side = |encoder: &Encoder<B>, texts: &[String], len: usize| -> anyhow::Result<_> {
         Ok(match layout {
@@ -293,10 +292,11 @@ pub fn greedy_nmt<B: Backend>(
 }
 
 /// Make bf16 the float type of every tensor created on `device` from now
-/// on. burn 0.21 takes a tensor's type from its device's settings, keyed by
-/// the device alone: `Cuda<bf16>` on a device first used as `Cuda<f32>`
-/// still computes in f32. So this must come before the device's first
-/// tensor, and a process computes in one precision per device.
+/// on (`load_encoder` casts the weights to it). burn 0.21 takes a tensor's
+/// type from its device's settings, keyed by the device alone: `Cuda<bf16>`
+/// on a device first used as `Cuda<f32>` still computes in f32. So this
+/// must come before the device's first tensor, and a process computes in
+/// one precision per device.
 pub fn use_bf16<B: Backend>(device: &B::Device) -> anyhow::Result<()> {
     use burn::tensor::{Element, FloatDType, IntDType};
     burn::tensor::set_default_dtypes::<B>(
@@ -305,34 +305,6 @@ pub fn use_bf16<B: Backend>(device: &B::Device) -> anyhow::Result<()> {
         IntDType::from(<B::IntElem as Element>::dtype()),
     )
     .map_err(|e| anyhow::anyhow!("making bf16 the device's float type: {e:?}"))
-}
-
-/// The encoder in `dir` on `device`, its weights in the device's float
-/// type: loading keeps the file's f32, whatever the device's default, so a
-/// bf16 device needs them cast.
-pub fn load_in_device_type<B: Backend>(
-    dir: &Path,
-    device: &B::Device,
-) -> anyhow::Result<Encoder<B>> {
-    use burn::module::{Module, ModuleMapper, Param};
-    use burn::tensor::DType;
-    struct Cast(DType);
-    impl<B: Backend> ModuleMapper<B> for Cast {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let (id, tensor, mapper) = param.consume();
-            let tensor = if tensor.dtype() == self.0 {
-                tensor
-            } else {
-                tensor.cast(self.0)
-            };
-            Param::from_mapped_value(id, tensor, mapper)
-        }
-    }
-    let dtype: DType = burn::tensor::get_device_settings::<B>(device)
-        .float_dtype
-        .into();
-    let encoder: Encoder<B> = load_encoder(dir, Pooling::Mean, device)?;
-    Ok(encoder.map(&mut Cast(dtype)))
 }
 
 /// The median of `values` (NaN when empty).

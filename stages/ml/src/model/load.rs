@@ -189,7 +189,30 @@ pub fn load_encoder<B: Backend>(
         result.applied.len(),
         weights.display()
     );
-    Ok(encoder)
+    // The file's f32 stays f32 through burn-store, whatever float type the
+    // device makes its tensors in (bf16 where `set_default_dtypes` says so):
+    // the weights follow the device, or bf16 activations would meet f32
+    // weights.
+    let float: DType = burn::tensor::get_device_settings::<B>(device)
+        .float_dtype
+        .into();
+    Ok(burn::module::Module::map(encoder, &mut CastFloats(float)))
+}
+
+/// Casts every float parameter to one type (those already in it untouched).
+struct CastFloats(DType);
+
+impl<B: Backend> burn::module::ModuleMapper<B> for CastFloats {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        if param.val().dtype() == self.0 {
+            return param;
+        }
+        let (id, tensor, mapper) = param.consume();
+        burn::module::Param::from_mapped_value(id, tensor.cast(self.0), mapper)
+    }
 }
 
 /// Write `encoder` as a Hugging Face folder: `model.safetensors` plus the
