@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::backend::Flex;
 use burn::tensor::DType;
-use common::{floats, int_tensor};
+use common::{floats, int_tensor, max_abs_diff};
 use serde_json::Value;
 use xlpipe_ml::model::{load_encoder, Pooling};
 use xlpipe_stages::gpu_bench::{cosines, use_bf16};
@@ -40,11 +40,7 @@ fn an_encoder_computes_in_bf16_once_its_device_defaults_to_it() {
     eprintln!("bf16 against transformers' f32: min cosine {min:.6}");
     // Close to f32 (bf16 keeps 8 bits of mantissa), and not f32 itself.
     assert!(min > 0.999, "bf16 against transformers' f32: cosine {min}");
-    let worst = ours
-        .iter()
-        .zip(&theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_abs_diff(&ours, &theirs);
     assert!(
         worst > 1e-5,
         "bit-for-bit f32 results ({worst}): bf16 did not take effect"

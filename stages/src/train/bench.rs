@@ -13,7 +13,7 @@ use super::trainer::{clip_norm, freeze, info_nce, scalar, Batcher, Trunk};
 use super::TrainParams;
 use crate::frozen_states::FrozenStates;
 use xlpipe_ml::matmul::{start_counting, stop_counting, ProductCounts};
-use xlpipe_ml::model::{load_encoder, Encoder, Pooling, TextTokenizer, TokenBatch};
+use xlpipe_ml::model::{load_encoder, Encoder, Pooling, TextTokenizer};
 use xlpipe_ml::optim::AdamW;
 use xlpipe_stage_api::parse_params;
 
@@ -146,13 +146,11 @@ pub fn benchmark_cpu_training(
         // One padded batch per side, the way PyTorch runs it; the trainer's
         // own path otherwise.
         let embed = |encoder: &Encoder<B>, texts: &[&str], query: bool| {
-            if index > 0 {
-                return batcher.embed_side(encoder, texts, query, &device);
+            if index == 0 {
+                batcher.embed_padded(encoder, texts, query, &device)
+            } else {
+                batcher.embed_side(encoder, texts, query, &device)
             }
-            let rows = batcher.token_rows(texts, query)?;
-            let (ids, mask) =
-                TokenBatch::from_rows(&rows, tokenizer.pad_id()).tensors::<B>(&device);
-            Ok(encoder.embed(ids, mask))
         };
         let mut optimizer = AdamW::new(p.weight_decay, clip_norm(p.max_grad_norm));
         let mut times = Vec::new();

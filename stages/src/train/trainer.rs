@@ -67,6 +67,24 @@ impl<B: AutodiffBackend> Batcher<'_, B> {
         tokenizer.rows(&prefixed, max_len)
     }
 
+    /// Embeddings of one side's texts, in their order, from one padded
+    /// batch through the whole encoder: the way PyTorch runs it, and
+    /// `embed_side`'s way on a GPU.
+    pub(super) fn embed_padded<M: Backend<Device = B::Device>>(
+        &self,
+        encoder: &Encoder<M>,
+        texts: &[&str],
+        query: bool,
+        device: &B::Device,
+    ) -> anyhow::Result<Tensor<M, 2>> {
+        let tokenizer = self
+            .tokenizer
+            .context("texts are tokenised when the trunk is the whole encoder")?;
+        let rows = self.token_rows(texts, query)?;
+        let (ids, mask) = TokenBatch::from_rows(&rows, tokenizer.pad_id()).tensors::<M>(device);
+        Ok(encoder.embed(ids, mask))
+    }
+
     /// Embeddings of one side's texts, in their order. On the CPU from
     /// packed tokens: no padding, each dense layer one product over all of
     /// the side's tokens, attention per text. The whole encoder on any
@@ -83,16 +101,8 @@ impl<B: AutodiffBackend> Batcher<'_, B> {
         };
         Ok(match &self.trunk {
             Trunk::Whole if is_cpu_backend::<M>() => encoder.embed_packed(&tokens()?),
-            Trunk::Whole => {
-                // On a GPU, one padded batch (see `is_cpu_backend`).
-                let tokenizer = self
-                    .tokenizer
-                    .context("texts are tokenised when the trunk is the whole encoder")?;
-                let rows = self.token_rows(texts, query)?;
-                let (ids, mask) =
-                    TokenBatch::from_rows(&rows, tokenizer.pad_id()).tensors::<M>(device);
-                encoder.embed(ids, mask)
-            }
+            // On a GPU, one padded batch (see `is_cpu_backend`).
+            Trunk::Whole => self.embed_padded(encoder, texts, query, device)?,
             Trunk::Live { bottom, cut } => {
                 let tokens = tokens()?;
                 // Through host data: the same code serves the autodiff
